@@ -1,0 +1,16 @@
+"""bkfx: differentially private training as a torch.fx graph rewrite (Book-Keeping)."""
+from bkfx.compile import DPModel, compile
+from bkfx.errors import (
+    BkfxError,
+    CaptureError,
+    InPlaceModificationError,
+    NotCapturedError,
+    SampleMixingError,
+    UnsupportedOperationError,
+)
+
+__all__ = [
+    "compile", "DPModel", "BkfxError", "CaptureError", "InPlaceModificationError",
+    "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",
+]
+__version__ = "0.1.0"

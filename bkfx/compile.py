@@ -1,0 +1,156 @@
+"""`bkfx.compile`: the public entry point and the compiled model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bkfx.clipping import CLIPPINGS, groups_for, thresholds
+from bkfx.errors import NotCapturedError
+from bkfx.ledger import ClipConfig, Tape, recording
+from bkfx.plan import Site
+from passes.annotate import annotate
+from passes.capture import batched_tensors, capture, signature
+from passes.cost_model import MODES, cost_model
+from passes.rewrite import rewrite
+from passes.sample_dim import sample_dim
+
+REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class Compiled:
+    """One capture: the rewritten GraphModule and its plan."""
+
+    graph_module: torch.fx.GraphModule
+    sites: list[Site]
+    batch_symbol: object
+    example_batch: int
+
+
+def compile(
+    model: nn.Module,
+    *,
+    max_grad_norm=1.0,
+    clipping: str = "abadi",
+    style="all-layer",
+    loss_reduction: str = "mean",
+    norm_mode="auto",
+    gamma: float = 0.01,
+) -> "DPModel":
+    """Compile `model` so that one `loss.backward()` leaves clipped per-sample gradient sums in `.grad`.
+
+    max_grad_norm: clipping threshold R (a list gives one per group of `style`).
+    clipping: "abadi" (`min(1, R/‖G_i‖)`) or "automatic" (`R/(‖G_i‖+gamma)`).
+    style: "all-layer", "layer-wise", "param-wise", a list of lists of parameter names,
+        or a callable from parameter name to group key.
+    loss_reduction: how the loss reduces over samples, "mean" or "sum".
+    norm_mode: "auto" (cost model), "ghost", "explicit", or a dict from site node name or
+        parameter name to "ghost"/"explicit".
+    """
+    if clipping not in CLIPPINGS:
+        raise ValueError(f"clipping must be one of {CLIPPINGS}, got {clipping!r}")
+    if loss_reduction not in REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+    if isinstance(norm_mode, str) and norm_mode not in MODES:
+        raise ValueError(f"norm_mode must be one of {MODES} or a dict, got {norm_mode!r}")
+    return DPModel(model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma)
+
+
+class DPModel(nn.Module):
+    """A model whose backward pass leaves the (mean or sum of) clipped per-sample gradients in `.grad`.
+
+    Its parameters and state_dict are the original model's. It captures lazily, on the
+    first call and again only for a new input signature (not a new batch size).
+    """
+
+    def __init__(self, model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma):
+        super().__init__()
+        self.module = model
+        self.loss_reduction = loss_reduction
+        self.norm_mode = norm_mode
+        trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        groups = groups_for(style, list(trainable.values()))
+        self._clip = ClipConfig(groups, thresholds(max_grad_norm, groups), clipping, loss_reduction, gamma)
+        self._captures: dict[tuple, Compiled] = {}
+        self._last: Compiled | None = None
+        self._last_tape: Tape | None = None
+
+    # -- the original model's parameters and state, unprefixed --------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.module.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.module.named_buffers(prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- running ------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        key = signature(self.module, args, kwargs)
+        compiled = self._captures.get(key)
+        if compiled is None:
+            compiled = self._captures[key] = self._compile(args, kwargs)
+        self._last = compiled
+        batch = batched_tensors(args, kwargs)[0].shape[0]
+        tape = Tape(compiled.sites, self._params, self._clip, batch, on_finalise=self._finalised)
+        with recording(tape):
+            return compiled.graph_module(*args, **kwargs)
+
+    def _compile(self, args, kwargs) -> Compiled:
+        captured = capture(self.module, args, kwargs)
+        gm = sample_dim(captured.graph_module)
+        gm = annotate(gm, self._names)
+        gm = cost_model(gm, self.norm_mode)
+        sites = gm.meta["bkfx.sites"]
+        gm = rewrite(gm)
+        example = batched_tensors(args, kwargs)[0].shape[0]
+        return Compiled(gm, sites, captured.batch, max(example, 2))
+
+    def _finalised(self, tape: Tape) -> None:
+        self._last_tape = tape
+
+    # -- inspection -----------------------------------------------------------------------
+    @property
+    def per_sample_norms(self) -> torch.Tensor | None:
+        """`[B]` unclipped per-sample gradient norms (over all parameters) of the last backward."""
+        return None if self._last_tape is None else self._last_tape.per_sample_norms
+
+    @property
+    def per_group_norms(self) -> list | None:
+        return None if self._last_tape is None else self._last_tape.group_norms
+
+    def _require_capture(self) -> Compiled:
+        if self._last is None:
+            raise NotCapturedError("the model has not been called yet; call it once on a batch, then inspect it")
+        return self._last
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self._require_capture().graph_module
+
+    @property
+    def code(self) -> str:
+        """The rewritten program of the last capture."""
+        return self.graph_module.code
+
+    @property
+    def sites(self) -> list[Site]:
+        return self._require_capture().sites
+
+    def plan(self) -> list[dict]:
+        from bkfx.explain import plan_records
+
+        return plan_records(self._require_capture())
+
+    def explain(self) -> str:
+        from bkfx.explain import explain
+
+        return explain(self._require_capture())

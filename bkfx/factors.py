@@ -1,0 +1,150 @@
+"""Per-sample gradients in factored and explicit form, and everything computed from them.
+
+A *piece* is one site's contribution to one parameter's per-sample gradient:
+
+- `Factored(L, R)`: `G_i = L_iᵀ R_i`, reshaped to the parameter, with `L_i: [T, m]`,
+  `R_i: [T, n]` and `(m, n)` the parameter's canonical matrix shape
+  (`(shape[0], prod(shape[1:]))`, or `(numel, 1)` for a vector).
+- `Explicit(G)`: `G` of shape `[B, *param.shape]`.
+
+Norms, cross terms of tied parameters and the clipped sum are written here once, for
+every rule:
+
+- `⟨L1ᵀR1, L2ᵀR2⟩_i = Σ_{t,s} (L1 L2ᵀ)_{ts} (R1 R2ᵀ)_{ts}`  (ghost norm, cross terms)
+- `⟨L1ᵀR1, G_i⟩ = Σ_t (L1 G_i)_t · R1_t`
+- `Σ_i C_i L_iᵀ R_i = (C ⊙ L)ᵀ R`  (book-kept clipped sum: one matmul)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dense:
+    """A factor held as a tensor `[B, T, k]`."""
+
+    t: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.t.shape[2]
+
+
+@dataclass
+class OneHot:
+    """The factor `onehot(idx)`: `[B, T, size]`, never materialised; `mask` zeroes positions."""
+
+    idx: torch.Tensor  # [B, T] long
+    size: int
+    mask: torch.Tensor | None = None  # [B, T] bool, False where the row gets no gradient
+
+    @property
+    def width(self) -> int:
+        return self.size
+
+
+Factor = Dense | OneHot
+
+
+def canonical_matrix(shape: torch.Size) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], 1
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return shape[0], n
+
+
+def gram(a: Factor, b: Factor) -> torch.Tensor:
+    """`A_i B_iᵀ` for every sample: `[B, T_a, T_b]`."""
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        return torch.bmm(a.t, b.t.transpose(1, 2))
+    if isinstance(a, OneHot) and isinstance(b, OneHot):
+        return _apply_masks(a.idx[:, :, None] == b.idx[:, None, :], a, b)  # bool; promotes when multiplied
+    if isinstance(a, Dense):
+        return gram(b, a).transpose(1, 2)
+    # OneHot · Denseᵀ: row t of onehot picks column idx_t of b
+    picked = torch.gather(b.t, 2, a.idx[:, None, :].expand(-1, b.t.shape[1], -1))  # [B, T_b, T_a]
+    return _apply_masks(picked.transpose(1, 2), a, None)
+
+
+def _apply_masks(g: torch.Tensor, a, b) -> torch.Tensor:
+    if isinstance(a, OneHot) and a.mask is not None:
+        g = g * a.mask[:, :, None]
+    if isinstance(b, OneHot) and b.mask is not None:
+        g = g * b.mask[:, None, :]
+    return g
+
+
+def per_sample(L: Factor, R: Dense) -> torch.Tensor:
+    """`L_iᵀ R_i` for every sample: `[B, m, n]`."""
+    if isinstance(L, Dense):
+        return torch.bmm(L.t.transpose(1, 2), R.t)
+    B, _, n = R.t.shape
+    rows = R.t if L.mask is None else R.t * L.mask[:, :, None]
+    out = R.t.new_zeros(B, L.size, n)
+    return out.scatter_add_(1, L.idx[:, :, None].expand(-1, -1, n), rows)
+
+
+def clipped_sum(L: Factor, R: Dense, c: torch.Tensor) -> torch.Tensor:
+    """`Σ_i c_i L_iᵀ R_i = (c ⊙ L)ᵀ R`: `[m, n]`, one matmul (or one index_add)."""
+    scaled = R.t * c[:, None, None].to(R.t.dtype)
+    n = R.t.shape[2]
+    if isinstance(L, Dense):
+        return L.t.reshape(-1, L.width).transpose(0, 1) @ scaled.reshape(-1, n)
+    if L.mask is not None:
+        scaled = scaled * L.mask[:, :, None]
+    return R.t.new_zeros(L.size, n).index_add_(0, L.idx.reshape(-1), scaled.reshape(-1, n))
+
+
+def left_apply(L: Factor, G: torch.Tensor) -> torch.Tensor:
+    """`L_i G_i` for every sample, with `G: [B, m, n]`: `[B, T, n]`."""
+    if isinstance(L, Dense):
+        return torch.bmm(L.t, G)
+    out = torch.gather(G, 1, L.idx[:, :, None].expand(-1, -1, G.shape[2]))
+    return out if L.mask is None else out * L.mask[:, :, None]
+
+
+@dataclass
+class Factored:
+    L: Factor
+    R: Dense
+
+    def materialise(self, shape: torch.Size) -> "Explicit":
+        G = per_sample(self.L, self.R)
+        return Explicit(G.reshape(G.shape[0], *shape))
+
+
+@dataclass
+class Explicit:
+    G: torch.Tensor  # [B, *param.shape]
+
+
+Piece = Factored | Explicit
+
+
+def inner(a: Piece, b: Piece, shape: torch.Size) -> torch.Tensor:
+    """`⟨G_i^a, G_i^b⟩` for every sample: `[B]`."""
+    if isinstance(a, Explicit) and isinstance(b, Explicit):
+        return (a.G * b.G).flatten(1).sum(1)
+    if isinstance(a, Explicit):
+        a, b = b, a
+    if isinstance(b, Explicit):
+        m, n = canonical_matrix(shape)
+        G = b.G.reshape(b.G.shape[0], m, n)
+        return (left_apply(a.L, G) * a.R.t).flatten(1).sum(1)
+    if isinstance(a.L, Dense) and isinstance(b.L, Dense) and a.L.t.shape[1] == 1 and b.L.t.shape[1] == 1:
+        # T = 1: the Gram matrices are scalars
+        return (a.L.t * b.L.t).sum((1, 2)) * (a.R.t * b.R.t).sum((1, 2))
+    return (gram(a.L, b.L) * gram(a.R, b.R)).sum((1, 2))
+
+
+def weighted_sum(piece: Piece, c: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`Σ_i c_i G_i`, shaped like the parameter."""
+    if isinstance(piece, Explicit):
+        return torch.tensordot(c.to(piece.G.dtype), piece.G, dims=1)
+    return clipped_sum(piece.L, piece.R, c).reshape(shape)

@@ -1,0 +1,111 @@
+"""Rules: per operation kind, the factors (or explicit per-sample gradients) and their costs.
+
+A rule answers two questions about a parameter operand of a site:
+
+- `spec(node, path, batch)`: the `PieceSpec` (factored or explicit, with T, m, n and the
+  cost expressions), or None when it does not handle this arrangement (the generic
+  fallback then does);
+- `piece(call, path)`: at backward time, the `Factored` or `Explicit` piece.
+
+Norms, tied parameters, clipping and the clipped sum are shared code (`bkfx.factors`,
+`bkfx.ledger`); no rule repeats them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sympy
+import torch
+
+from bkfx.layout import SampleLayout, batch_first
+from bkfx.plan import Path, PieceSpec
+
+_RULES: dict[str, "Rule"] = {}
+
+
+@dataclass
+class SiteCall:
+    """What a rule sees at backward time."""
+
+    op: Any
+    args: tuple  # the op's arguments as called (parameter operands detached)
+    kwargs: dict
+    g: torch.Tensor  # gradient of the site's output
+    layouts: dict[Path, SampleLayout]  # arguments with a sample dimension
+    out_layout: SampleLayout
+    batch: int
+
+
+@dataclass
+class Rule:
+    name: str
+    spec: Callable
+    piece: Callable
+
+
+def rule(*op_names: str):
+    """Register `spec` and `piece` functions of a module-level rule class for these ATen ops."""
+
+    def register(cls):
+        r = Rule(cls.__name__, cls.spec, cls.piece)
+        for name in op_names:
+            _RULES[name] = r
+        return cls
+
+    return register
+
+
+def lookup(op_name: str) -> Rule | None:
+    from bkfx.rules import elementwise, embedding, linear, normalization  # noqa: F401  (registration)
+
+    return _RULES.get(op_name)
+
+
+# ---- shared helpers for rules ----------------------------------------------------------
+
+
+def rows(t: torch.Tensor, layout: SampleLayout, feature_dim: int) -> torch.Tensor:
+    """`t` as `[B, T, k]`: samples first, `feature_dim` last, every other dimension in T."""
+    f = feature_dim % t.dim()
+    moved = batch_first(t, layout)
+    f = f + 1 if f < layout.dim else (f + 2 if layout.merged else f)
+    moved = moved.movedim(f, -1)
+    return moved.reshape(moved.shape[0], -1, moved.shape[-1])
+
+
+def sum_to(t: torch.Tensor, layout: SampleLayout, shape) -> torch.Tensor:
+    """Per-sample gradient of an operand of `shape` broadcast to `t`'s shape: `[B, *shape]`.
+
+    `t` is the elementwise gradient (output-shaped); each sample's part is summed over the
+    dimensions the operand was broadcast along.
+    """
+    shape = tuple(shape)
+    padded = (1,) * (t.dim() - len(shape)) + shape
+    d = layout.dim
+    reduce = [i for i in range(t.dim()) if padded[i] == 1 and t.shape[i] != 1 and i != d]
+    if reduce:
+        t = t.sum(reduce, keepdim=True)
+    moved = batch_first(t, layout)
+    if layout.merged:
+        moved = moved.sum((d + 1, d + 2))
+    return moved.reshape(moved.shape[0], *shape)
+
+
+def numel(shape) -> sympy.Expr:
+    return sympy.prod(shape) if shape else sympy.Integer(1)
+
+
+def factored_spec(T, m, n, batch) -> PieceSpec:
+    """Costs of a dense factored site: ghost `B T² (m+n)` vs explicit `B T m n` (time)."""
+    T, m, n = (sympy.simplify(x) for x in (T, m, n))
+    return PieceSpec(
+        "factored", T, m, n,
+        time_ghost=batch * T**2 * (m + n), mem_ghost=batch * T**2,
+        time_explicit=batch * T * m * n, mem_explicit=batch * m * n,
+    )
+
+
+def explicit_spec(shape, batch, work=None) -> PieceSpec:
+    size = numel(shape)
+    return PieceSpec("explicit", time_explicit=batch * (work if work is not None else size), mem_explicit=batch * size)

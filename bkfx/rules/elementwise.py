@@ -1,0 +1,51 @@
+"""Elementwise parameter uses: `x + shift`, `x - shift`, `x * scale` (any broadcast).
+
+With the parameter P broadcast to the output, sample i's gradient is the output-shaped
+elementwise gradient (`g` for add, `∓alpha·g` for sub, `g ⊙ x` for mul) summed over
+sample i's entries along the dimensions P was broadcast along (explicit).
+"""
+from __future__ import annotations
+
+from bkfx.factors import Explicit
+from bkfx.plan import get_path
+from bkfx.rules import explicit_spec, rule, sum_to
+from passes.sample_dim import shape_of
+
+
+def _spec(node, path, batch):
+    if len(path) != 1 or path[0] > 1:
+        return None
+    return explicit_spec(shape_of(node.args[path[0]]), batch)
+
+
+def _explicit(call, path, elementwise):
+    return Explicit(sum_to(elementwise, call.out_layout, get_path(call.args, path).shape))
+
+
+@rule("add")
+class Add:
+    def spec(node, path, batch):
+        return _spec(node, path, batch)
+
+    def piece(call, path):
+        alpha = call.kwargs.get("alpha", 1)
+        return _explicit(call, path, call.g * alpha if path == (1,) and alpha != 1 else call.g)
+
+
+@rule("sub")
+class Sub:
+    def spec(node, path, batch):
+        return _spec(node, path, batch)
+
+    def piece(call, path):
+        return _explicit(call, path, call.g if path == (0,) else -call.kwargs.get("alpha", 1) * call.g)
+
+
+@rule("mul")
+class Mul:
+    def spec(node, path, batch):
+        return _spec(node, path, batch)
+
+    def piece(call, path):
+        other = call.args[1 - path[0]]
+        return _explicit(call, path, call.g * other)

@@ -1,0 +1,42 @@
+"""Embedding: `embedding(W, idx, padding_idx)`.
+
+Sample i's gradient is `G_i = onehot(idx_i)ᵀ g_i`: factored with `L = onehot(idx)` (a
+gather, never materialised) and `R = g`. Rows at `padding_idx` get no gradient, so
+those positions are masked out of L. The ghost norm's `L Lᵀ` is the index-equality
+matrix `[idx_t == idx_s]`, costing `B T²` comparisons, not `B T² V`.
+"""
+from __future__ import annotations
+
+from bkfx.errors import UnsupportedOperationError, node_error
+from bkfx.factors import Dense, Factored, OneHot
+from bkfx.layout import batch_first
+from bkfx.plan import PieceSpec
+from bkfx.rules import numel, rows, rule
+from passes.sample_dim import arguments, shape_of
+
+
+@rule("embedding")
+class Embedding:
+    def spec(node, path, batch):
+        if path != (0,):
+            return None
+        if arguments(node).get("scale_grad_by_freq"):
+            raise node_error(
+                UnsupportedOperationError, node,
+                "scale_grad_by_freq scales each row's gradient by its frequency in the whole batch, which mixes samples",
+                "construct the embedding with scale_grad_by_freq=False",
+            )
+        V, d = shape_of(node.args[0])
+        T = numel(shape_of(node.args[1])) / batch
+        return PieceSpec(
+            "factored", T, V, d,
+            time_ghost=batch * T**2 * (d + 1), mem_ghost=batch * T**2,
+            time_explicit=batch * (T * d + V * d), mem_explicit=batch * V * d,
+        )
+
+    def piece(call, path):
+        weight, idx = call.args[0], call.args[1]
+        padding_idx = call.args[2] if len(call.args) > 2 else call.kwargs.get("padding_idx", -1)
+        flat = batch_first(idx, call.layouts[(1,)]).reshape(call.batch, -1)
+        mask = (flat != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
+        return Factored(OneHot(flat, weight.shape[0], mask), Dense(rows(call.g, call.out_layout, -1)))

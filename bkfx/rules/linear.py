@@ -1,0 +1,97 @@
+"""Linear family: `linear`, `addmm`, `mm`, `matmul` with a parameter operand.
+
+For `y = x Wᵀ (+ b)` with per-sample activations `a_i: [T, d]` and output gradients
+`g_i: [T, p]`, the weight's per-sample gradient is `G_i = g_iᵀ a_i`, factored as
+`L = g`, `R = a`. A parameter on the right of a matmul (`x @ W`, W `[d, p]`, HF
+GPT-2's Conv1D as `addmm` over `[B*T, d]`) gives `G_i = a_iᵀ g_i`: `L = a`, `R = g`.
+A parameter on the left (`W @ x`, W `[p, d]`, x `[..., d, n]`) gives
+`G_i = Σ g_{:,t} x_{:,t}ᵀ`: `L = gᵀ`, `R = xᵀ` over the columns. A bias's per-sample
+gradient is `g` summed over each sample's other dimensions (explicit).
+"""
+from __future__ import annotations
+
+from bkfx.factors import Dense, Factored, Explicit
+from bkfx.plan import get_path
+from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule, sum_to
+from passes.sample_dim import shape_of
+
+
+def _right(node, x_pos, w_pos, batch):
+    """Spec for `x @ W` with W `[d, p]` (or `[d]`)."""
+    xs, ws = shape_of(node.args[x_pos]), shape_of(node.args[w_pos])
+    if len(ws) > 2:
+        return None
+    d = xs[-1]
+    return factored_spec(numel(xs) / (batch * d), d, ws[1] if len(ws) == 2 else 1, batch)
+
+
+def _left(node, w_pos, x_pos, batch):
+    """Spec for `W @ x` with W `[p, d]` and x `[..., d, n]`."""
+    ws, xs = shape_of(node.args[w_pos]), shape_of(node.args[x_pos])
+    if len(ws) != 2 or len(xs) < 2:
+        return None
+    return factored_spec(numel(xs) / (batch * ws[1]), ws[0], ws[1], batch)
+
+
+def _right_piece(call, x_pos, scale=1):
+    a = rows(call.args[x_pos], call.layouts[(x_pos,)], -1)
+    g = call.g if call.g.dim() == call.args[x_pos].dim() else call.g.unsqueeze(-1)
+    return Factored(Dense(a), Dense(rows(g * scale if scale != 1 else g, call.out_layout, -1)))
+
+
+def _left_piece(call, x_pos, scale=1):
+    g = call.g * scale if scale != 1 else call.g
+    return Factored(Dense(rows(g, call.out_layout, -2)), Dense(rows(call.args[x_pos], call.layouts[(x_pos,)], -2)))
+
+
+def _bias(call, path):
+    return Explicit(sum_to(call.g, call.out_layout, get_path(call.args, path).shape))
+
+
+@rule("linear")
+class Linear:
+    """`linear(x, W, b)`: W `[p, d]` factored `L = g`, `R = x`; b explicit."""
+
+    def spec(node, path, batch):
+        if path == (1,):
+            xs, ws = shape_of(node.args[0]), shape_of(node.args[1])
+            return factored_spec(numel(xs) / (batch * xs[-1]), ws[0], ws[1], batch)
+        if path == (2,):
+            return explicit_spec(shape_of(node.args[2]), batch)
+        return None
+
+    def piece(call, path):
+        if path == (1,):
+            return Factored(Dense(rows(call.g, call.out_layout, -1)), Dense(rows(call.args[0], call.layouts[(0,)], -1)))
+        return _bias(call, path)
+
+
+@rule("mm", "matmul")
+class MatMul:
+    """`a @ b` with one parameter operand (2-D, or a vector on the right)."""
+
+    def spec(node, path, batch):
+        if len(shape_of(node.args[0])) < 1 or len(shape_of(node.args[1])) < 1:
+            return None
+        return _right(node, 0, 1, batch) if path == (1,) else _left(node, 0, 1, batch)
+
+    def piece(call, path):
+        return _right_piece(call, 0) if path == (1,) else _left_piece(call, 1)
+
+
+@rule("addmm")
+class AddMM:
+    """`bias + m1 @ m2` (HF Conv1D: `addmm(b, x.view(-1, d), W)`)."""
+
+    def spec(node, path, batch):
+        if path == (0,):
+            return explicit_spec(shape_of(node.args[0]), batch)
+        return _right(node, 1, 2, batch) if path == (2,) else _left(node, 1, 2, batch)
+
+    def piece(call, path):
+        if path == (0,):
+            beta = call.kwargs.get("beta", 1)
+            piece = _bias(call, path)
+            return Explicit(piece.G * beta) if beta != 1 else piece
+        alpha = call.kwargs.get("alpha", 1)
+        return _right_piece(call, 1, alpha) if path == (2,) else _left_piece(call, 2, alpha)

@@ -1,0 +1,121 @@
+"""The per-sample reference bkfx is checked against, for tests and for users' own models.
+
+`per_sample_gradients` is `vmap(grad(loss of one sample))` over the batch with
+`torch.func.functional_call`: a few lines that are obviously right. Models that vmap
+cannot run (data-dependent Python in the forward) use `method="loop"`: one ordinary
+backward per sample.
+"""
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch.func import functional_call, grad, vmap
+
+
+def _one(t):
+    return t.unsqueeze(0)
+
+
+def per_sample_gradients(model, loss_fn, inputs, targets, *, method: str = "vmap") -> dict[str, torch.Tensor]:
+    """`{name: [B, *param.shape]}`: the gradient of each sample's loss, computed on that sample alone.
+
+    `inputs` is a tensor or a tuple of tensors batched on dim 0; `loss_fn(output, target)`
+    reduces the way the compiled model declares (its value on a batch of one is sample i's loss).
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss_of(params, xs, y):
+        out = functional_call(model, (params, buffers), tuple(_one(x) for x in xs))
+        return loss_fn(out, _one(y))
+
+    if method == "vmap":
+        return vmap(grad(loss_of), in_dims=(None, 0, 0), randomness="same")(params, inputs, targets)
+    if method != "loop":
+        raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
+    rows = []
+    for i in range(targets.shape[0]):
+        live = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        loss = loss_of(live, tuple(x[i] for x in inputs), targets[i])
+        rows.append(dict(zip(live, torch.autograd.grad(loss, list(live.values()), allow_unused=True))))
+    return {n: torch.stack([r[n] if r[n] is not None else torch.zeros_like(params[n]) for r in rows]) for n in params}
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float, clipping: str, gamma: float = 0.01) -> torch.Tensor:
+    """Abadi `min(1, R/‖G_i‖)` or automatic `R/(‖G_i‖+γ)`, written out independently of bkfx.clipping."""
+    if clipping == "abadi":
+        return torch.where(norms > max_grad_norm, max_grad_norm / norms, torch.ones_like(norms))
+    return max_grad_norm / (norms + gamma)
+
+
+def clipped_sum_reference(
+    grads: dict[str, torch.Tensor], *, max_grad_norm=1.0, clipping="abadi", loss_reduction="mean",
+    groups: list[list[str]] | None = None, gamma: float = 0.01,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What `.grad` must hold after one backward, and the per-sample norms over all parameters.
+
+    `Σ_i C_i G_i` (sum) or `(1/B) Σ_i C_i G_i` (mean), with `C_i` computed per group from
+    the group's per-sample norm.
+    """
+    names = list(grads)
+    groups = groups or [names]
+    R = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm] * len(groups)
+    B = next(iter(grads.values())).shape[0]
+    out, total = {}, torch.zeros(B, dtype=next(iter(grads.values())).dtype)
+    for group, r in zip(groups, R):
+        sq = sum((grads[n].flatten(1).pow(2).sum(1) for n in group if n in grads), torch.zeros_like(total))
+        total = total + sq
+        c = clip_factors(sq.sqrt(), r, clipping, gamma)
+        for n in group:
+            if n in grads:
+                s = torch.einsum("b,b...->...", c, grads[n])
+                out[n] = s / B if loss_reduction == "mean" else s
+    return out, total.sqrt()
+
+
+def assert_matches_reference(
+    model, loss_fn, inputs, targets, *, rtol: float | None = None, atol: float | None = None,
+    method: str = "vmap", **compile_options,
+):
+    """Compile `model` with `compile_options`, run one backward, and compare `.grad` and the
+    per-sample norms with the reference. Tolerances default to 1e-6 (float64) or 1e-4 (float32),
+    relative to each parameter's largest reference entry. Returns the compiled model and the
+    worst relative error per parameter.
+    """
+    import bkfx
+
+    inputs_t = inputs if isinstance(inputs, tuple) else (inputs,)
+    dtype = next(model.parameters()).dtype
+    tol = rtol if rtol is not None else (1e-6 if dtype == torch.float64 else 1e-4)
+    reduction = compile_options.get("loss_reduction", "mean")
+    ref_grads = per_sample_gradients(model, loss_fn, inputs_t, targets, method=method)
+    dp = bkfx.compile(model, **compile_options)
+    groups = dp._clip.groups
+    expected, norms = clipped_sum_reference(
+        ref_grads, max_grad_norm=compile_options.get("max_grad_norm", 1.0),
+        clipping=compile_options.get("clipping", "abadi"), loss_reduction=reduction, groups=groups,
+        gamma=compile_options.get("gamma", 0.01),
+    )
+    for p in model.parameters():
+        p.grad = None
+    out = dp(*inputs_t)
+    loss = loss_fn(out, targets)
+    loss.backward()
+    errors = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, f"frozen parameter {name} received a gradient"
+            continue
+        want = expected[name]
+        got = p.grad if p.grad is not None else torch.zeros_like(want)
+        scale = want.abs().max().item() or 1.0
+        err = (got - want).abs().max().item() / scale
+        errors[name] = err
+        assert err <= tol or (atol is not None and (got - want).abs().max().item() <= atol), (
+            f"{name}: relative error {err:.3g} > {tol:g}"
+        )
+    got_norms = dp.per_sample_norms
+    nerr = ((got_norms - norms).abs().max() / norms.abs().max().clamp_min(1e-30)).item() if norms.numel() else 0.0
+    assert nerr <= tol, f"per-sample norms: relative error {nerr:.3g} > {tol:g}"
+    return dp, errors

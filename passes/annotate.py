@@ -1,0 +1,181 @@
+"""annotate: find the parametric sites and what each rule contributes.
+
+A node is *parameter-derived* when it depends on trainable parameters and not on
+samples (`W`, `W.t()`, `pos[:, :T]`, `wpe(arange(T))`). A *site* is a sample-dependent
+node with a parameter-derived operand: the place where a parameter's per-sample
+gradient is born. Each operand gets its chain from the parameters (identity,
+transpose, or a general sub-graph pulled back with vjp) and its rule's `PieceSpec`
+(T, p, d as sympy expressions in the batch symbol). The Site is stored in
+`node.meta["bkfx.site"]`.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from bkfx.errors import UnsupportedOperationError, node_error
+from bkfx.layout import SampleLayout
+from bkfx.plan import Operand, Site
+from bkfx.rules import lookup
+from bkfx.rules.fallback import Fallback
+from bkfx.source import module_path, user_source_line
+from passes.capture import META_BATCH
+from passes.sample_dim import META_DEPENDENT, META_LAYOUT, op_name, shape_of
+
+META_PARAMS = "bkfx.params"
+META_SITE = "bkfx.site"
+
+_TRANSPOSES = {"t", "numpy_T"}
+
+
+def annotate(gm: GraphModule, names: dict[int, str]) -> GraphModule:
+    """`names` maps id(Parameter) to the original model's name for it (tied ones share)."""
+    batch = gm.meta[META_BATCH]
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        node.meta[META_PARAMS] = _params_of(gm, node, names)
+        if node.op == "call_function" and node.meta.get(META_DEPENDENT):
+            operands = _param_operands(node)
+            if operands:
+                site = _site(gm, node, operands, len(sites), batch)
+                node.meta[META_SITE] = site
+                sites.append(site)
+        elif node.op == "output":
+            for value in node.all_input_nodes:
+                if value.meta.get(META_PARAMS) and not value.meta.get(META_DEPENDENT):
+                    raise node_error(
+                        UnsupportedOperationError, value,
+                        "a value computed from parameters alone is a model output, so it has no per-sample gradient",
+                        "return only values computed from the inputs",
+                    )
+    gm.meta["bkfx.sites"] = sites
+    return gm
+
+
+def _params_of(gm: GraphModule, node: Node, names) -> frozenset:
+    if node.op == "get_attr":
+        value = _attr(gm, node.target)
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+            return frozenset([names[id(value)]])
+        return frozenset()
+    if node.meta.get(META_DEPENDENT):
+        return frozenset()
+    out = frozenset()
+    for n in node.all_input_nodes:
+        out |= n.meta.get(META_PARAMS, frozenset())
+    return out
+
+
+def _attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _param_operands(node: Node) -> list[tuple[tuple, Node]]:
+    found = []
+    for i, arg in enumerate(node.args):
+        items = [((i,), arg)] if not isinstance(arg, (list, tuple)) else [((i, k), a) for k, a in enumerate(arg)]
+        for path, a in items:
+            if isinstance(a, Node) and a.meta.get(META_PARAMS) and not a.meta.get(META_DEPENDENT):
+                found.append((path, a))
+    for key, a in node.kwargs.items():
+        if isinstance(a, Node) and a.meta.get(META_PARAMS):
+            raise node_error(
+                UnsupportedOperationError, node, f"the parameter-derived keyword argument {key!r} is not supported",
+                "pass parameters positionally",
+            )
+    return found
+
+
+def _layouts(node: Node) -> dict[tuple, SampleLayout]:
+    out = {}
+    for i, arg in enumerate(node.args):
+        items = [((i,), arg)] if not isinstance(arg, (list, tuple)) else [((i, k), a) for k, a in enumerate(arg)]
+        for path, a in items:
+            if isinstance(a, Node) and isinstance(a.meta.get(META_LAYOUT), SampleLayout):
+                out[path] = a.meta[META_LAYOUT]
+    return out
+
+
+def _site(gm, node: Node, operands, index: int, batch) -> Site:
+    if not isinstance(node.meta.get(META_LAYOUT), SampleLayout):
+        raise node_error(
+            UnsupportedOperationError, node, "a parametric operation with several outputs is not supported yet",
+            "write the operation with single-output functions",
+        )
+    layouts = _layouts(node)
+    rule = lookup(op_name(node))
+    built = []
+    for path, operand in operands:
+        if operand.meta.get(META_LAYOUT) is not None:
+            raise node_error(
+                UnsupportedOperationError, node,
+                "a parameter-derived operand was expanded to the batch size before this operation",
+                "broadcast parameters implicitly instead of expanding them to the batch",
+            )
+        used = rule
+        spec = rule.spec(node, path, batch) if rule is not None else None
+        if spec is None:
+            used, spec = Fallback, Fallback.spec(node, path, batch, layouts, node.meta[META_LAYOUT])
+        built.append(_operand(gm, path, operand, spec, used))
+    return Site(
+        id=index, node=node.name, op=node.target, source=user_source_line(node), module=module_path(node),
+        operands=built, layouts=layouts, out_layout=node.meta[META_LAYOUT],
+    )
+
+
+def _operand(gm, path, node: Node, spec, rule) -> Operand:
+    params = tuple(sorted(node.meta[META_PARAMS]))
+    if node.op == "get_attr":
+        return Operand(path, params, "identity", spec=spec, rule=rule)
+    if (
+        node.op == "call_function" and node.args and isinstance(node.args[0], Node) and node.args[0].op == "get_attr"
+        and len(shape_of(node.args[0])) == 2 and _is_transpose(node)
+    ):
+        return Operand(path, params, "transpose", spec=spec, rule=rule)
+    fn, leaves, param_idx = _chain(gm, node)
+    return Operand(
+        path, params, "general", chain_fn=fn, chain_leaves=leaves, chain_params=param_idx, spec=spec, rule=rule
+    )
+
+
+def _is_transpose(node: Node) -> bool:
+    name = op_name(node)
+    if name in _TRANSPOSES:
+        return True
+    if name == "transpose":
+        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    if name == "permute":
+        return [int(d) % 2 for d in node.args[1]] == [1, 0]
+    return False
+
+
+def _chain(gm, operand: Node):
+    """The parameter-only sub-graph computing `operand`, as a function of its leaves."""
+    inside, leaves = [], []
+    seen = set()
+
+    def visit(n: Node):
+        if n in seen:
+            return
+        seen.add(n)
+        if n.op == "get_attr" or not n.meta.get(META_PARAMS):
+            leaves.append(n)
+            return
+        for m in n.all_input_nodes:
+            visit(m)
+        inside.append(n)
+
+    visit(operand)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    inside.sort(key=order.__getitem__)
+    graph = Graph()
+    env = {leaf: graph.placeholder(leaf.name) for leaf in leaves}
+    for n in inside:
+        env[n] = graph.node_copy(n, lambda m: env[m])
+    graph.output(env[operand])
+    fn = GraphModule(torch.nn.Module(), graph)
+    param_idx = tuple(i for i, leaf in enumerate(leaves) if leaf.meta.get(META_PARAMS))
+    return fn, tuple(leaf.name for leaf in leaves), param_idx

@@ -1,0 +1,59 @@
+"""cost_model: ghost or explicit norm per site, from symbolic costs.
+
+For a site's factored operands, ghost norms cost `Σ B T² (m+n)` time and `B T²`
+memory; explicit ones `Σ B T m n` time and `B m n` memory. The site is ghost iff its
+ghost time is at most its explicit time. The batch size B divides out; when the
+difference still depends on a dynamic size the decision becomes a guard that the
+runtime evaluates with the actual sizes. `norm_mode` ("ghost" / "explicit", or a
+dict from site node name or parameter name to a mode) overrides the choice.
+"""
+from __future__ import annotations
+
+import sympy
+from torch.fx import GraphModule
+
+from bkfx.plan import Site
+from passes.capture import META_BATCH
+
+MODES = ("auto", "ghost", "explicit")
+
+
+def cost_model(gm: GraphModule, norm_mode="auto") -> GraphModule:
+    batch = gm.meta[META_BATCH]
+    for site in gm.meta["bkfx.sites"]:
+        _decide(site, batch, norm_mode)
+    return gm
+
+
+def _override(site: Site, norm_mode) -> str | None:
+    if isinstance(norm_mode, str):
+        return None if norm_mode == "auto" else norm_mode
+    for key in (site.node, *site.params):
+        if key in norm_mode:
+            return norm_mode[key]
+    return None
+
+
+def _decide(site: Site, batch: sympy.Symbol, norm_mode) -> None:
+    factored = [o.spec for o in site.operands if o.spec.kind == "factored"]
+    if not factored:
+        site.mode = "explicit"
+        site.reason = "explicit rule" if all(o.rule.name != "Fallback" for o in site.operands) else "fallback (vmap of vjp)"
+        return
+    ghost = sum(s.time_ghost for s in factored)
+    explicit = sum(s.time_explicit for s in factored)
+    forced = _override(site, norm_mode)
+    if forced is not None:
+        if forced not in ("ghost", "explicit"):
+            raise ValueError(f"norm_mode for site {site.node} must be 'ghost' or 'explicit', got {forced!r}")
+        site.mode, site.reason = forced, "user override"
+        return
+    margin = sympy.simplify((explicit - ghost) / batch)
+    if margin.free_symbols:
+        site.mode, site.guard = "guard", margin
+        site.guard_symbols = tuple(sorted(margin.free_symbols, key=str))
+        site.reason = f"run-time guard: ghost iff {margin} >= 0"
+        return
+    site.mode = "ghost" if margin >= 0 else "explicit"
+    g, e = sympy.simplify(ghost / batch), sympy.simplify(explicit / batch)
+    site.reason = f"ghost B*{g} {'<=' if margin >= 0 else '>'} explicit B*{e}"
