@@ -1,5 +1,6 @@
 """bkfx: differentially private training as a torch.fx graph rewrite (Book-Keeping)."""
 from bkfx.compile import DPModel, compile
+from bkfx.optimizer import DPOptimizer
 from bkfx.errors import (
     BkfxError,
     CaptureError,
@@ -10,7 +11,7 @@ from bkfx.errors import (
 )
 
 __all__ = [
-    "compile", "DPModel", "BkfxError", "CaptureError", "InPlaceModificationError",
+    "compile", "DPModel", "DPOptimizer", "BkfxError", "CaptureError", "InPlaceModificationError",
     "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,24 @@
+"""Hypothesis profiles for bkfx's tests.
+
+`BKFX_HYPOTHESIS_PROFILE=ci` (the default) keeps the whole suite to a few minutes on a
+2-core CPU; `BKFX_HYPOTHESIS_PROFILE=thorough` draws 1000 architectures per property.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from hypothesis import HealthCheck, settings
+
+# The package is importable from the repository root without installation.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+settings.register_profile("ci", max_examples=20, deadline=None, suppress_health_check=_SLOW_IS_FINE)
+settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=_SLOW_IS_FINE
+)
+settings.load_profile(os.environ.get("BKFX_HYPOTHESIS_PROFILE", "ci"))
