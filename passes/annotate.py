@@ -1,9 +1,10 @@
 """annotate: find the parametric sites and what each rule contributes.
 
 A node is *parameter-derived* when it depends on trainable parameters and not on
-samples (`W`, `W.t()`, `pos[:, :T]`, `wpe(arange(T))`). A *site* is a sample-dependent
-node with a parameter-derived operand: the place where a parameter's per-sample
-gradient is born. Each operand gets its chain from the parameters (identity,
+samples (`W`, `W.t()`, `pos[:, :T]`, `wpe(arange(T))`). A *site* is a node with a
+parameter-derived operand whose result has a sample dimension (it depends on samples,
+or it expands a parameter to the batch, like a class token): the place where a
+parameter's per-sample gradient is born. Each operand gets its chain from the parameters (identity,
 transpose, or a general sub-graph pulled back with vjp) and its rule's `PieceSpec`
 (T, p, d as sympy expressions in the batch symbol). The Site is stored in
 `node.meta["bkfx.site"]`.
@@ -34,11 +35,12 @@ def annotate(gm: GraphModule, names: dict[int, str]) -> GraphModule:
     sites: list[Site] = []
     for node in gm.graph.nodes:
         node.meta[META_PARAMS] = _params_of(gm, node, names)
-        if node.op == "call_function" and node.meta.get(META_DEPENDENT):
+        if node.op == "call_function" and isinstance(node.meta.get(META_LAYOUT), (SampleLayout, tuple)):
             operands = _param_operands(node)
             if operands:
                 site = _site(gm, node, operands, len(sites), batch)
                 node.meta[META_SITE] = site
+                node.meta[META_PARAMS] = frozenset()  # its parameters' gradients are the site's
                 sites.append(site)
         elif node.op == "output":
             for value in node.all_input_nodes:

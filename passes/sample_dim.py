@@ -179,11 +179,36 @@ def _reshape_layout(node: Node, source, shape, d: int, batch) -> SampleLayout:
     return SampleLayout(d, int(before), int(after))
 
 
+_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                "cudnn_batch_norm", "miopen_batch_norm"}
+_PER_SAMPLE_NORMS = {"group_norm", "native_group_norm", "instance_norm"}
+_TRAILING_NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
+
+
 def _check_along(node: Node, name: str, batch) -> None:
     """Refuse ops that work along, index into or contract the sample dimension of an input."""
     args = arguments(node)
     first = node.args[0] if node.args else None
     layout = first.meta.get(META_LAYOUT) if isinstance(first, Node) and first.meta.get(META_DEPENDENT) else None
+    if name in _BATCH_NORMS and args.get("training", True) and isinstance(layout, SampleLayout):
+        raise node_error(
+            SampleMixingError, node,
+            "batch normalisation in training mode normalises with statistics of the whole batch, which mixes samples",
+            "use GroupNorm (bkfx.replace_batchnorm(model) swaps every BatchNorm for a GroupNorm in place), "
+            "or put the BatchNorm layers in eval mode",
+        )
+    if name in _PER_SAMPLE_NORMS and isinstance(layout, SampleLayout) and (layout.dim != 0 or layout.merged):
+        raise node_error(
+            SampleMixingError, node, f"{name} normalises over dimension 1 onwards, but the samples lie along {layout.describe()}",
+            "put the batch first before normalising",
+        )
+    if name in _TRAILING_NORMS and isinstance(layout, SampleLayout):
+        rank = len(shape_of(first))
+        if layout.dim >= rank - len(args.get("normalized_shape", ())):
+            raise node_error(
+                SampleMixingError, node, f"{name} normalises over dimensions that include the samples ({layout.describe()})",
+                "normalise over feature dimensions only",
+            )
     if name in _ALONG and isinstance(layout, SampleLayout):
         rank = len(shape_of(first))
         for key in _ALONG[name]:

@@ -57,7 +57,7 @@ def rule(*op_names: str):
 
 
 def lookup(op_name: str) -> Rule | None:
-    from bkfx.rules import elementwise, embedding, linear, normalization  # noqa: F401  (registration)
+    from bkfx.rules import conv, elementwise, embedding, linear, normalization  # noqa: F401  (registration)
 
     return _RULES.get(op_name)
 

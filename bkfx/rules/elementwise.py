@@ -49,3 +49,14 @@ class Mul:
     def piece(call, path):
         other = call.args[1 - path[0]]
         return _explicit(call, path, call.g * other)
+
+
+@rule("expand")
+class Expand:
+    """`P.expand(B, ...)` (e.g. a class token): sample i's gradient is `g_i` summed to P's shape."""
+
+    def spec(node, path, batch):
+        return explicit_spec(shape_of(node.args[0]), batch) if path == (0,) else None
+
+    def piece(call, path):
+        return _explicit(call, path, call.g)

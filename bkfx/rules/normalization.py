@@ -1,15 +1,15 @@
-"""Normalisation layers: `layer_norm(x, shape, weight, bias, eps)`.
+"""Normalisation layers: layer_norm, rms_norm, group_norm, instance_norm, batch_norm (eval).
 
-With `x̂ = (x - mean) / sqrt(var + eps)` over the normalised dimensions, sample i's
-gradients are `Σ g ⊙ x̂` (weight) and `Σ g` (bias), summed over sample i's other
-dimensions (explicit).
+With `x̂` the input normalised by per-sample statistics (or running statistics in
+eval mode), sample i's gradients are `Σ g ⊙ x̂` (weight) and `Σ g` (bias), summed over
+sample i's entries that share the parameter (explicit).
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 
 from bkfx.factors import Explicit
-from bkfx.rules import explicit_spec, rule, sum_to
+from bkfx.rules import explicit_spec, rows, rule, sum_to
 from passes.sample_dim import shape_of
 
 
@@ -24,4 +24,76 @@ class LayerNorm:
             return Explicit(sum_to(call.g, call.out_layout, call.args[3].shape))
         eps = call.args[4] if len(call.args) > 4 else call.kwargs.get("eps", 1e-5)
         xhat = F.layer_norm(x, shape, None, None, eps)
+        return Explicit(sum_to(call.g * xhat, call.out_layout, call.args[2].shape))
+
+
+def _per_channel(call, t):
+    """`[B, C]`: `t` (shaped like the `[B, C, *spatial]` output) summed over each sample's positions."""
+    return rows(t, call.out_layout, 1).sum(1)
+
+
+@rule("group_norm")
+class GroupNorm:
+    """`group_norm(x, G, weight, bias, eps)`: per-channel `Σ g ⊙ x̂` and `Σ g` over positions."""
+
+    def spec(node, path, batch):
+        return explicit_spec(shape_of(node.args[path[0]]), batch) if path in ((2,), (3,)) else None
+
+    def piece(call, path):
+        if path == (3,):
+            return Explicit(_per_channel(call, call.g))
+        eps = call.args[4] if len(call.args) > 4 else call.kwargs.get("eps", 1e-5)
+        xhat = F.group_norm(call.args[0], call.args[1], None, None, eps)
+        return Explicit(_per_channel(call, call.g * xhat))
+
+
+@rule("instance_norm")
+class InstanceNorm:
+    """`instance_norm(x, weight, bias, ...)` with per-sample statistics: like group_norm with G = C."""
+
+    def spec(node, path, batch):
+        return explicit_spec(shape_of(node.args[path[0]]), batch) if path in ((1,), (2,)) else None
+
+    def piece(call, path):
+        if path == (2,):
+            return Explicit(_per_channel(call, call.g))
+        names = [a.name for a in call.op._schema.arguments]
+        values = dict(zip(names, call.args), **call.kwargs)
+        xhat = F.instance_norm(
+            call.args[0], values.get("running_mean"), values.get("running_var"),
+            use_input_stats=values.get("use_input_stats", True), eps=values.get("eps", 1e-5),
+        )
+        return Explicit(_per_channel(call, call.g * xhat))
+
+
+@rule("batch_norm")
+class BatchNormEval:
+    """`batch_norm` in eval mode: `x̂ = (x - running_mean) / sqrt(running_var + eps)`, per channel.
+
+    (In training mode batch statistics mix samples; sample_dim refuses it.)
+    """
+
+    def spec(node, path, batch):
+        return explicit_spec(shape_of(node.args[path[0]]), batch) if path in ((1,), (2,)) else None
+
+    def piece(call, path):
+        if path == (2,):
+            return Explicit(_per_channel(call, call.g))
+        x, mean, var = call.args[0], call.args[3], call.args[4]
+        eps = call.args[7] if len(call.args) > 7 else call.kwargs.get("eps", 1e-5)
+        xhat = F.batch_norm(x, mean, var, None, None, False, 0.0, eps)
+        return Explicit(_per_channel(call, call.g * xhat))
+
+
+@rule("rms_norm")
+class RMSNorm:
+    """`rms_norm(x, shape, weight, eps)`: `x̂ = x / sqrt(mean(x²) + eps)`; weight gets `Σ g ⊙ x̂`."""
+
+    def spec(node, path, batch):
+        return explicit_spec(shape_of(node.args[2]), batch) if path == (2,) else None
+
+    def piece(call, path):
+        x, shape = call.args[0], call.args[1]
+        eps = call.args[3] if len(call.args) > 3 else call.kwargs.get("eps")
+        xhat = F.rms_norm(x, shape, None, eps)
         return Explicit(sum_to(call.g * xhat, call.out_layout, call.args[2].shape))
