@@ -31,7 +31,9 @@ def plan_records(compiled) -> list[dict]:
                 "sample_dim": site.out_layout.describe(),
                 "T": _num(s.T, batch, example), "p": _num(s.m, batch, example), "d": _num(s.n, batch, example),
                 "mode": site.mode if s.kind == "factored" else ("fallback" if operand.rule.name == "Fallback" else "explicit"),
-                "reason": site.reason if s.kind == "factored" else site.reason,
+                "reason": site.reason if s.kind == "factored" else (
+                    "no rule: vmap of vjp" if operand.rule.name == "Fallback" else f"explicit rule ({operand.rule.name})"
+                ),
             }
             for key in ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit"):
                 expr = getattr(s, key)

@@ -107,5 +107,9 @@ def factored_spec(T, m, n, batch) -> PieceSpec:
 
 
 def explicit_spec(shape, batch, work=None) -> PieceSpec:
+    """An explicit piece `[B, *shape]`: p is the parameter operand's size."""
     size = numel(shape)
-    return PieceSpec("explicit", time_explicit=batch * (work if work is not None else size), mem_explicit=batch * size)
+    return PieceSpec(
+        "explicit", sympy.Integer(1), size, sympy.Integer(1),
+        time_explicit=batch * (work if work is not None else size), mem_explicit=batch * size,
+    )

@@ -10,7 +10,9 @@ gradient is `g` summed over each sample's other dimensions (explicit).
 """
 from __future__ import annotations
 
-from bkfx.factors import Dense, Factored, Explicit
+import torch
+
+from bkfx.factors import Dense, Explicit, Factored
 from bkfx.plan import get_path
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule, sum_to
 from passes.sample_dim import shape_of
@@ -95,3 +97,45 @@ class AddMM:
             return Explicit(piece.G * beta) if beta != 1 else piece
         alpha = call.kwargs.get("alpha", 1)
         return _right_piece(call, 1, alpha) if path == (2,) else _left_piece(call, 2, alpha)
+
+
+@rule("einsum")
+class Einsum:
+    """`einsum(eq, [x, P])` with one sample operand x and one parameter P (either order).
+
+    Sample i's gradient is one einsum of the output gradient with x that keeps the batch
+    letter: for `"btd,de->bte"`, `G = einsum("bte,btd->bde", g, x)` (explicit).
+    """
+
+    def spec(node, path, batch):
+        equation, operands = node.args[0], node.args[1]
+        letters = _einsum_letters(equation, len(operands))
+        if letters is None or len(operands) != 2 or path[0] != 1:
+            return None
+        other = operands[1 - path[1]]
+        layout = other.meta.get("bkfx.layout") if hasattr(other, "meta") else None
+        if layout is None or layout.merged:
+            return None
+        ins, out = letters
+        p_letters, x_letters = ins[path[1]], ins[1 - path[1]]
+        if len(set(p_letters)) != len(p_letters):
+            return None
+        work = numel(shape_of(node)) / batch * numel(shape_of(operands[path[1]]))
+        return explicit_spec(shape_of(operands[path[1]]), batch, work=work) if x_letters[layout.dim] in out else None
+
+    def piece(call, path):
+        ins, out = _einsum_letters(call.args[0], 2)
+        k = path[1]
+        x = call.args[1][1 - k]
+        s = ins[1 - k][call.layouts[(1, 1 - k)].dim]
+        G = torch.einsum(f"{out},{ins[1 - k]}->{s}{ins[k]}", call.g, x)
+        return Explicit(G)
+
+
+def _einsum_letters(equation: str, n: int):
+    eq = equation.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    return (ins, out) if len(ins) == n else None
