@@ -7,6 +7,7 @@ import re
 import torch
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIRS = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + d for d in ("bkfx", "passes"))
 _FRAME = re.compile(r'\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 
 
@@ -25,13 +26,21 @@ def _frames(trace: str) -> list[tuple[str, str, str, str]]:
 def user_source_line(node) -> str | None:
     """The innermost frame of `node`'s stack trace outside torch itself: 'file:line (func): code'."""
     trace = node.meta.get("stack_trace") if hasattr(node, "meta") else None
-    if not trace:
-        return None
-    frames = [f for f in _frames(trace) if not f[0].startswith(_TORCH_DIR)]
+    frames = [f for f in _frames(trace or "") if not f[0].startswith((_TORCH_DIR, *_OWN_DIRS))]
     if not frames:
-        return None
+        return _module_description(node)
     file, line, func, code = frames[-1]
     return f"{file}:{line} ({func}): {code}" if code else f"{file}:{line} ({func})"
+
+
+def _module_description(node) -> str | None:
+    """For code that lives in torch itself (nn.Sequential of built-in layers): the module."""
+    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
+    if not stack:
+        return None
+    path, kind = list(stack.values())[-1]
+    kind = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+    return f"module '{path}' ({kind}), built-in code"
 
 
 def module_path(node) -> str:
