@@ -124,6 +124,26 @@ class DPModel(nn.Module):
         return None if self._last_tape is None else self._last_tape.per_sample_norms
 
     @property
+    def sum_clipped_gradients(self) -> bool:
+        """When True, backward leaves `Σ_i C_i G_i` in `.grad` whatever `loss_reduction` is
+        (what `bkfx.DPOptimizer` adds noise to); the per-sample gradients are unchanged."""
+        return self._clip.sum_output
+
+    @sum_clipped_gradients.setter
+    def sum_clipped_gradients(self, value: bool) -> None:
+        self._clip.sum_output = bool(value)
+
+    @property
+    def clip_groups(self) -> list[list[str]]:
+        """The clipping groups of the style, as lists of parameter names."""
+        return [list(g) for g in self._clip.groups]
+
+    @property
+    def max_grad_norms(self) -> list[float]:
+        """The clipping threshold of each group."""
+        return list(self._clip.thresholds)
+
+    @property
     def per_group_norms(self) -> list | None:
         return None if self._last_tape is None else self._last_tape.group_norms
 

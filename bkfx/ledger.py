@@ -8,9 +8,14 @@ callback, so unused branches and several outputs need no special care), the tape
 computes each parameter's per-sample squared norm (cross terms of tied parameters
 included), each group's clip factor, and adds the book-kept clipped sums to `.grad`.
 
+A group (all-layer: one group of all parameters) is finalised as soon as all its sites
+recorded by the forward pass have been through backward, releasing its book-kept
+tensors early; whatever remains is finalised by the end-of-backward callback.
+
 Scaling: with `loss_reduction="mean"` the recorded gradients are `1/B` of the
 per-sample ones, so norms are multiplied by B and the clipped sum
-`Σ_i C_i G_i^recorded` is already `(1/B) Σ_i C_i G_i`.
+`Σ_i C_i G_i^recorded` is already `(1/B) Σ_i C_i G_i` (times B when the optimizer
+asks for sums).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class ClipConfig:
     clipping: str
     loss_reduction: str
     gamma: float = 0.01
+    sum_output: bool = False  # write Σ_i C_i G_i whatever the reduction (for DPOptimizer)
 
 
 @dataclass
@@ -58,17 +64,27 @@ class Tape:
     params: dict[str, torch.nn.Parameter]
     config: ClipConfig
     batch: int
-    on_finalise: object = None  # called with the tape after each finalisation
+    on_finalise: object = None  # called with the tape after each backward pass
     pieces: dict[str, list] = field(default_factory=dict)
     per_sample_norms: torch.Tensor | None = None
     group_norms: list | None = None
     _queued: bool = False
+    _recorded: list = field(default_factory=list)  # site ids run by this forward
+    _pending: dict | None = None  # group -> site ids still to come in this backward
+    _group_squares: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._group_of = {n: g for g, names in enumerate(self.config.groups) for n in names}
 
     def name_of(self, param: torch.Tensor) -> str:
         return next(n for n, p in self.params.items() if p is param)
 
     def record(self, site: Site, args, kwargs, chains) -> "Record":
+        self._recorded.append(site.id)
         return Record(self, site, args, kwargs, chains)
+
+    def _groups_of(self, site: Site) -> set[int]:
+        return {self._group_of[n] for n in site.params if n in self._group_of}
 
     def add(self, name: str, piece) -> None:
         self.pieces.setdefault(name, []).append(piece)
@@ -76,33 +92,55 @@ class Tape:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finalise)
 
-    def finalise(self) -> None:
-        self._queued = False
-        if not self.pieces:
+    def site_done(self, site: Site) -> None:
+        """A site's backward has run; finalise every group none of whose sites is still to come."""
+        if self._pending is None:
+            self._pending = {}
+            for sid in self._recorded:
+                for g in self._groups_of(self.sites[sid]):
+                    self._pending.setdefault(g, set()).add(sid)
+        for g in self._groups_of(site):
+            waiting = self._pending.get(g)
+            if waiting is not None:
+                waiting.discard(site.id)
+                if not waiting:
+                    self._finalise_group(g)
+
+    def _finalise_group(self, g: int) -> None:
+        """Clip factors of group g from its parameters' per-sample norms; clipped sums into .grad."""
+        names = [n for n in self.config.groups[g] if n in self.pieces]
+        if not names:
             return
-        pieces, self.pieces = self.pieces, {}
+        pieces = {n: self.pieces.pop(n) for n in names}
+        squared = sum(_squared_norm(ps, self.params[n].shape) for n, ps in pieces.items())
+        self._group_squares[g] = squared
         scale = self.batch if self.config.loss_reduction == "mean" else 1
-        squared = {name: _squared_norm(ps, self.params[name].shape) for name, ps in pieces.items()}
-        some = next(iter(squared.values()))
-        total = torch.zeros_like(some)
-        factors, self.group_norms = {}, []
-        for group, R in zip(self.config.groups, self.config.thresholds):
-            sq = sum((squared[n] for n in group if n in squared), torch.zeros_like(some))
-            total = total + sq
-            norm = sq.sqrt() * scale
-            self.group_norms.append(norm.detach())
-            c = clip_factor(norm, R, self.config.clipping, self.config.gamma)
-            for n in group:
-                factors[n] = c
-        self.per_sample_norms = (total.sqrt() * scale).detach()
+        c = clip_factor(squared.sqrt() * scale, self.config.thresholds[g], self.config.clipping, self.config.gamma)
+        if self.config.sum_output:
+            c = c * scale
         with torch.no_grad():
             for name, ps in pieces.items():
                 p = self.params[name]
-                grad = sum(weighted_sum(piece, factors[name], p.shape) for piece in ps)
+                grad = sum(weighted_sum(piece, c, p.shape) for piece in ps)
                 if p.grad is None:
                     p.grad = grad.to(p.dtype)
                 else:
                     p.grad.add_(grad)
+
+    def finalise(self) -> None:
+        """End of the backward pass: the remaining groups, then the per-sample norms."""
+        self._queued = False
+        for g in range(len(self.config.groups)):
+            self._finalise_group(g)
+        self._pending = None
+        if not self._group_squares:
+            return
+        scale = self.batch if self.config.loss_reduction == "mean" else 1
+        squares, self._group_squares = self._group_squares, {}
+        self.group_norms = [
+            (squares[g].sqrt() * scale).detach() if g in squares else None for g in range(len(self.config.groups))
+        ]
+        self.per_sample_norms = (sum(squares.values()).sqrt() * scale).detach()
         if self.on_finalise is not None:
             self.on_finalise(self)
 
@@ -146,6 +184,7 @@ class Record:
                 if isinstance(part, Factored) and not ghost:
                     part = part.materialise(tape.params[name].shape)
                 tape.add(name, part)
+        tape.site_done(site)
 
     def _ghost(self, factored: list[Factored]) -> bool:
         mode = self.site.mode

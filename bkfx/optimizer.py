@@ -1,8 +1,9 @@
 """`DPOptimizer`: Gaussian noise once per logical step, then any torch.optim optimizer.
 
-It expects `.grad` to hold the *sum* of clipped per-sample gradients
-(`bkfx.compile(..., loss_reduction="sum")`, accumulated over as many forward/backward
-calls as the logical batch needs), and on `step()` sets
+It expects `.grad` to hold the *sum* of clipped per-sample gradients, accumulated over
+as many forward/backward calls as the logical batch needs: pass the compiled model as
+`model=` (it then writes sums whatever its loss reduction), or compile with
+`loss_reduction="sum"`. On `step()` it sets
 
     grad = (Σ_i C_i G_i + N(0, (σ R)² I)) / expected_batch_size
 
@@ -18,11 +19,13 @@ import torch
 class DPOptimizer:
     def __init__(
         self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm, expected_batch_size: int,
-        generator: torch.Generator | None = None, seed: int | None = None,
+        generator: torch.Generator | None = None, seed: int | None = None, model=None,
     ):
         if expected_batch_size <= 0:
             raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
         self.optimizer = optimizer
+        if model is not None:
+            model.sum_clipped_gradients = True
         self.noise_multiplier = float(noise_multiplier)
         norms = [max_grad_norm] if isinstance(max_grad_norm, (int, float)) else list(max_grad_norm)
         self.max_grad_norm = math.sqrt(sum(float(r) ** 2 for r in norms))

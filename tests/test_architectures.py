@@ -408,13 +408,18 @@ def check(spec, seed: int, options: dict, dtype=torch.float64):
     model, inputs, targets = spec.build(dtype)
     loss = "ce" if isinstance(spec, SeqSpec) else getattr(spec, "loss", "mse")
     loss_fn = partial(LOSSES[loss], reduction=options["loss_reduction"])
+    # which parameters an ordinary backward reaches: bkfx must leave None exactly where torch does
+    loss_fn(model(*inputs), targets).backward()
+    reached = {name for name, p in model.named_parameters() if p.grad is not None}
     dp, errors = assert_matches_reference(model, loss_fn, inputs, targets, **options)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            assert p.grad is None, f"frozen parameter {name} received a gradient"
+        elif name not in reached:
+            assert p.grad is None, f"{name} does not reach the loss but received a gradient"
+        else:
             assert name in errors, f"{name} was not compared"
             assert p.grad is not None and p.grad.dtype == dtype and p.grad.shape == p.shape, name
-        else:
-            assert p.grad is None, f"frozen parameter {name} received a gradient"
     assert dp.per_sample_norms.shape == (targets.shape[0],)
     with torch.no_grad():
         assert torch.equal(dp(*inputs), model(*inputs)), "the compiled forward differs from the model's"
