@@ -1,22 +1,132 @@
-"""The plan as a table a person reads, and as records a program reads."""
+"""The plan as a table a person reads (`explain`), and as records a program reads (`plan_records`).
+
+One record per (site, parameter operand). Sizes and costs are sympy expressions in the
+capture's symbolic batch size, written with the symbol `B`, and numbers at one batch
+size (the capture's example batch unless another is given).
+
+Costs, for an operand with `T` rows per sample, parameter matrix `p × d` (`m × n` in the
+rule's `PieceSpec`):
+
+- the *norm cost* is what the chosen mode spends on per-sample norms, from the cost
+  model: ghost `B·T²·(p+d)` time and `B·T²` memory, explicit `B·T·p·d` time and `B·p·d`
+  memory (for dense factors; each rule states its own, e.g. an embedding's one-hot
+  factor is a gather);
+- the *non-private cost* is the standard weight gradient's work, which training without
+  privacy pays too: `B·T·p·d` for a dense factored operand (`gᵀa`), `B·T·d` for a
+  one-hot factor (a scatter-add of `T` rows), and the rule's own work for an explicit
+  operand (the same per-position products, summed over the batch instead of kept per
+  sample); its memory is the gradient itself, `p·d`.
+
+The totals report the norm cost of the plan relative to the non-private cost:
+`Σ norm time / Σ non-private time`, the price of per-sample clipping.
+"""
 from __future__ import annotations
+
+import os
 
 import sympy
 
+B = sympy.Symbol("B")
 
-def _num(expr, batch, example):
-    value = sympy.sympify(expr).subs(batch, example)
-    return int(value) if value.is_number else str(value)
+# Rules whose left factor is one-hot (a gather, never materialised): the non-private
+# weight gradient is a scatter-add of T rows of width d, not a dense matmul.
+_ONE_HOT_LEFT = {"Embedding"}
+_COSTS = ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit")
 
 
-def plan_records(compiled) -> list[dict]:
-    """One record per (site, parameter operand): op, source, T, p, d, mode, reason and costs."""
-    batch, example = compiled.batch_symbol, compiled.example_batch
-    B = sympy.Symbol("B")
+def _in_B(expr, batch) -> sympy.Expr | None:
+    """`expr` with the capture's batch symbol written as `B`."""
+    return None if expr is None else sympy.sympify(expr).subs(batch, B)
+
+
+def _at(expr: sympy.Expr | None, size: int):
+    """The value of `expr` at `B = size`: an int when it is a number, else its text."""
+    if expr is None:
+        return None
+    value = sympy.sympify(expr).subs(B, size)
+    if value.is_number:
+        return int(value) if value == int(value) else float(value)
+    return str(value)
+
+
+def nonprivate_time(spec, rule_name: str, batch) -> sympy.Expr:
+    """The standard weight gradient's work for one operand (what non-private training pays)."""
+    if spec.kind == "explicit":
+        return spec.time_explicit
+    if rule_name in _ONE_HOT_LEFT:
+        return batch * spec.T * spec.n
+    return batch * spec.T * spec.m * spec.n
+
+
+def _effective_mode(site, batch, size: int) -> str:
+    """The site's mode at batch size `size`: a run-time guard evaluated there when it can be."""
+    if site.mode != "guard":
+        return site.mode
+    value = _in_B(site.guard, batch).subs(B, size)
+    return ("ghost" if value >= 0 else "explicit") if value.is_number else "guard"
+
+
+def _decision(site, operand, batch, size: int) -> tuple[str, str, str]:
+    """(mode, decided_by, why) of one operand, `why` a line a person reads."""
+    spec = operand.spec
+    if spec.kind == "explicit":
+        if operand.rule.name == "Fallback":
+            name = getattr(site.op, "__name__", str(site.op))
+            return "fallback", "fallback", f"fallback: no rule for {name}, per-sample grads by vmap of vjp"
+        return "explicit", "explicit rule", f"explicit rule ({operand.rule.name})"
+    if site.reason == "user override":
+        return site.mode, "user override", f"user override: norm_mode={site.mode!r}"
+    factored = [o.spec for o in site.operands if o.spec.kind == "factored"]
+    ghost = sympy.expand(_in_B(sum(s.time_ghost for s in factored), batch))
+    explicit = sympy.expand(_in_B(sum(s.time_explicit for s in factored), batch))
+    if site.mode == "guard":
+        margin = _in_B(site.guard, batch)
+        return site.mode, "run-time guard", (
+            f"run-time guard: ghost iff {margin} >= 0 ({_effective_mode(site, batch, size)} at B={size})"
+        )
+    sign = "<=" if site.mode == "ghost" else ">"
+    return site.mode, "cost model", f"cost model: ghost {_text(ghost)} {sign} explicit {_text(explicit)}"
+
+
+def _text(expr) -> str:
+    return str(expr).replace("*", "·")
+
+
+def _shape(node, batch) -> str | None:
+    val = node.meta.get("val") if node is not None else None
+    if not hasattr(val, "shape"):
+        return None
+    dims = [sympy.sympify(s.node.expr if hasattr(s, "node") else int(s)).subs(batch, B) for s in val.shape]
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def plan_records(compiled, batch: int | None = None) -> list[dict]:
+    """One record per (site, parameter operand), sizes and costs as text in `B` and as numbers.
+
+    Keys: site, node, op, source, module, params, param_shapes, operand, chain, kind, rule,
+    sample_dim (of the output), input_sample_dims, out_shape, tied_sites (other sites using
+    one of the operand's parameters); T, p, d (numbers at `batch`) and T_expr, p_expr, d_expr
+    (in B); mode (the plan's: ghost, explicit, guard, fallback), mode_at_batch, decided_by
+    ("cost model", "user override", "run-time guard", "explicit rule", "fallback"), reason
+    (the compiler's words), why (a line a person reads); time_ghost, mem_ghost,
+    time_explicit, mem_explicit (text in B, None where the mode does not apply) and their
+    `*_value` numbers at `batch`; time_norm, mem_norm (the chosen mode's), time_nonprivate,
+    mem_nonprivate (the standard weight gradient's), each with its `*_value`; batch.
+    """
+    symbol = compiled.batch_symbol
+    size = int(batch if batch is not None else compiled.example_batch)
+    nodes = {n.name: n for n in compiled.graph_module.graph.nodes}
+    users: dict[str, list[int]] = {}
+    for site in compiled.sites:
+        for name in site.params:
+            users.setdefault(name, []).append(site.id)
+    shapes = {n: list(p.shape) for n, p in compiled.graph_module.named_parameters()}
     records = []
     for site in compiled.sites:
+        node = nodes.get(site.node)
         for operand in site.operands:
-            s = operand.spec
+            spec = operand.spec
+            mode, decided_by, why = _decision(site, operand, symbol, size)
             rec = {
                 "site": site.id,
                 "node": site.node,
@@ -24,31 +134,161 @@ def plan_records(compiled) -> list[dict]:
                 "source": site.source,
                 "module": site.module,
                 "params": list(operand.params),
+                "param_shapes": {n: shapes.get(n) for n in operand.params},
                 "operand": ",".join(map(str, operand.path)),
                 "chain": operand.chain,
-                "kind": s.kind,
+                "kind": spec.kind,
                 "rule": operand.rule.name,
                 "sample_dim": site.out_layout.describe(),
-                "T": _num(s.T, batch, example), "p": _num(s.m, batch, example), "d": _num(s.n, batch, example),
-                "mode": site.mode if s.kind == "factored" else ("fallback" if operand.rule.name == "Fallback" else "explicit"),
-                "reason": site.reason if s.kind == "factored" else (
+                "input_sample_dims": {",".join(map(str, path)): lo.describe() for path, lo in site.layouts.items()},
+                "out_shape": _shape(node, symbol),
+                "tied_sites": sorted({s for n in operand.params for s in users[n]} - {site.id}),
+                "batch": size,
+                "mode": mode,
+                "mode_at_batch": _effective_mode(site, symbol, size) if spec.kind == "factored" else mode,
+                "decided_by": decided_by,
+                "reason": site.reason if spec.kind == "factored" else (
                     "no rule: vmap of vjp" if operand.rule.name == "Fallback" else f"explicit rule ({operand.rule.name})"
                 ),
+                "why": why,
             }
-            for key in ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit"):
-                expr = getattr(s, key)
-                rec[key] = None if expr is None else str(sympy.sympify(expr).subs(batch, B))
+            for key, expr in (("T", spec.T), ("p", spec.m), ("d", spec.n)):
+                rec[key + "_expr"] = str(_in_B(expr, symbol))
+                rec[key] = _at(_in_B(expr, symbol), size)
+            costs = {key: _in_B(getattr(spec, key), symbol) for key in _COSTS}
+            ghost = rec["mode_at_batch"] == "ghost"
+            costs["time_norm"] = costs["time_ghost"] if ghost else costs["time_explicit"]
+            costs["mem_norm"] = costs["mem_ghost"] if ghost else costs["mem_explicit"]
+            costs["time_nonprivate"] = _in_B(nonprivate_time(spec, operand.rule.name, symbol), symbol)
+            costs["mem_nonprivate"] = _in_B(spec.m * spec.n, symbol)
+            for key, expr in costs.items():
+                rec[key] = None if expr is None else str(expr)
+                rec[key + "_value"] = _at(expr, size)
             records.append(rec)
     return records
 
 
-def explain(compiled) -> str:
-    records = plan_records(compiled)
-    cols = ["site", "node", "params", "kind", "mode", "T", "p", "d", "sample_dim", "reason"]
-    rows = [[str(r[c]) if c != "params" else ",".join(r[c]) for c in cols] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    out = [f"bkfx plan: {len(compiled.sites)} sites, batch symbol B (sizes shown for B={compiled.example_batch})",
-           line(cols), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
+def plan_totals(records: list[dict]) -> dict:
+    """Sums over the operands at the records' batch size: the plan's norm cost, what all-ghost
+    and all-explicit plans would cost, and the non-private weight gradients'; `time_ratio` is
+    `Σ norm time / Σ non-private time`."""
+
+    def total(key: str, fallback: str | None = None) -> int:
+        return sum(_number(r[key + "_value"] if r[key + "_value"] is not None else r[fallback + "_value"]) for r in records)
+
+    out = {
+        "batch": records[0]["batch"] if records else None,
+        "time_norm": total("time_norm"), "mem_norm": total("mem_norm"),
+        "time_nonprivate": total("time_nonprivate"), "mem_nonprivate": total("mem_nonprivate"),
+        "time_all_ghost": total("time_ghost", "time_explicit"), "mem_all_ghost": total("mem_ghost", "mem_explicit"),
+        "time_all_explicit": total("time_explicit"), "mem_all_explicit": total("mem_explicit"),
+    }
+    out["time_ratio"] = out["time_norm"] / out["time_nonprivate"] if out["time_nonprivate"] else None
+    return out
+
+
+def _number(value) -> float:
+    if isinstance(value, (int, float)):
+        return value
+    raise ValueError(f"a cost depends on a dynamic size other than the batch: {value}")
+
+
+def human(value) -> str:
+    """`45088768` as `45.1M`: three significant digits with a K/M/G/T suffix."""
+    if value is None:
+        return "-"
+    if not isinstance(value, (int, float)):
+        return str(value)
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _where(source: str | None) -> str:
+    """A source line with its file path relative to the working directory when inside it."""
+    if not source:
+        return "no source line recorded"
+    path, sep, rest = source.partition(":")
+    if sep and os.path.isabs(path):
+        rel = os.path.relpath(path)
+        if not rel.startswith(".."):
+            return rel + sep + rest
+    return source
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def explain(compiled, batch: int | None = None) -> str:
+    """The plan as text: a row per parameter operand (numbers at one batch size), the source
+    line of each site, the sizes and costs as expressions in B, and totals against
+    non-private training."""
+    records = plan_records(compiled, batch)
+    size = records[0]["batch"] if records else int(batch or compiled.example_batch)
+    n_params = len({p for r in records for p in r["params"]})
+    out = [
+        f"bkfx plan: {len(compiled.sites)} sites, {len(records)} parameter operands, {n_params} trainable parameters; "
+        f"numbers at B={size} (B: the batch size, symbolic in the capture)",
+        "",
+    ]
+    header = ["site", "op", "parameter", "sample dim", "T", "p", "d", "mode", "ghost time", "mem",
+              "explicit time", "mem", "norm/non-private", "why"]
+    rows, last = [], None
+    for r in records:
+        first = r["site"] != last
+        last = r["site"]
+        share = r["time_norm_value"] / r["time_nonprivate_value"] if r["time_nonprivate_value"] else None
+        rows.append([
+            str(r["site"]) if first else "",
+            _op_name(r["op"]) if first else "",
+            ",".join(r["params"]) + (" (tied: sites " + ",".join(map(str, r["tied_sites"])) + ")" if r["tied_sites"] else ""),
+            r["sample_dim"] if first else "",
+            str(r["T"]), str(r["p"]), str(r["d"]),
+            r["mode"],
+            human(r["time_ghost_value"]), human(r["mem_ghost_value"]),
+            human(r["time_explicit_value"]), human(r["mem_explicit_value"]),
+            "-" if share is None else f"{100 * share:.0f}%",
+            r["why"],
+        ])
+    out += _table(header, rows, right={4, 5, 6, 8, 9, 10, 11, 12})
+    out += ["", "sources"]
+    seen = set()
+    for r in records:
+        if r["site"] not in seen:
+            seen.add(r["site"])
+            module = f" [{r['module']}]" if r["module"] else ""
+            out.append(f"  site {r['site']:>3}  {r['node']}{module}: {_where(r['source'])}")
+    out += ["", "in B (expressions of the symbolic batch size)"]
+    for r in records:
+        sizes = f"T={r['T_expr']} p={r['p_expr']} d={r['d_expr']}"
+        costs = "; ".join(
+            f"{label} time {_text(r['time_' + key])}, memory {_text(r['mem_' + key])}"
+            for label, key in (("ghost", "ghost"), ("explicit", "explicit"))
+            if r["time_" + key] is not None
+        )
+        out.append(f"  site {r['site']:>3}  {','.join(r['params'])}: {sizes}; {costs}")
+    totals = plan_totals(records)
+    out += ["", f"totals at B={size}                         time       memory"]
+    ratio = totals["time_ratio"]
+    rows = [
+        ("non-private weight gradients", totals["time_nonprivate"], totals["mem_nonprivate"], ""),
+        ("bkfx per-sample norms (this plan)", totals["time_norm"], totals["mem_norm"],
+         "" if ratio is None else f"  norm time = {100 * ratio:.0f}% of the non-private weight-gradient time"),
+        ("  if every site were ghost", totals["time_all_ghost"], totals["mem_all_ghost"], ""),
+        ("  if every site were explicit", totals["time_all_explicit"], totals["mem_all_explicit"], ""),
+    ]
+    out += [f"  {label:<36}{human(t):>9}  {human(m):>11}{note}" for label, t, m, note in rows]
     return "\n".join(out)
+
+
+def _op_name(op: str) -> str:
+    """`aten.linear.default` as `linear`, `aten.add.Tensor` as `add`."""
+    parts = op.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "aten" else op

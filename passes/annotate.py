@@ -35,7 +35,7 @@ def annotate(gm: GraphModule, names: dict[int, str]) -> GraphModule:
     sites: list[Site] = []
     for node in gm.graph.nodes:
         node.meta[META_PARAMS] = _params_of(gm, node, names)
-        if node.op == "call_function" and isinstance(node.meta.get(META_LAYOUT), (SampleLayout, tuple)):
+        if node.op == "call_function" and _has_sample_dim(node.meta.get(META_LAYOUT)):
             operands = _param_operands(node)
             if operands:
                 site = _site(gm, node, operands, len(sites), batch)
@@ -52,6 +52,12 @@ def annotate(gm: GraphModule, names: dict[int, str]) -> GraphModule:
                     )
     gm.meta["bkfx.sites"] = sites
     return gm
+
+
+def _has_sample_dim(layout) -> bool:
+    if isinstance(layout, tuple):
+        return any(isinstance(x, SampleLayout) for x in layout)
+    return isinstance(layout, SampleLayout)
 
 
 def _params_of(gm: GraphModule, node: Node, names) -> frozenset:

@@ -1,0 +1,406 @@
+"""Hypothesis strategies for property-testing bkfx on random architectures, with their data.
+
+Each strategy draws a small printable *spec* (a frozen dataclass: widths, kernel sizes,
+which layers are tied or residual, batch size, a seed) and builds from it an
+`Architecture`: a float64 model, matching inputs and targets, and a loss whose value on a
+batch of one sample is that sample's loss. A failing example therefore prints as an
+architecture, and the same spec always builds the same model (the seed is drawn and the
+global RNG is left untouched).
+
+    from hypothesis import given
+    from bkfx.testing.strategies import architectures, compile_options
+
+    @given(arch=architectures(), options=compile_options())
+    def test_my_bkfx_setup(arch, options):
+        arch.check(**options)        # bkfx.testing.assert_matches_reference on this architecture
+
+Families: `mlps` (depth, widths, activations, residuals, frozen layers, [B, d] or
+[B, T, d] inputs), `cnns` (Conv2d with stride, padding and groups, GroupNorm,
+residuals, global average pooling, a linear head), `sequence_models` (token embedding
+with padding index, learned positions, pre-LayerNorm blocks with causal self-attention
+and an MLP, a final LayerNorm, an output head tied to the embedding or not) and
+`functional_models` (raw parameters used in plain functional code: `F.linear`, `x @ W`,
+`einsum`, elementwise scales and shifts, an RMS-norm written by hand). `architectures()`
+draws from any of them. `Architecture.loss_fn` is cross entropy for classifiers and
+language models and mean squared error otherwise, with the architecture's
+`loss_reduction`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+from bkfx.testing import assert_matches_reference
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid, "identity": lambda x: x,
+}
+FAMILIES = ("mlp", "cnn", "sequence", "functional")
+_SEEDS = st.integers(0, 2**31 - 1)
+_ACTIVATION = st.sampled_from(sorted(ACTIVATIONS))
+
+
+@dataclass(eq=False)
+class Architecture:
+    """A model with data for one backward pass: what `assert_matches_reference` takes."""
+
+    spec: object  # the drawn spec: a frozen dataclass that prints the architecture
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    targets: torch.Tensor
+    loss_fn: Callable  # loss_fn(output, targets) with `loss_reduction`
+    loss_reduction: str
+
+    def __repr__(self) -> str:
+        return f"Architecture({self.spec!r}, inputs={[tuple(x.shape) for x in self.inputs]}, loss_reduction={self.loss_reduction!r})"
+
+    def check(self, **compile_options):
+        """`assert_matches_reference` on this architecture: compile with `compile_options` (and
+        this architecture's loss reduction), one backward, `.grad` and per-sample norms compared
+        with the vmap reference. Returns the compiled model and the worst relative error per parameter."""
+        return assert_matches_reference(
+            self.model, self.loss_fn, self.inputs, self.targets, loss_reduction=self.loss_reduction, **compile_options
+        )
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross entropy over every position: `[B, K]` against `[B]`, `[B, T, K]` against `[B, T]`
+    ('mean' over B·T tokens is the mean of the per-sample means, T being fixed)."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+
+
+def mse(out: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.mse_loss(out, y, reduction=reduction)
+
+
+def _built(spec, make_model, make_inputs, loss: str, reduction: str, dtype) -> Architecture:
+    """Build spec's model and data with torch's RNG seeded by `spec.seed`, then restored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = make_model().to(dtype)
+        inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in make_inputs())
+        with torch.no_grad():
+            out = model(*inputs)
+        if loss == "ce":
+            targets = torch.randint(0, out.shape[-1], out.shape[:-1])
+        else:
+            targets = torch.randn_like(out)
+    fn = partial(cross_entropy if loss == "ce" else mse, reduction=reduction)
+    return Architecture(spec, model, inputs, targets, fn, reduction)
+
+
+# -- MLPs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MLPSpec:
+    d_in: int
+    widths: tuple[int, ...]
+    activations: tuple[str, ...]
+    bias: bool
+    residual: tuple[bool, ...]  # x + act(fc(x)) where the widths match
+    frozen: tuple[bool, ...]  # requires_grad_(False) on that layer
+    batch: int
+    seq: int | None  # None: inputs [B, d]; else [B, T, d]
+    loss: str  # "ce" or "mse"
+    seed: int
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: MLPSpec):
+        super().__init__()
+        dims = (spec.d_in, *spec.widths)
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=spec.bias) for a, b in zip(dims, dims[1:]))
+        for layer, frozen in zip(self.layers, spec.frozen):
+            layer.requires_grad_(not frozen)
+        self.spec = spec
+
+    def forward(self, x):
+        for layer, act, residual in zip(self.layers, self.spec.activations, self.spec.residual):
+            h = ACTIVATIONS[act](layer(x))
+            x = x + h if residual else h
+        return x
+
+
+@st.composite
+def mlps(draw, batch=st.integers(1, 6), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+    """Multi-layer perceptrons of depth 1-4 on `[B, d]` or `[B, T, d]` inputs."""
+    depth = draw(st.integers(1, 4))
+    d_in = draw(st.integers(1, 12))
+    widths, residual, prev = [], [], d_in
+    for _ in range(depth):
+        width = draw(st.sampled_from([prev]) | st.integers(1, 12))  # often equal, so residuals happen
+        residual.append(width == prev and draw(st.booleans()))
+        widths.append(width)
+        prev = width
+    frozen = [draw(st.booleans()) for _ in range(depth)]
+    frozen[draw(st.integers(0, depth - 1))] = False  # something to train
+    spec = MLPSpec(
+        d_in=d_in, widths=tuple(widths), activations=tuple(draw(_ACTIVATION) for _ in range(depth)),
+        bias=draw(st.booleans()), residual=tuple(residual), frozen=tuple(frozen), batch=draw(batch),
+        seq=draw(st.none() | st.integers(1, 8)), loss="ce" if widths[-1] >= 2 and draw(st.booleans()) else "mse",
+        seed=draw(_SEEDS),
+    )
+    shape = (spec.batch, d_in) if spec.seq is None else (spec.batch, spec.seq, d_in)
+    return _built(spec, lambda: MLP(spec), lambda: (torch.randn(shape),), spec.loss, loss_reduction, dtype)
+
+
+# -- CNNs with GroupNorm ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvLayer:
+    channels: int
+    kernel: int
+    stride: int
+    padding: object  # int, or "same"
+    groups: int
+    bias: bool
+    norm_groups: int  # GroupNorm groups (0: no GroupNorm)
+    norm_affine: bool
+    activation: str
+    residual: bool  # x + layer(x); needs equal shapes
+
+
+@dataclass(frozen=True)
+class CNNSpec:
+    in_channels: int
+    size: tuple[int, int]  # input height, width
+    layers: tuple[ConvLayer, ...]
+    classes: int
+    batch: int
+    seed: int
+
+
+class CNN(nn.Module):
+    """conv → GroupNorm → activation per layer (residual where shapes allow), mean pool, linear head."""
+
+    def __init__(self, spec: CNNSpec):
+        super().__init__()
+        self.spec = spec
+        self.convs, self.norms = nn.ModuleList(), nn.ModuleList()
+        c = spec.in_channels
+        for layer in spec.layers:
+            self.convs.append(nn.Conv2d(c, layer.channels, layer.kernel, stride=layer.stride, padding=layer.padding,
+                                        groups=layer.groups, bias=layer.bias))
+            self.norms.append(nn.GroupNorm(layer.norm_groups, layer.channels, affine=layer.norm_affine)
+                              if layer.norm_groups else nn.Identity())
+            c = layer.channels
+        self.head = nn.Linear(c, spec.classes)
+
+    def forward(self, x):
+        for layer, conv, norm in zip(self.spec.layers, self.convs, self.norms):
+            h = ACTIVATIONS[layer.activation](norm(conv(x)))
+            x = x + h if layer.residual else h
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+@st.composite
+def cnns(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+    """Small image classifiers on `[B, C, H, W]`: 1-3 conv layers with GroupNorm."""
+    c = in_channels = draw(st.integers(1, 3))
+    h, w = draw(st.integers(3, 8)), draw(st.integers(3, 8))
+    size, layers = (h, w), []
+    for _ in range(draw(st.integers(1, 3))):
+        kernel = draw(st.sampled_from([k for k in (1, 2, 3) if k <= min(h, w)]))
+        stride = draw(st.sampled_from([1, 2]))
+        padding = draw(st.sampled_from(["same", 0, 1])) if stride == 1 else draw(st.sampled_from([0, 1]))
+        channels = draw(st.sampled_from([c]) | st.integers(1, 8))
+        groups = draw(st.sampled_from([g for g in _divisors(math.gcd(c, channels)) if g <= 4]))
+        norm_groups = draw(st.sampled_from([0, *_divisors(channels)[:3]]))
+        pad = (kernel - 1) // 2 if padding == "same" else padding
+        out = (h if padding == "same" else (h + 2 * pad - kernel) // stride + 1,
+               w if padding == "same" else (w + 2 * pad - kernel) // stride + 1)
+        layers.append(ConvLayer(
+            channels=channels, kernel=kernel, stride=stride, padding=padding, groups=groups, bias=draw(st.booleans()),
+            norm_groups=norm_groups, norm_affine=draw(st.booleans()), activation=draw(_ACTIVATION),
+            residual=channels == c and out == (h, w) and draw(st.booleans()),
+        ))
+        c, (h, w) = channels, out
+        if min(h, w) < 2:
+            break
+    spec = CNNSpec(in_channels=in_channels, size=size, layers=tuple(layers), classes=draw(st.integers(2, 5)),
+                   batch=draw(batch), seed=draw(_SEEDS))
+    return _built(spec, lambda: CNN(spec), lambda: (torch.randn(spec.batch, in_channels, *size),), "ce",
+                  loss_reduction, dtype)
+
+
+# -- sequence models: embedding, positions, LayerNorm, attention, tied head -----------------------
+@dataclass(frozen=True)
+class SequenceSpec:
+    vocab: int
+    d: int
+    heads: int
+    hidden: int
+    blocks: int
+    attention: bool
+    activation: str
+    padding_idx: int | None
+    tied: bool  # output head F.linear(h, embedding.weight)
+    final_norm: bool
+    max_len: int
+    batch: int
+    seq: int
+    seed: int
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention written out: qkv projection, masked softmax, out projection."""
+
+    def __init__(self, d: int, heads: int, max_len: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.register_buffer("mask", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
+        scores = scores.masked_fill(~self.mask[:T, :T], float("-inf"))
+        return self.out((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h + attn(ln1(h)), then h + fc2(act(fc1(ln2(h))))."""
+
+    def __init__(self, spec: SequenceSpec):
+        super().__init__()
+        self.spec = spec
+        self.ln1 = nn.LayerNorm(spec.d) if spec.attention else None
+        self.attn = SelfAttention(spec.d, spec.heads, spec.max_len) if spec.attention else None
+        self.ln2 = nn.LayerNorm(spec.d)
+        self.fc1 = nn.Linear(spec.d, spec.hidden)
+        self.fc2 = nn.Linear(spec.hidden, spec.d)
+
+    def forward(self, h):
+        if self.attn is not None:
+            h = h + self.attn(self.ln1(h))
+        return h + self.fc2(ACTIVATIONS[self.spec.activation](self.fc1(self.ln2(h))))
+
+
+class SequenceModel(nn.Module):
+    def __init__(self, spec: SequenceSpec):
+        super().__init__()
+        self.spec = spec
+        self.embedding = nn.Embedding(spec.vocab, spec.d, padding_idx=spec.padding_idx)
+        self.position = nn.Parameter(0.1 * torch.randn(spec.max_len, spec.d))
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.blocks))
+        self.ln_f = nn.LayerNorm(spec.d) if spec.final_norm else nn.Identity()
+        self.head = None if spec.tied else nn.Linear(spec.d, spec.vocab)
+
+    def forward(self, idx):
+        h = self.embedding(idx) + self.position[: idx.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        h = self.ln_f(h)
+        return F.linear(h, self.embedding.weight) if self.head is None else self.head(h)
+
+
+@st.composite
+def sequence_models(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+    """Language models on token ids `[B, T]` with a token-level cross-entropy loss."""
+    heads = draw(st.integers(1, 2))
+    vocab = draw(st.integers(2, 12))
+    seq = draw(st.integers(1, 8))
+    spec = SequenceSpec(
+        vocab=vocab, d=heads * draw(st.integers(1, 4)), heads=heads, hidden=draw(st.integers(1, 12)),
+        blocks=draw(st.integers(1, 2)), attention=draw(st.booleans()), activation=draw(_ACTIVATION),
+        padding_idx=draw(st.none() | st.integers(0, vocab - 1)), tied=draw(st.booleans()),
+        final_norm=draw(st.booleans()), max_len=seq + draw(st.integers(0, 4)), batch=draw(batch), seq=seq,
+        seed=draw(_SEEDS),
+    )
+    return _built(spec, lambda: SequenceModel(spec), lambda: (torch.randint(0, vocab, (spec.batch, seq)),), "ce",
+                  loss_reduction, dtype)
+
+
+# -- custom functional code on raw parameters -------------------------------------------------------
+FUNCTIONAL_OPS = ("linear", "matmul", "einsum", "scale", "shift", "rms_norm")
+
+
+@dataclass(frozen=True)
+class FunctionalSpec:
+    d_in: int
+    ops: tuple[tuple[str, int, str], ...]  # (kind, output width, activation)
+    batch: int
+    seq: int | None
+    seed: int
+
+
+class Functional(nn.Module):
+    """Parameters `w0, w1, ...` used by plain functional code, one op each."""
+
+    def __init__(self, spec: FunctionalSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.d_in
+        for i, (kind, width, _) in enumerate(spec.ops):
+            shape = {"linear": (width, d), "matmul": (d, width), "einsum": (d, width)}.get(kind, (d,))
+            init = torch.randn(shape) / math.sqrt(d) if kind in ("linear", "matmul", "einsum") else 1 + 0.3 * torch.randn(shape)
+            self.register_parameter(f"w{i}", nn.Parameter(init))
+            d = width
+
+    def forward(self, x):
+        for i, (kind, _, activation) in enumerate(self.spec.ops):
+            w = getattr(self, f"w{i}")
+            if kind == "linear":
+                x = F.linear(x, w)
+            elif kind == "matmul":
+                x = x @ w
+            elif kind == "einsum":
+                x = torch.einsum("btd,de->bte" if x.dim() == 3 else "bd,de->be", x, w)
+            elif kind == "scale":
+                x = x * w
+            elif kind == "shift":
+                x = x + w
+            elif kind == "rms_norm":
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+            x = ACTIVATIONS[activation](x)
+        return x
+
+
+@st.composite
+def functional_models(draw, batch=st.integers(1, 6), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+    """Functional code on raw parameters, on `[B, d]` or `[B, T, d]` inputs, with an MSE loss."""
+    d = d_in = draw(st.integers(1, 8))
+    ops = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(FUNCTIONAL_OPS))
+        width = draw(st.integers(1, 8)) if kind in ("linear", "matmul", "einsum") else d
+        ops.append((kind, width, draw(_ACTIVATION)))
+        d = width
+    spec = FunctionalSpec(d_in=d_in, ops=tuple(ops), batch=draw(batch), seq=draw(st.none() | st.integers(1, 6)),
+                          seed=draw(_SEEDS))
+    shape = (spec.batch, d_in) if spec.seq is None else (spec.batch, spec.seq, d_in)
+    return _built(spec, lambda: Functional(spec), lambda: (torch.randn(shape),), "mse", loss_reduction, dtype)
+
+
+_FAMILY_STRATEGIES = {"mlp": mlps, "cnn": cnns, "sequence": sequence_models, "functional": functional_models}
+
+
+def architectures(families=FAMILIES, loss_reduction: str = "mean", dtype=torch.float64) -> st.SearchStrategy:
+    """Any of the families (`"mlp"`, `"cnn"`, `"sequence"`, `"functional"`), float64 by default."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown architecture families {sorted(unknown)}; choose from {FAMILIES}")
+    return st.one_of(*(_FAMILY_STRATEGIES[f](loss_reduction=loss_reduction, dtype=dtype) for f in families))
+
+
+@st.composite
+def compile_options(draw, styles=("all-layer", "layer-wise", "param-wise")) -> dict:
+    """`bkfx.compile` options to test under: threshold, clip function, norm mode, clipping style
+    (the loss reduction belongs to the architecture)."""
+    return dict(
+        max_grad_norm=draw(st.sampled_from([0.01, 0.1, 1.0, 10.0])),
+        clipping=draw(st.sampled_from(["abadi", "automatic"])),
+        norm_mode=draw(st.sampled_from(["auto", "ghost", "explicit"])),
+        style=draw(st.sampled_from(list(styles))),
+    )

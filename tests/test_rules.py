@@ -1,0 +1,202 @@
+"""Every rule against the vmap reference, on hypothesis-drawn shapes and options (float64)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bkfx.testing import assert_matches_reference
+
+MODES = st.sampled_from(["auto", "ghost", "explicit"])
+CLIPPING = st.sampled_from(["abadi", "automatic"])
+REDUCTION = st.sampled_from(["mean", "sum"])
+THRESHOLD = st.sampled_from([0.01, 0.3, 1.0, 100.0])
+
+
+def _loss(reduction):
+    return lambda out, y: F.cross_entropy(out, y, reduction=reduction)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, conv: nn.Module, classes: int):
+        super().__init__()
+        self.conv = conv
+        self.head = nn.LazyLinear(classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@st.composite
+def convolutions(draw):
+    dims = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2]))
+    c_in = groups * draw(st.integers(1, 3))
+    c_out = groups * draw(st.integers(1, 3))
+    kernel = draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    stride = draw(st.integers(1, 2))
+    padding = draw(st.sampled_from(["same", "valid", 0, 1, 2])) if stride == 1 else draw(st.sampled_from([0, 1, "valid"]))
+    bias = draw(st.booleans())
+    span = dilation * (kernel - 1) + 1
+    size = draw(st.integers(span, span + 3 if dims < 3 else span + 1))
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1](
+        c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias
+    )
+    return conv, (c_in,) + (size,) * dims
+
+
+@settings(deadline=None)
+@given(convolutions(), st.integers(1, 4), MODES, CLIPPING, REDUCTION, THRESHOLD, st.integers(0, 2**16))
+def test_convolution(conv_shape, batch, mode, clipping, reduction, R, seed):
+    torch.manual_seed(seed)
+    conv, shape = conv_shape
+    model = ConvNet(conv, 3)
+    x = torch.randn(batch, *shape)
+    model(x)  # materialise the lazy head
+    model = model.double()
+    y = torch.randint(0, 3, (batch,))
+    assert_matches_reference(
+        model, _loss(reduction), x.double(), y, norm_mode=mode, clipping=clipping, loss_reduction=reduction, max_grad_norm=R
+    )
+
+
+class NormNet(nn.Module):
+    def __init__(self, kind: str, channels: int, groups: int, affine_mask):
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Conv2d(2, channels, 1)
+        if kind == "group":
+            self.norm = nn.GroupNorm(groups, channels)
+        elif kind == "instance":
+            self.norm = nn.InstanceNorm2d(channels, affine=True)
+        elif kind == "layer":
+            self.norm = nn.LayerNorm([channels, 3, 3], elementwise_affine=True, bias=affine_mask)
+        elif kind == "layer-no-weight":
+            self.norm = nn.LayerNorm(3, elementwise_affine=False)
+            self.shift = nn.Parameter(torch.randn(3))
+        elif kind == "rms":
+            self.norm = nn.RMSNorm([3, 3])
+        elif kind == "batch-eval":
+            self.norm = nn.BatchNorm2d(channels)
+            self.norm.running_mean.normal_()
+            self.norm.running_var.uniform_(0.5, 2.0)
+            self.norm.eval()
+        self.scale = nn.Parameter(torch.randn(channels, 1, 1))
+        self.head = nn.Linear(channels * 9, 3)
+
+    def forward(self, x):
+        h = self.norm(self.proj(x))
+        if self.kind == "layer-no-weight":
+            h = h + self.shift
+        return self.head((h * self.scale).flatten(1))
+
+
+@settings(deadline=None)
+@given(
+    st.sampled_from(["group", "instance", "layer", "layer-no-weight", "rms", "batch-eval"]), st.sampled_from([2, 4]),
+    st.booleans(), st.integers(1, 5), CLIPPING, REDUCTION, THRESHOLD, st.integers(0, 2**16),
+)
+def test_normalisation(kind, channels, flag, batch, clipping, reduction, R, seed):
+    torch.manual_seed(seed)
+    model = NormNet(kind, channels, 2, flag).double()
+    model.proj.train(), model.head.train()
+    x = torch.randn(batch, 2, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch,))
+    assert_matches_reference(model, _loss(reduction), x, y, clipping=clipping, loss_reduction=reduction, max_grad_norm=R)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads, batch_first, packed, bias, sdpa):
+        super().__init__()
+        self.batch_first, self.sdpa = batch_first, sdpa
+        if sdpa:
+            self.q, self.k, self.v = nn.Linear(d, d, bias=bias), nn.Linear(d, d, bias=bias), nn.Linear(d, d, bias=bias)
+            self.heads = heads
+        else:
+            kdim = None if packed else d + 1
+            self.mha = nn.MultiheadAttention(d, heads, bias=bias, batch_first=batch_first, kdim=kdim, vdim=kdim)
+            self.kv = nn.Linear(d, d if packed else d + 1)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        if self.sdpa:
+            B, T, d = x.shape
+            split = lambda t: t.view(B, T, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+            a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+            return self.head(a.transpose(1, 2).reshape(B, T, d).mean(1))
+        kv = self.kv(x)
+        if not self.batch_first:
+            x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+        a, _ = self.mha(x, kv, kv, need_weights=False)
+        a = a if self.batch_first else a.transpose(0, 1)
+        return self.head(a.mean(1))
+
+
+@settings(deadline=None)
+@given(
+    st.sampled_from([(4, 1), (4, 2), (6, 3)]), st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+    st.integers(1, 4), st.integers(1, 6), MODES, CLIPPING, st.integers(0, 2**16),
+)
+def test_attention(dims, batch_first, packed, bias, sdpa, batch, seq, mode, clipping, seed):
+    torch.manual_seed(seed)
+    d, heads = dims
+    model = Attention(d, heads, batch_first, packed, bias, sdpa).double()
+    x = torch.randn(batch, seq, d, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch,))
+    assert_matches_reference(model, _loss("mean"), x, y, norm_mode=mode, clipping=clipping, max_grad_norm=0.5)
+
+
+class Unknown(nn.Module):
+    """Parameters in operations no rule knows: transposed conv, pow, atan2, division, einsum, cls token."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.up = nn.ConvTranspose1d(2, 2, 2, stride=2)
+        self.p = nn.Parameter(torch.rand(2, 1) + 0.5)
+        self.e = nn.Parameter(torch.randn(4, 3))
+        self.cls = nn.Parameter(torch.randn(1, 2, 1))
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):  # x: [B, 2, 4]
+        if self.op == "conv_transpose":
+            h = self.up(x)
+        elif self.op == "pow":
+            h = x.abs().pow(self.p)
+        elif self.op == "atan2":
+            h = torch.atan2(x, self.p)
+        elif self.op == "div":
+            h = x / self.p + self.p / (x.abs() + 1)
+        elif self.op == "einsum":
+            h = torch.einsum("bcl,lk->bck", x, self.e)
+        else:
+            h = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 2)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@settings(deadline=None)
+@given(st.sampled_from(["conv_transpose", "pow", "atan2", "div", "einsum", "cls"]), st.integers(1, 5), REDUCTION,
+       st.integers(0, 2**16))
+def test_generic_fallback_and_explicit_rules(op, batch, reduction, seed):
+    torch.manual_seed(seed)
+    model = Unknown(op)
+    x = torch.randn(batch, 2, 4)
+    model(x)
+    model = model.double()
+    y = torch.randint(0, 3, (batch,))
+    dp, _ = assert_matches_reference(model, _loss(reduction), x.double(), y, loss_reduction=reduction, max_grad_norm=0.5)
+    if op in ("conv_transpose", "pow", "atan2"):
+        assert any(r["rule"] == "Fallback" and r["mode"] == "fallback" for r in dp.plan())
+
+
+def test_float32_matches_reference_to_1e4():
+    torch.manual_seed(0)
+    model = ConvNet(nn.Conv2d(3, 4, 3, padding=1, groups=1), 5)
+    x = torch.randn(6, 3, 5, 5)
+    model(x)
+    y = torch.randint(0, 5, (6,))
+    _, errors = assert_matches_reference(model, _loss("mean"), x, y, max_grad_norm=0.1)
+    assert max(errors.values()) <= 1e-4
