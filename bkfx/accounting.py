@@ -99,8 +99,10 @@ def noise_multiplier_for(
 ) -> float:
     """The smallest noise multiplier σ with `epsilon(σ, q, steps, δ) ≤ target_epsilon`, by bisection.
 
-    ε decreases with σ. The returned σ reaches the target (ε(σ) ≤ target_epsilon) and
+    ε decreases as σ grows. The returned σ reaches the target (ε(σ) ≤ target_epsilon) and
     exceeds the exact smallest such σ* by at most `precision`: σ* ≤ σ ≤ σ* + precision.
+    The PLD search starts from the RDP answer (PLD's ε is the smaller, so its σ* too),
+    which keeps it away from the small σ where PLD is slow.
     """
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
@@ -109,27 +111,30 @@ def noise_multiplier_for(
     _check_run(0.0, sample_rate, steps)
     _check_method(accountant)
     _check_delta(delta)
+    if steps == 0 or sample_rate == 0:
+        return 0.0  # nothing is released, any σ will do
 
-    def eps(sigma: float) -> float:
-        return epsilon(sigma, sample_rate, steps, delta, accountant)
+    def reaches(sigma: float) -> bool:
+        return sigma > 0 and epsilon(sigma, sample_rate, steps, delta, accountant) <= target_epsilon
 
     with _quiet_absl():
-        if eps(precision) <= target_epsilon:  # no run, or so little of one that any σ ≥ precision will do
-            return precision
-        lo, hi = precision, 1.0  # invariant: eps(lo) > target ≥ eps(hi)
-        while eps(hi) > target_epsilon:
-            lo, hi = hi, 2 * hi
+        if accountant == "rdp":
+            hi, shrink = 1.0, 0.5
+        else:
+            hi, shrink = noise_multiplier_for(target_epsilon, sample_rate, steps, delta, "rdp", precision), 0.8
+        while not reaches(hi):
+            hi *= 2
             if hi > 1e6:
                 raise ValueError(
                     f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon} at delta {delta} "
                     f"with sample rate {sample_rate} and {steps} steps"
                 )
+        lo = hi * shrink  # invariant once bracketed: lo does not reach the target, hi does
+        while reaches(lo):
+            hi, lo = lo, (lo * shrink if lo * shrink >= precision else 0.0)
         while hi - lo > precision:
             mid = (lo + hi) / 2
-            if eps(mid) > target_epsilon:
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
     return hi
 
 

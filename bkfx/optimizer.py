@@ -7,7 +7,19 @@ as many forward/backward calls as the logical batch needs: pass the compiled mod
 
     grad = (Σ_i C_i G_i + N(0, (σ R)² I)) / expected_batch_size
 
-before stepping. R is the total clipping norm of the style (`sqrt(Σ_g R_g²)` for groups).
+for every trainable parameter of the wrapped optimizer, then steps it. σ is the noise
+multiplier, R the total clipping norm of the style (`sqrt(Σ_g R_g²)` for groups: the
+sensitivity of the whole clipped sum), and expected_batch_size is `q N` under Poisson
+sampling — a constant, so the logical batch's actual size (which depends on the data)
+stays private. Since `.grad` only accumulates sums, several forward/backward calls over
+parts of a logical batch followed by one `step()` give the update of one large batch.
+
+An empty logical batch is a noise-only step. With `accountant=` (a
+`bkfx.accounting.Accountant`) and `sample_rate=`, every step is recorded as one Poisson
+subsampled Gaussian step.
+
+LR schedulers take the wrapped optimizer (`torch.optim.lr_scheduler.StepLR(dp.optimizer, ...)`):
+its `param_groups` are the ones this optimizer steps.
 """
 from __future__ import annotations
 
@@ -18,30 +30,53 @@ import torch
 
 class DPOptimizer:
     def __init__(
-        self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm, expected_batch_size: int,
-        generator: torch.Generator | None = None, seed: int | None = None, model=None,
+        self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm=None,
+        expected_batch_size: float, generator: torch.Generator | None = None, seed: int | None = None, model=None,
+        accountant=None, sample_rate: float | None = None,
     ):
         if expected_batch_size <= 0:
             raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator= or seed=, not both")
+        if accountant is not None and sample_rate is None:
+            raise ValueError("an accountant needs the sample_rate of every step: pass sample_rate=")
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.optimizer = optimizer
+        self.max_grad_norm = _total_norm(max_grad_norm, model)
         if model is not None:
             model.sum_clipped_gradients = True
         self.noise_multiplier = float(noise_multiplier)
-        norms = [max_grad_norm] if isinstance(max_grad_norm, (int, float)) else list(max_grad_norm)
-        self.max_grad_norm = math.sqrt(sum(float(r) ** 2 for r in norms))
         self.expected_batch_size = expected_batch_size
         if generator is None:
             generator = torch.Generator()
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            # an unseeded generator seeds itself; torch.seed() would reseed the global RNG too
+            generator.manual_seed(seed) if seed is not None else generator.seed()
         self.generator = generator
+        self.accountant = accountant
+        self.sample_rate = sample_rate
         self.steps = 0
+        # False while more physical batches of the current logical batch are to come
+        # (set by `bkfx.data.PhysicalBatches`): step() and zero_grad() then leave .grad accumulating.
+        self.logical_batch_complete = True
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
 
     @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @property
     def noise_std(self) -> float:
+        """`σ R`: the standard deviation of the noise added to the clipped sum."""
         return self.noise_multiplier * self.max_grad_norm
 
     def add_noise(self) -> None:
@@ -52,20 +87,59 @@ class DPOptimizer:
                 if not p.requires_grad:
                     continue
                 summed = p.grad if p.grad is not None else torch.zeros_like(p)
-                noise = torch.normal(0.0, std, p.shape, generator=self.generator, dtype=p.dtype).to(p.device) if std else 0.0
-                p.grad = (summed + noise) / self.expected_batch_size
+                if std:
+                    noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=self.generator.device)
+                    summed = summed + std * noise.to(p.device)
+                p.grad = summed / self.expected_batch_size
 
     def step(self, closure=None):
+        """Noise, average and step, once per logical batch (nothing while one is still accumulating)."""
+        if not self.logical_batch_complete:
+            return None
         self.add_noise()
         self.steps += 1
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if not self.logical_batch_complete:
+            return
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "steps": self.steps, "generator": self.generator.get_state()}
+        if self.accountant is not None:
+            state["accountant"] = self.accountant.state_dict()
+        return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = state["steps"]
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        if self.accountant is not None and "accountant" in state:
+            self.accountant.load_state_dict(state["accountant"])
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier:g}, max_grad_norm={self.max_grad_norm:g}, "
+                f"expected_batch_size={self.expected_batch_size:g}, steps={self.steps}, optimizer={self.optimizer!r})")
+
+
+def _total_norm(max_grad_norm, model) -> float:
+    """`R = sqrt(Σ_g R_g²)`, from the thresholds given or, when omitted, the compiled model's."""
+    if max_grad_norm is None:
+        if model is None:
+            raise ValueError("pass max_grad_norm= (the clipping threshold), or model= to take it from the compiled model")
+        norms = model.max_grad_norms
+    else:
+        norms = [max_grad_norm] if isinstance(max_grad_norm, (int, float)) else list(max_grad_norm)
+    total = math.sqrt(sum(float(r) ** 2 for r in norms))
+    if model is not None:
+        compiled = math.sqrt(sum(float(r) ** 2 for r in model.max_grad_norms))
+        if not math.isclose(total, compiled, rel_tol=1e-12):
+            raise ValueError(
+                f"max_grad_norm gives a total clipping norm of {total:g} but the model clips to {compiled:g} "
+                f"(thresholds {model.max_grad_norms}); the noise must be scaled to the model's clipping"
+            )
+    return total

@@ -1,0 +1,204 @@
+"""Poisson sampling and physical batches: the data side of DP-SGD.
+
+DP-SGD's privacy analysis (the Poisson subsampled Gaussian, `bkfx.accounting`) assumes
+that every logical batch includes each of the N examples independently with
+probability q. Batch sizes are then random, `Binomial(N, q)`, with mean `q N` and 0
+possible; an epoch is `round(1/q)` such steps. Shuffling into fixed-size batches is a
+different mechanism with a different (and, for the usual accounting, unproven) guarantee.
+
+A logical batch larger than memory allows is split into physical batches; the model
+adds each one's clipped sum to `.grad` and the optimizer steps once per logical batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.dataloader import default_collate
+
+
+class PoissonSampler(Sampler):
+    """Batch sampler over `range(num_samples)`: each step's batch holds each index with probability q.
+
+    Yields `steps` lists of indices (default `round(1/q)`, one epoch), possibly empty.
+    Iterating again draws a new epoch from the same generator, so a seeded sampler
+    gives the same sequence of batches run after run.
+    """
+
+    def __init__(
+        self, num_samples: int, sample_rate: float, *, steps: int | None = None,
+        generator: torch.Generator | None = None, seed: int | None = None,
+    ):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator= or seed=, not both")
+        self.num_samples = num_samples
+        self.sample_rate = float(sample_rate)
+        self.steps = max(1, round(1 / self.sample_rate)) if steps is None else steps
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if generator is None:
+            generator = torch.Generator()
+            if seed is not None:
+                generator.manual_seed(seed)
+            else:
+                generator.seed()
+        self.generator = generator
+
+    @property
+    def expected_batch_size(self) -> float:
+        """`q N`, the mean batch size (what the DP optimizer divides the noisy sum by)."""
+        return self.sample_rate * self.num_samples
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            included = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield included.nonzero().flatten().tolist()
+
+
+class EmptyBatchCollate:
+    """A collate function that also collates the empty batch Poisson sampling produces.
+
+    Non-empty batches go to `collate_fn`. The empty batch is `collate_fn([dataset[0]])`
+    with every tensor cut to 0 rows: the same structure, dtypes and trailing shapes as
+    any other batch, so the model runs on it (batch size 0) like on any other.
+    """
+
+    def __init__(self, dataset, collate_fn=None):
+        self.dataset = dataset
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self._one = None  # a collated batch of one example, made on the first empty batch
+
+    def __call__(self, examples: list):
+        if examples:
+            return self.collate_fn(examples)
+        if self._one is None:
+            self._one = self.collate_fn([self.dataset[0]])
+        return _zero_rows(self._one)
+
+
+def _zero_rows(batch):
+    """`batch` with 0 examples: tensors cut to `[:0]`, containers rebuilt, collated strings emptied."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _zero_rows(v) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_zero_rows(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        if batch and all(isinstance(v, (str, bytes)) for v in batch):
+            return type(batch)()  # default_collate turns strings into a list with one per example
+        return type(batch)(_zero_rows(v) for v in batch)
+    return batch
+
+
+def poisson_loader(
+    dataset, sample_rate: float, *, steps: int | None = None, generator: torch.Generator | None = None,
+    seed: int | None = None, collate_fn=None, **loader_options,
+) -> DataLoader:
+    """A DataLoader over `dataset` whose batches are Poisson samples at rate `sample_rate`.
+
+    One pass is `steps` batches (default `round(1/q)`, one epoch in expectation); batches
+    may be empty and come out as 0-row tensors. `loader_options` go to DataLoader
+    (num_workers, pin_memory, ...); batch_size, shuffle, sampler and drop_last do not
+    apply to Poisson sampling.
+    """
+    fixed = sorted({"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"} & set(loader_options))
+    if fixed:
+        raise ValueError(f"poisson_loader draws its own batches; {', '.join(fixed)} cannot be set (use sample_rate)")
+    sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator, seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=EmptyBatchCollate(dataset, collate_fn), **loader_options)
+
+
+def batch_size_of(batch) -> int:
+    """The number of examples in a collated batch: the leading size its tensors share."""
+    sizes = {t.shape[0] for t in _tensors(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"a batch's tensors must share their first (sample) dimension, found sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _tensors(batch):
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            yield from _tensors(v)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            yield from _tensors(v)
+
+
+def _rows(batch, start: int, stop: int):
+    """Examples `start:stop` of a collated batch (tensors sliced, other leaves kept whole)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _rows(v, start, stop) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_rows(v, start, stop) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_rows(v, start, stop) for v in batch)
+    return batch
+
+
+def split_physical_batches(batch, max_physical_batch_size: int) -> Iterator:
+    """A logical batch of B examples as `max(1, ceil(B / M))` physical batches of at most M examples.
+
+    Tensors (in tuples, lists, dicts) are sliced along their first dimension (views, no
+    copies); the empty batch is one empty physical batch, so a loop over the physical
+    batches of every logical batch always runs at least once.
+    """
+    if max_physical_batch_size <= 0:
+        raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+    size = batch_size_of(batch)
+    for start in range(0, max(size, 1), max_physical_batch_size):
+        yield _rows(batch, start, min(start + max_physical_batch_size, size))
+
+
+class PhysicalBatches:
+    """The batches of a loader of logical batches, as physical batches for an unchanged training loop.
+
+    Each logical batch is split by `split_physical_batches`; before each physical batch
+    the DP optimizer is told whether it ends its logical batch, and until then its
+    `step()` and `zero_grad()` do nothing, so clipped sums accumulate in `.grad`:
+
+        for x, y in PhysicalBatches(loader, 32, optimizer):
+            loss_fn(model(x), y).backward()
+            optimizer.step()        # noise and step only after a logical batch's last part
+            optimizer.zero_grad()
+    """
+
+    def __init__(self, loader, max_physical_batch_size: int, optimizer):
+        if max_physical_batch_size <= 0:
+            raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+        self.loader = loader
+        self.max_physical_batch_size = max_physical_batch_size
+        self.optimizer = optimizer
+
+    def __iter__(self):
+        try:
+            for batch in self.loader:
+                parts = list(split_physical_batches(batch, self.max_physical_batch_size))
+                for k, part in enumerate(parts):
+                    self.optimizer.logical_batch_complete = k == len(parts) - 1
+                    yield part
+        finally:
+            self.optimizer.logical_batch_complete = True
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    @property
+    def logical_batches(self) -> int:
+        """The number of logical batches (optimizer steps) per pass."""
+        return len(self.loader)
