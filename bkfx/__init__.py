@@ -2,6 +2,9 @@
 from bkfx.batchnorm import replace_batchnorm
 from bkfx.compile import DPModel, compile
 from bkfx.optimizer import DPOptimizer
+from bkfx.accounting import Accountant, epsilon, noise_multiplier_for
+from bkfx.data import PhysicalBatches, PoissonSampler, poisson_loader, split_physical_batches
+from bkfx.privacy import PrivateTraining, make_private
 from bkfx.errors import (
     BkfxError,
     CaptureError,
@@ -12,7 +15,9 @@ from bkfx.errors import (
 )
 
 __all__ = [
-    "compile", "DPModel", "DPOptimizer", "replace_batchnorm", "BkfxError", "CaptureError", "InPlaceModificationError",
+    "compile", "DPModel", "DPOptimizer", "make_private", "PrivateTraining", "Accountant", "epsilon",
+    "noise_multiplier_for", "PoissonSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
+    "replace_batchnorm", "BkfxError", "CaptureError", "InPlaceModificationError",
     "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",
 ]
 __version__ = "0.1.0"

@@ -20,9 +20,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import dp_accounting
-from dp_accounting import pld, rdp
-
 METHODS = ("rdp", "pld")
 
 
@@ -53,8 +50,10 @@ class Run:
     sample_rate: float
     count: int
 
-    def event(self) -> dp_accounting.DpEvent:
+    def event(self):
         """`SelfComposed(PoissonSampled(q, Gaussian(σ)), count)`; σ = 0 is no privacy at all."""
+        import dp_accounting
+
         if self.sample_rate == 0 or self.count == 0:
             return dp_accounting.NoOpDpEvent()
         if self.noise_multiplier == 0:
@@ -64,6 +63,9 @@ class Run:
 
 
 def _epsilon_of(runs: list[Run], delta: float, accountant: str) -> float:
+    import dp_accounting  # imported on first use: it pulls in scipy.signal, about 2 s
+    from dp_accounting import pld, rdp
+
     _check_method(accountant)
     _check_delta(delta)
     engine = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()

@@ -200,7 +200,7 @@ def check(args) -> int:
         ok = err is not None and err <= TOLERANCE
         failed += not ok
         shown = "not compared" if err is None else f"{err:.2e}"
-        print(f"{name:<{width}}  {str(shape):<16}  {shown:>10}  {'ok' if ok else 'FAIL'}")
+        print(f"{name:<{width}}  {str(shape):<16}  {shown:>20}  {'ok' if ok else 'FAIL'}")
     if failed:
         print(f"FAIL: {failed} of {len(rows)} differ from the vmap reference by more than {TOLERANCE:g} (relative)")
         return EXIT_FAIL

@@ -275,7 +275,7 @@ def explain(compiled, batch: int | None = None) -> str:
         )
         out.append(f"  site {r['site']:>3}  {','.join(r['params'])}: {sizes}; {costs}")
     totals = plan_totals(records)
-    out += ["", f"totals at B={size}                         time       memory"]
+    out += ["", f"{'totals at B=' + str(size):<38}{'time':>9}  {'memory':>11}"]
     ratio = totals["time_ratio"]
     rows = [
         ("non-private weight gradients", totals["time_nonprivate"], totals["mem_nonprivate"], ""),

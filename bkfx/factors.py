@@ -130,17 +130,23 @@ Piece = Factored | Explicit
 def inner(a: Piece, b: Piece, shape: torch.Size) -> torch.Tensor:
     """`⟨G_i^a, G_i^b⟩` for every sample: `[B]`."""
     if isinstance(a, Explicit) and isinstance(b, Explicit):
-        return (a.G * b.G).flatten(1).sum(1)
+        return _rowdot(a.G, b.G)
     if isinstance(a, Explicit):
         a, b = b, a
     if isinstance(b, Explicit):
         m, n = canonical_matrix(shape)
         G = b.G.reshape(b.G.shape[0], m, n)
-        return (left_apply(a.L, G) * a.R.t).flatten(1).sum(1)
+        return _rowdot(left_apply(a.L, G), a.R.t)
     if isinstance(a.L, Dense) and isinstance(b.L, Dense) and a.L.t.shape[1] == 1 and b.L.t.shape[1] == 1:
         # T = 1: the Gram matrices are scalars
-        return (a.L.t * b.L.t).sum((1, 2)) * (a.R.t * b.R.t).sum((1, 2))
-    return (gram(a.L, b.L) * gram(a.R, b.R)).sum((1, 2))
+        return _rowdot(a.L.t, b.L.t) * _rowdot(a.R.t, b.R.t)
+    left, right = gram(a.L, b.L), gram(a.R, b.R)
+    return _rowdot(left if left.dtype != torch.bool else left.to(right.dtype), right)
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`Σ_j x_ij y_ij` per sample in one kernel: `[B]`."""
+    return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
 
 
 def weighted_sum(piece: Piece, c: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -121,11 +121,12 @@ class Tape:
         with torch.no_grad():
             for name, ps in pieces.items():
                 p = self.params[name]
-                grad = sum(weighted_sum(piece, c, p.shape) for piece in ps)
-                if p.grad is None:
-                    p.grad = grad.to(p.dtype)
-                else:
-                    p.grad.add_(grad)
+                for piece in ps:
+                    grad = weighted_sum(piece, c, p.shape)
+                    if p.grad is None:
+                        p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+                    else:
+                        p.grad.add_(grad)
 
     def finalise(self) -> None:
         """End of the backward pass: the remaining groups, then the per-sample norms."""

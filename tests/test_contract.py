@@ -337,3 +337,12 @@ def test_plan_records_real_sizes_of_a_linear_site():
     dp2(torch.randn(4, d, dtype=f64))
     weight = [r for r in dp2.plan() if r["params"] == ["weight"] and r["kind"] == "factored"]
     assert (weight[0]["T"], weight[0]["p"], weight[0]["d"]) == (1, p, d)
+
+
+def test_batch_norm_in_eval_mode_matches_the_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    model(torch.randn(16, 4, dtype=f64))  # running statistics away from their initial values
+    model.eval()
+    x, y = batch(6)
+    assert_matches_reference(model, ce(), x, y, max_grad_norm=0.1)

@@ -147,3 +147,13 @@ def test_inspection_before_the_first_call_is_not_captured_error():
         dp.explain()
     with pytest.raises(bkfx.NotCapturedError):
         dp.plan()
+
+
+def test_batch_norm_in_training_mixes_samples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+    with pytest.raises(bkfx.SampleMixingError) as info:
+        bkfx.compile(model)(torch.randn(5, 4, dtype=f64))
+    message = str(info.value)
+    assert "node:" in message and "source:" in message and "what to do:" in message, message
+    assert "batch_norm" in message.split("operation:")[1].splitlines()[0], message
