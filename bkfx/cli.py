@@ -52,7 +52,7 @@ class CommandLineError(BkfxError):
 def parse_shape(text: str) -> tuple[int, ...]:
     """`"8,3,32,32"` as `(8, 3, 32, 32)`; every size a positive integer."""
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise CommandLineError(f"--input-shape must be comma-separated integers like 8,3,32,32, got {text!r}") from None
     if not shape or any(s < 1 for s in shape):
@@ -92,7 +92,7 @@ def build_model(target: str, dtype: torch.dtype) -> nn.Module:
     except Exception as e:
         raise CommandLineError(f"{target}() raised {_one_line(e)}") from e
     if not isinstance(model, nn.Module):
-        raise CommandLineError(f"{target}() returned a {type(model).__name__}, not an nn.Module")
+        raise CommandLineError(f"{target}() returned an object of type {type(model).__name__}, not an nn.Module")
     return model.to(dtype)
 
 
@@ -202,7 +202,8 @@ def check(args) -> int:
         shown = "not compared" if err is None else f"{err:.2e}"
         print(f"{name:<{width}}  {str(shape):<16}  {shown:>20}  {'ok' if ok else 'FAIL'}")
     if failed:
-        print(f"FAIL: {failed} of {len(rows)} differ from the vmap reference by more than {TOLERANCE:g} (relative)")
+        print(f"FAIL: {failed} of {len(rows)} differ from the vmap reference by more than {TOLERANCE:g} (relative); "
+              "a model whose forward pass is random (dropout in training mode) differs between the two runs")
         return EXIT_FAIL
     print(f"PASS: every .grad and the per-sample norms match the vmap reference within {TOLERANCE:g} (relative)")
     return EXIT_PASS

@@ -1,36 +1,46 @@
-"""DP-SGD with bkfx on scikit-learn's handwritten digits (8x8 images, 10 classes).
+"""DP-SGD with bkfx on scikit-learn's handwritten digits (8x8 images, 10 classes), to a target ε.
 
-    python examples/train_digits.py                 # defaults: MLP, 20 epochs, noise 1.0, R 1.0
-    python examples/train_digits.py --epochs 5 --noise-multiplier 2.0
+    python examples/train_digits.py                        # ε = 3, δ = 1e-5, 20 epochs
+    python examples/train_digits.py --target-epsilon 1     # more noise, lower accuracy
+    python examples/train_digits.py --style layer-wise --clipping automatic
 
-The model is an ordinary nn.Module; `bkfx.compile` makes its backward pass leave the sum
-of clipped per-sample gradients in `.grad`, and `bkfx.DPOptimizer` adds the Gaussian
-noise and averages before each SGD step.
+A small CNN (Conv2d + GroupNorm + ReLU blocks, then Linear; GroupNorm because batch
+norm mixes samples) is an ordinary nn.Module. `bkfx.make_private` compiles it so that
+backward leaves clipped per-sample gradient sums in `.grad`, wraps the optimizer to add
+Gaussian noise once per step, Poisson-samples the training set, and calibrates the noise
+multiplier so that the whole run is (ε, δ)-DP. The loop below is the non-private one.
+Each epoch prints ε spent so far and test accuracy; a plot of accuracy against ε goes to
+examples/results/.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+from tqdm import tqdm
 
 import bkfx
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-class DigitsMLP(nn.Module):
-    def __init__(self, hidden: int = 128):
+
+class DigitsCNN(nn.Module):
+    def __init__(self, channels: int = 16):
         super().__init__()
-        self.fc1 = nn.Linear(64, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.out = nn.Linear(hidden, 10)
 
-    def forward(self, x):
-        h = torch.tanh(self.norm(self.fc1(x.flatten(1))))
-        h = h + torch.tanh(self.fc2(h))
-        return self.out(h)
+        def block(c_in, c_out):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.ReLU())
+
+        self.features = nn.Sequential(block(1, channels), nn.AvgPool2d(2), block(channels, 2 * channels), nn.AvgPool2d(2))
+        self.classifier = nn.Linear(2 * channels * 2 * 2, 10)
+
+    def forward(self, x):  # x: [B, 1, 8, 8]
+        return self.classifier(self.features(x).flatten(1))
 
 
 def load_digits(seed: int):
@@ -38,10 +48,11 @@ def load_digits(seed: int):
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32)
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    x = (x - x.mean()) / x.std()
     y = torch.tensor(data.target, dtype=torch.long)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
-    return xtr, ytr, xte, yte
+    return TensorDataset(xtr, ytr), xte, yte
 
 
 def accuracy(model, x, y) -> float:
@@ -49,37 +60,78 @@ def accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+def plot(curve, delta: float, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps, acc = zip(*curve)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(eps, acc, marker="o")
+    ax.set_xlabel(f"ε spent (δ = {delta:g})")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="DP-SGD on sklearn digits with bkfx")
+    ap = argparse.ArgumentParser(description="DP-SGD on sklearn digits with bkfx.make_private")
+    ap.add_argument("--target-epsilon", type=float, default=3.0)
+    ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.5)
-    ap.add_argument("--noise-multiplier", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=128, help="expected logical batch size (Poisson sampling)")
+    ap.add_argument("--max-physical-batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=2.0)
+    ap.add_argument("--momentum", type=float, default=0.0)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--clipping", default="abadi", choices=["abadi", "automatic"])
+    ap.add_argument("--style", default="all-layer", choices=["all-layer", "layer-wise", "param-wise"])
+    ap.add_argument("--accountant", default="rdp", choices=["rdp", "pld"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default=None, help="where to save the plot (default examples/results/digits_eps<ε>.png)")
     args = ap.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    xtr, ytr, xte, yte = load_digits(args.seed)
-    model = DigitsMLP()
-    dp_model = bkfx.compile(model, max_grad_norm=args.max_grad_norm, loss_reduction="sum")
-    optimizer = bkfx.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=args.lr), noise_multiplier=args.noise_multiplier,
-        max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size, seed=args.seed,
-    )
     start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    train_set, xte, yte = load_digits(args.seed)
+    model = DigitsCNN()
+    private = bkfx.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum), train_set,
+        target_epsilon=args.target_epsilon, target_delta=args.delta, epochs=args.epochs,
+        max_grad_norm=args.max_grad_norm, clipping=args.clipping, style=args.style, batch_size=args.batch_size,
+        max_physical_batch_size=args.max_physical_batch_size, seed=args.seed, accountant=args.accountant,
+    )
+    dp_model, optimizer, loader, accountant = private
+    print(f"{len(train_set)} training images, expected batch {args.batch_size} (sample rate "
+          f"{args.batch_size / len(train_set):.4f}), {args.epochs} epochs: noise multiplier "
+          f"{optimizer.noise_multiplier:.3f} for ε = {args.target_epsilon} at δ = {args.delta} ({args.accountant})")
+
+    curve = []
+    progress = tqdm(total=args.epochs * len(loader) if hasattr(loader, "__len__") else None, unit="step",
+                    dynamic_ncols=True)
     for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(xtr))
-        for i in range(0, len(xtr), args.batch_size):
-            idx = order[i : i + args.batch_size]
-            loss = F.cross_entropy(dp_model(xtr[idx]), ytr[idx], reduction="sum")
+        for x, y in loader:
+            loss = F.cross_entropy(dp_model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        print(f"epoch {epoch:3d}  test accuracy {accuracy(model, xte, yte):.3f}  "
-              f"median per-sample grad norm {dp_model.per_sample_norms.median().item():.3f}")
-    print(f"done in {time.perf_counter() - start:.1f}s: test accuracy {accuracy(model, xte, yte):.3f} "
-          f"(noise multiplier {args.noise_multiplier}, R {args.max_grad_norm}, batch {args.batch_size})")
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        eps, acc = accountant.epsilon(args.delta), accuracy(model, xte, yte)
+        curve.append((eps, acc))
+        progress.write(f"epoch {epoch:3d}  ε {eps:6.3f}  test accuracy {acc:.3f}")
+    progress.close()
+
+    path = args.plot or os.path.join(RESULTS, f"digits_eps{args.target_epsilon:g}.png")
+    plot(curve, args.delta, path, f"bkfx DP-SGD on digits: {args.style}, {args.clipping}, target ε {args.target_epsilon:g}, "
+                      f"δ {args.delta:g}")
+    print(f"done in {time.perf_counter() - start:.1f}s: test accuracy {curve[-1][1]:.3f} at ε {curve[-1][0]:.3f} "
+          f"(δ {args.delta:g}, σ {optimizer.noise_multiplier:.3f}, R {args.max_grad_norm}); plot: {path}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Each strategy draws a small printable *spec* (a frozen dataclass: widths, kernel
 which layers are tied or residual, batch size, a seed) and builds from it an
 `Architecture`: a float64 model, matching inputs and targets, and a loss whose value on a
 batch of one sample is that sample's loss. A failing example therefore prints as an
-architecture, and the same spec always builds the same model (the seed is drawn and the
-global RNG is left untouched).
+architecture, and `spec.build()` builds the same model and data again, anywhere (the
+seed is part of the spec, and torch's global RNG is left untouched).
 
     from hypothesis import given
     from bkfx.testing.strategies import architectures, compile_options
@@ -110,6 +110,10 @@ class MLPSpec:
     loss: str  # "ce" or "mse"
     seed: int
 
+    def build(self, loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+        shape = (self.batch, self.d_in) if self.seq is None else (self.batch, self.seq, self.d_in)
+        return _built(self, lambda: MLP(self), lambda: (torch.randn(shape),), self.loss, loss_reduction, dtype)
+
 
 class MLP(nn.Module):
     def __init__(self, spec: MLPSpec):
@@ -146,8 +150,7 @@ def mlps(draw, batch=st.integers(1, 6), loss_reduction: str = "mean", dtype=torc
         seq=draw(st.none() | st.integers(1, 8)), loss="ce" if widths[-1] >= 2 and draw(st.booleans()) else "mse",
         seed=draw(_SEEDS),
     )
-    shape = (spec.batch, d_in) if spec.seq is None else (spec.batch, spec.seq, d_in)
-    return _built(spec, lambda: MLP(spec), lambda: (torch.randn(shape),), spec.loss, loss_reduction, dtype)
+    return spec.build(loss_reduction, dtype)
 
 
 # -- CNNs with GroupNorm ----------------------------------------------------------------------
@@ -173,6 +176,10 @@ class CNNSpec:
     classes: int
     batch: int
     seed: int
+
+    def build(self, loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+        x = lambda: (torch.randn(self.batch, self.in_channels, *self.size),)  # noqa: E731
+        return _built(self, lambda: CNN(self), x, "ce", loss_reduction, dtype)
 
 
 class CNN(nn.Module):
@@ -228,8 +235,7 @@ def cnns(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torc
             break
     spec = CNNSpec(in_channels=in_channels, size=size, layers=tuple(layers), classes=draw(st.integers(2, 5)),
                    batch=draw(batch), seed=draw(_SEEDS))
-    return _built(spec, lambda: CNN(spec), lambda: (torch.randn(spec.batch, in_channels, *size),), "ce",
-                  loss_reduction, dtype)
+    return spec.build(loss_reduction, dtype)
 
 
 # -- sequence models: embedding, positions, LayerNorm, attention, tied head -----------------------
@@ -249,6 +255,10 @@ class SequenceSpec:
     batch: int
     seq: int
     seed: int
+
+    def build(self, loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+        idx = lambda: (torch.randint(0, self.vocab, (self.batch, self.seq)),)  # noqa: E731
+        return _built(self, lambda: SequenceModel(self), idx, "ce", loss_reduction, dtype)
 
 
 class SelfAttention(nn.Module):
@@ -318,8 +328,7 @@ def sequence_models(draw, batch=st.integers(1, 4), loss_reduction: str = "mean",
         final_norm=draw(st.booleans()), max_len=seq + draw(st.integers(0, 4)), batch=draw(batch), seq=seq,
         seed=draw(_SEEDS),
     )
-    return _built(spec, lambda: SequenceModel(spec), lambda: (torch.randint(0, vocab, (spec.batch, seq)),), "ce",
-                  loss_reduction, dtype)
+    return spec.build(loss_reduction, dtype)
 
 
 # -- custom functional code on raw parameters -------------------------------------------------------
@@ -333,6 +342,10 @@ class FunctionalSpec:
     batch: int
     seq: int | None
     seed: int
+
+    def build(self, loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+        shape = (self.batch, self.d_in) if self.seq is None else (self.batch, self.seq, self.d_in)
+        return _built(self, lambda: Functional(self), lambda: (torch.randn(shape),), "mse", loss_reduction, dtype)
 
 
 class Functional(nn.Module):
@@ -379,8 +392,7 @@ def functional_models(draw, batch=st.integers(1, 6), loss_reduction: str = "mean
         d = width
     spec = FunctionalSpec(d_in=d_in, ops=tuple(ops), batch=draw(batch), seq=draw(st.none() | st.integers(1, 6)),
                           seed=draw(_SEEDS))
-    shape = (spec.batch, d_in) if spec.seq is None else (spec.batch, spec.seq, d_in)
-    return _built(spec, lambda: Functional(spec), lambda: (torch.randn(shape),), "mse", loss_reduction, dtype)
+    return spec.build(loss_reduction, dtype)
 
 
 _FAMILY_STRATEGIES = {"mlp": mlps, "cnn": cnns, "sequence": sequence_models, "functional": functional_models}

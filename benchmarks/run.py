@@ -1,0 +1,254 @@
+"""Side-by-side DP training benchmarks: non-private vs bkfx vs Opacus vs torch.func vmap.
+
+    python benchmarks/run.py                      # all models, CPU defaults, a few minutes
+    python benchmarks/run.py --models gpt2 --steps 20 --batch 16
+
+Step time: every method trains the same model (same initial weights, same batch) in one
+process, the methods taking turns step by step; medians over --steps after --warmup.
+Ratios are to non-private training measured in that same run. Peak memory: a fresh
+subprocess per (model, method) running a few steps; on CPU its peak RSS, on GPU
+`torch.cuda.max_memory_allocated`. Results go to benchmarks/results/ (markdown, JSON, PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import workload  # noqa: E402
+
+METHODS = [
+    "non-private", "bkfx", "bkfx ghost", "bkfx explicit", "bkfx layer-wise",
+    "opacus hooks", "opacus ghost", "vmap dp-sgd",
+]
+R, SIGMA, LR = 1.0, 1.0, 1e-3
+
+
+class Trainer:
+    """One training method on its own copy of the model."""
+
+    def __init__(self, method, factory, inputs, targets, loss_fn, device):
+        torch.manual_seed(0)
+        self.model = factory().to(device)
+        self.x, self.y, self.loss_fn, self.method = inputs.to(device), targets.to(device), loss_fn, method
+        B = inputs.shape[0]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sgd = torch.optim.SGD(params, lr=LR)
+        if method == "non-private":
+            self.forward, self.opt = self.model, sgd
+        elif method.startswith("bkfx"):
+            import bkfx
+
+            options = {"ghost": {"norm_mode": "ghost"}, "explicit": {"norm_mode": "explicit"},
+                       "layer-wise": {"style": "layer-wise"}}.get(method.partition(" ")[2], {})
+            self.forward = bkfx.compile(self.model, max_grad_norm=R, **options)
+            self.opt = bkfx.DPOptimizer(sgd, noise_multiplier=SIGMA, max_grad_norm=self.forward.max_grad_norms,
+                                        expected_batch_size=B, model=self.forward, seed=0)
+        elif method == "opacus hooks":
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            self.forward = GradSampleModule(self.model)
+            self.opt = DPOptimizer(sgd, noise_multiplier=SIGMA, max_grad_norm=R, expected_batch_size=B)
+        elif method == "opacus ghost":
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            self.forward = GradSampleModuleFastGradientClipping(self.model, max_grad_norm=R, use_ghost_clipping=True)
+            self.opt = DPOptimizerFastGradientClipping(sgd, noise_multiplier=SIGMA, max_grad_norm=R, expected_batch_size=B)
+            self.criterion = DPLossFastGradientClipping(self.forward, self.opt, _Criterion(loss_fn), loss_reduction="mean")
+        elif method == "vmap dp-sgd":
+            self.forward, self.opt = self.model, sgd
+        else:
+            raise ValueError(method)
+
+    def step(self):
+        if self.method == "vmap dp-sgd":
+            return self._vmap_step()
+        out = self.forward(self.x)
+        loss = self.criterion(out, self.y) if self.method == "opacus ghost" else self.loss_fn(out, self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def _vmap_step(self):
+        from torch.func import functional_call, grad, vmap
+
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        one = lambda p, x, y: self.loss_fn(functional_call(self.model, p, (x[None],)), y[None])  # noqa: E731
+        grads = vmap(grad(one), in_dims=(None, 0, 0))(params, self.x, self.y)
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
+        c = (R / norms.clamp(min=R))
+        B = self.x.shape[0]
+        for n, p in self.model.named_parameters():
+            summed = torch.tensordot(c, grads[n], dims=1)
+            p.grad = (summed + torch.randn_like(summed) * SIGMA * R) / B
+        self.opt.step()
+        self.opt.zero_grad()
+
+
+class _Criterion(torch.nn.Module):
+    """Per-sample losses `[B]` (token losses averaged per sequence) for Opacus's ghost-clipping
+    loss wrapper, which sets `reduction` to "none" while it calls the criterion."""
+
+    def __init__(self, loss_fn):
+        super().__init__()
+        self.loss_fn, self.reduction = loss_fn, "mean"
+
+    def forward(self, out, y):
+        logits = out.logits if hasattr(out, "logits") else out
+        flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 2 else logits
+        target = y.reshape(-1)
+        per_token = torch.nn.functional.cross_entropy(flat, target, reduction="none")
+        return per_token.reshape(y.shape[0], -1).mean(1)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(model_name, args, device):
+    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq)
+    trainers, failures = {}, {}
+    for method in args.methods:
+        try:
+            t = Trainer(method, factory, x, y, loss_fn, device)
+            t.step()
+            trainers[method] = t
+        except Exception as e:  # a peer that cannot train this model is reported, not fatal
+            failures[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    times = {m: [] for m in trainers}
+    for i in range(args.warmup + args.steps):
+        for method, t in trainers.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            t.step()
+            _sync(device)
+            if i >= args.warmup:
+                times[method].append(time.perf_counter() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}, failures
+
+
+def memory_probe(model_name, method, args, device):
+    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq)
+    t = Trainer(method, factory, x, y, loss_fn, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        t.step()
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+
+
+def measure_memory(model_name, method, args):
+    cmd = [sys.executable, __file__, "--probe", model_name, method, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--device", args.device]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MIB ")]
+    return float(lines[-1].split()[1]) if lines else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "vit", "gpt2"])
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.probe:
+        print(f"PEAK_MIB {memory_probe(*args.probe, args, args.device):.1f}")
+        return
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    results = {"machine": machine, "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+               "models": {}}
+    for model_name in args.models:
+        print(f"[{model_name}] timing {len(args.methods)} methods ...", flush=True)
+        medians, failures = time_methods(model_name, args, args.device)
+        memory = {} if args.no_memory else {m: measure_memory(model_name, m, args) for m in medians}
+        results["models"][model_name] = {"median_s": medians, "failed": failures, "peak_mib": memory}
+        base = medians.get("non-private")
+        for m, s in medians.items():
+            mem = memory.get(m)
+            print(f"  {m:16s} {s:8.4f}s  {s / base if base else float('nan'):5.2f}x"
+                  + (f"  peak {mem:8.0f} MiB" if mem else ""), flush=True)
+        for m, why in failures.items():
+            print(f"  {m:16s} failed: {why}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    tag = "gpu" if args.device == "cuda" else "cpu"
+    with open(os.path.join(args.out, f"results-{tag}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, f"results-{tag}.md"), "w") as f:
+        f.write(markdown(results, args))
+    plot(results, os.path.join(args.out, f"results-{tag}.png"))
+    print(markdown(results, args))
+
+
+def markdown(results, args) -> str:
+    lines = [
+        f"Machine: {results['machine']}; torch {results['torch']}; batch {results['batch']}, "
+        f"seq {results['seq']} (GPT-2); median of {results['steps']} steps after warm-up.\n",
+        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`\n",
+        "| model | method | median step (s) | time vs non-private | peak memory (MiB) | memory vs non-private |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, r in results["models"].items():
+        base_t, base_m = r["median_s"].get("non-private"), r["peak_mib"].get("non-private")
+        for m, s in r["median_s"].items():
+            mem = r["peak_mib"].get(m)
+            lines.append(
+                f"| {model} | {m} | {s:.4f} | {s / base_t:.2f}x | {f'{mem:.0f}' if mem else '-'} | "
+                f"{f'{mem / base_m:.2f}x' if mem and base_m else '-'} |"
+            )
+        for m, why in r["failed"].items():
+            lines.append(f"| {model} | {m} | failed: {why} | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    models = list(results["models"])
+    methods = [m for m in METHODS if any(m in results["models"][k]["median_s"] for k in models)]
+    fig, ax = plt.subplots(figsize=(1.8 * len(models) + 3, 4))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        ratios = []
+        for k in models:
+            r = results["models"][k]["median_s"]
+            ratios.append(r[m] / r["non-private"] if m in r and "non-private" in r else 0)
+        ax.bar([i + j * width for i in range(len(models))], ratios, width, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models)
+    ax.set_ylabel("step time / non-private")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_title(f"DP training step time ({results['machine']})")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
