@@ -2,9 +2,14 @@
 
 `site(op, id, *args)` runs `op` with its parameter operands detached, so autograd
 computes input gradients only (ghost differentiation: no `∂L/∂W` at all), and taps the
-output: its backward hands the output gradient `g` to the ledger, which asks the
-site's rules for the per-sample pieces and book-keeps them until the clip factors are
-known.
+output gradient `g`: the site's `Record` turns it into per-sample pieces that the ledger
+book-keeps until the clip factors are known.
+
+The tap is a tensor hook when the output already requires grad (free, and it sees the
+gradient of the value before any later in-place op such as `relu_`); when it does not
+(the first layer on raw inputs, an embedding of token ids), the op runs inside a custom
+autograd Function whose backward records `g`, so the output is a fresh tensor that
+later in-place ops may modify.
 """
 from __future__ import annotations
 
@@ -22,24 +27,27 @@ def site(op, site_id: int, *args, _chain=None, **kwargs):
     call_args = args
     for operand in plan.operands:
         call_args = set_path(call_args, operand.path, get_path(args, operand.path).detach())
-    out = op(*call_args, **kwargs)
     params = [tape.params[name] for name in plan.params]
     if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
-        return out
+        return op(*call_args, **kwargs)
     record = tape.record(plan, call_args, kwargs, _chain or {})
-    return _Tap.apply(record, out, *params)
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in torch.utils._pytree.tree_leaves(call_args)):
+        out = op(*call_args, **kwargs)
+        out.register_hook(record.backward)
+        return out
+    return _Seed.apply(record, op, call_args, kwargs, *params)
 
 
-class _Tap(torch.autograd.Function):
-    """Identity on the site's output; its backward records `g` and passes it on."""
+class _Seed(torch.autograd.Function):
+    """Runs a site whose inputs need no gradient; its backward only records `g`."""
 
     @staticmethod
-    def forward(ctx, record, out, *params):
+    def forward(ctx, record, op, args, kwargs, *params):
         ctx.record = record
         ctx.n_params = len(params)
-        return out.view_as(out)
+        return op(*args, **kwargs)
 
     @staticmethod
     def backward(ctx, g):
         ctx.record.backward(g)
-        return (None, g if ctx.needs_input_grad[1] else None) + (None,) * ctx.n_params
+        return (None, None, None, None) + (None,) * ctx.n_params

@@ -109,26 +109,45 @@ def test_check_fails_with_exit_code_1_when_gradients_differ(user_models):
     assert "FAIL" in done.stdout.splitlines()[-1] and done.stderr == ""
 
 
-@pytest.mark.parametrize("args, says", [
+BAD_INPUT = [  # (arguments, what the one line says); the first five run as subprocesses
     (["inspect", "missing.py:mlp", "--input-shape", "4,12"], "no such file: missing.py"),
     (["inspect", "models.py:nope", "--input-shape", "4,12"], "has no factory named 'nope'"),
+    (["inspect", "models.py:raises", "--input-shape", "4,12"], "raises() raised ValueError: no weights for this size"),
+    (["inspect", "models.py:mlp", "--input-shape", "4,13"], "forward failed on an input of shape [4, 13]"),
+    (["check", "models.py:batchnorm", "--input-shape", "4,12"], "SampleMixingError: batch normalisation"),
     (["inspect", "models.py", "--input-shape", "4,12"], "FILE.py:FACTORY"),
     (["inspect", "broken.py:broken", "--input-shape", "4,12"], "importing broken.py failed: SyntaxError"),
-    (["inspect", "models.py:raises", "--input-shape", "4,12"], "raises() raised ValueError: no weights for this size"),
     (["inspect", "models.py:not_a_model", "--input-shape", "4,12"], "not an nn.Module"),
-    (["inspect", "models.py:mlp", "--input-shape", "4,13"], "forward failed on an input of shape [4, 13]"),
     (["inspect", "models.py:mlp", "--input-shape", "4,x"], "--input-shape must be comma-separated integers"),
     (["inspect", "models.py:batchnorm", "--input-shape", "4,12"], "SampleMixingError: batch normalisation"),
     (["check", "models.py:mlp", "--input-shape", "4,12", "--num-classes", "5"], "--num-classes is 5"),
     (["check", "models.py:scalar", "--input-shape", "4,12", "--int-input", "3"], "forward failed"),
     (["check", "models.py:mlp"], "required: --input-shape"),
-])
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+]
+
+
+def one_error_line(returncode, stdout, stderr, says):
+    assert returncode == 2, stdout + stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bkfx: error: ") and says in lines[0], stderr
+    assert "Traceback" not in stderr and stdout == ""
+
+
+@pytest.mark.parametrize("args, says", BAD_INPUT[:5])
 def test_bad_input_is_one_line_on_stderr_and_exit_code_2(user_models, args, says):
     done = bkfx_cli(*args, cwd=user_models)
-    assert done.returncode == 2, done.stdout + done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bkfx: error: ") and says in lines[0], done.stderr
-    assert "Traceback" not in done.stderr and done.stdout == ""
+    one_error_line(done.returncode, done.stdout, done.stderr, says)
+
+
+@pytest.mark.parametrize("args, says", BAD_INPUT[5:])
+def test_more_bad_input_in_process(user_models, args, says, capsys, monkeypatch):
+    from bkfx.cli import main
+
+    monkeypatch.chdir(user_models)
+    code = main(args)
+    out, err = capsys.readouterr()
+    one_error_line(code, out, err, says)
 
 
 def test_the_entry_point_is_installed():

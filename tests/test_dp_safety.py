@@ -131,3 +131,40 @@ def test_dropout_in_training_gives_the_ordinary_gradient_without_clipping():
     F.cross_entropy(model(x), y, reduction="sum").backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_in_place_activations_after_sites_work():
+    """ReLU(inplace=True) right after a first-layer conv and after a linear (common in CNNs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(64, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)
+    ).double()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    assert_matches_reference(model, F.cross_entropy, x, torch.randint(0, 3, (3,)), max_grad_norm=0.5)
+
+
+class ModifiesSavedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.pre = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.pre(x)
+        y = self.fc(h)
+        h.mul_(2)  # changes the activation the fc site saved for its per-sample gradient
+        return y + h
+
+
+def test_in_place_change_of_a_saved_activation_is_an_error_not_a_wrong_gradient():
+    model = ModifiesSavedInput()
+    dp = bkfx.compile(model)
+    x = torch.randn(3, 4)
+    try:
+        out = dp(x)
+    except RuntimeError:
+        return  # autograd itself refused the in-place change: also not silently wrong
+    with pytest.raises((bkfx.InPlaceModificationError, RuntimeError)) as info:
+        out.sum().backward()
+    if isinstance(info.value, bkfx.InPlaceModificationError):
+        assert "fc" in str(info.value) or "linear" in str(info.value)
