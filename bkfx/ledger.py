@@ -173,9 +173,10 @@ class Record:
         for path, version in self.versions.items():
             if get_path(self.args, path)._version != version:
                 raise InPlaceModificationError(
-                    f"an input of site {site.node} ({site.op}) was modified in place after the forward pass\n"
-                    f"  source: {site.source}\n"
-                    "  what to do: avoid in-place operations (x += y, relu_) on activations that feed parameters"
+                    "an input this site saved for its per-sample gradients was modified in place after the forward pass\n"
+                    f"  node: {site.node}\n  operation: {site.op}\n  source: {site.source}\n"
+                    "  what to do: avoid in-place operations (x += y, x.mul_(...)) on activations that feed parameters; "
+                    "use the out-of-place form"
                 )
         call = SiteCall(site.op, self.args, self.kwargs, g, site.layouts, site.out_layout, tape.batch)
         pieces = [(operand, operand.rule.piece(call, operand.path)) for operand in site.operands]
