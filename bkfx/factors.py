@@ -127,7 +127,27 @@ class Explicit:
 Piece = Factored | Explicit
 
 
-def inner(a: Piece, b: Piece, shape: torch.Size) -> torch.Tensor:
+class GramCache:
+    """Gram matrices computed once per backward: sites that read the same activation
+    (q, k and v projections of one input) share `a aᵀ`."""
+
+    def __init__(self):
+        self._grams: dict = {}
+
+    @staticmethod
+    def _key(f: Factor):
+        t = f.t if isinstance(f, Dense) else f.idx
+        return (type(f), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, getattr(f, "size", None),
+                None if not isinstance(f, OneHot) or f.mask is None else f.mask.data_ptr())
+
+    def __call__(self, a: Factor, b: Factor) -> torch.Tensor:
+        key = (self._key(a), self._key(b))
+        if key not in self._grams:
+            self._grams[key] = gram(a, b)
+        return self._grams[key]
+
+
+def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
     """`⟨G_i^a, G_i^b⟩` for every sample: `[B]`."""
     if isinstance(a, Explicit) and isinstance(b, Explicit):
         return _rowdot(a.G, b.G)
@@ -140,7 +160,7 @@ def inner(a: Piece, b: Piece, shape: torch.Size) -> torch.Tensor:
     if isinstance(a.L, Dense) and isinstance(b.L, Dense) and a.L.t.shape[1] == 1 and b.L.t.shape[1] == 1:
         # T = 1: the Gram matrices are scalars
         return _rowdot(a.L.t, b.L.t) * _rowdot(a.R.t, b.R.t)
-    left, right = gram(a.L, b.L), gram(a.R, b.R)
+    left, right = grams(a.L, b.L), grams(a.R, b.R)
     return _rowdot(left if left.dtype != torch.bool else left.to(right.dtype), right)
 
 

@@ -28,7 +28,7 @@ from torch.func import vjp, vmap
 
 from bkfx.clipping import clip_factor
 from bkfx.errors import InPlaceModificationError
-from bkfx.factors import Dense, Explicit, Factored, canonical_matrix, inner, weighted_sum
+from bkfx.factors import Dense, Explicit, Factored, GramCache, inner, weighted_sum
 from bkfx.plan import Site, get_path
 from bkfx.rules import SiteCall
 
@@ -112,7 +112,8 @@ class Tape:
         if not names:
             return
         pieces = {n: self.pieces.pop(n) for n in names}
-        squared = sum(_squared_norm(ps, self.params[n].shape) for n, ps in pieces.items())
+        grams = GramCache()
+        squared = sum(_squared_norm(ps, self.params[n].shape, grams) for n, ps in pieces.items())
         self._group_squares[g] = squared
         scale = self.batch if self.config.loss_reduction == "mean" else 1
         c = clip_factor(squared.sqrt() * scale, self.config.thresholds[g], self.config.clipping, self.config.gamma)
@@ -146,7 +147,7 @@ class Tape:
             self.on_finalise(self)
 
 
-def _squared_norm(pieces: list, shape) -> torch.Tensor:
+def _squared_norm(pieces: list, shape, grams) -> torch.Tensor:
     """`‖Σ_k G_i^k‖²` for one parameter's pieces: all pairwise inner products."""
     explicit = [p for p in pieces if isinstance(p, Explicit)]
     factored = [p for p in pieces if isinstance(p, Factored)]
@@ -156,7 +157,7 @@ def _squared_norm(pieces: list, shape) -> torch.Tensor:
     total = None
     for k, a in enumerate(pieces):
         for b in pieces[k:]:
-            term = inner(a, b, shape) * (1 if a is b else 2)
+            term = inner(a, b, shape, grams) * (1 if a is b else 2)
             total = term if total is None else total + term
     return total
 
