@@ -15,7 +15,9 @@ backward, optimizer step (a DPOptimizer adding noise for the private methods), z
 Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss`; before the measured step the
 kernel's peak is reset to the current RSS (`/proc/self/clear_refs` ← 5, Linux) so the
 peak is the step's own, and "step" is that peak minus the resting RSS just before it
-(parameters, optimizer state and the interpreter excluded). Medians over `--repeats`
+(parameters, optimizer state and the interpreter excluded). The subprocesses run with
+glibc's mmap threshold fixed at 64 KiB, so freed tensors leave RSS at once and the resting
+RSS is what is live, not what an earlier step once used. Medians over `--repeats`
 subprocesses; ratios are to non-private.
 """
 from __future__ import annotations
@@ -104,7 +106,10 @@ def measure(args, method: str) -> dict:
             ("norm-mode", args.norm_mode),
         )
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so RSS would
+    # remember warm-up's peak; a fixed 64 KiB threshold returns every tensor's memory on free.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

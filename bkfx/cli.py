@@ -79,7 +79,8 @@ def load_factory(target: str):
     if factory is None:
         names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
                        and getattr(v, "__module__", None) == module.__name__)
-        raise CommandLineError(f"{file} has no factory named {name!r} (it defines: {', '.join(names) or 'nothing callable'})")
+        defined = ", ".join(names) or "nothing callable"
+        raise CommandLineError(f"{file} has no factory named {name!r} (it defines: {defined})")
     if not callable(factory):
         raise CommandLineError(f"{file}:{name} is not callable")
     return factory
@@ -114,7 +115,8 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise CommandLineError(f"the model's forward failed on an input of shape {list(x.shape)} ({x.dtype}): "
                                f"{_one_line(e)}") from e
     if not isinstance(out, torch.Tensor):
-        raise CommandLineError(f"the model returned a {type(out).__name__}; bkfx inspect/check need a single tensor output")
+        raise CommandLineError(f"the model returned a {type(out).__name__}; "
+                               "bkfx inspect/check need a single tensor output")
     return out
 
 
@@ -171,7 +173,8 @@ def check(args) -> int:
     x = random_input(parse_shape(args.input_shape), torch.float64, args.int_input)
     out = forward(model, x)
     if out.dim() not in (2, 3):
-        raise CommandLineError(f"check needs a [B, K] or [B, T, K] output for cross entropy, the model returned {list(out.shape)}")
+        raise CommandLineError("check needs a [B, K] or [B, T, K] output for cross entropy, "
+                               f"the model returned {list(out.shape)}")
     classes = out.shape[-1]
     if args.num_classes is not None and args.num_classes != classes:
         raise CommandLineError(f"--num-classes is {args.num_classes} but the model's output is {list(out.shape)} "
@@ -226,7 +229,8 @@ def parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("model", metavar="FILE.py:FACTORY", help="a file and a function in it returning the nn.Module")
         p.add_argument("--input-shape", required=True, help="the random input's shape, batch first, e.g. 8,3,32,32")
-        p.add_argument("--int-input", type=int, metavar="VOCAB", help="token ids in [0, VOCAB) instead of normal floats")
+        p.add_argument("--int-input", type=int, metavar="VOCAB",
+                       help="token ids in [0, VOCAB) instead of normal floats")
         p.add_argument("--norm-mode", default="auto", choices=["auto", "ghost", "explicit"])
         p.add_argument("--seed", type=int, default=0, help="seed of the model's and the input's random numbers")
         p.add_argument("--traceback", action="store_true", help="on error, show the whole traceback")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 import sympy
+import torch
 
 B = sympy.Symbol("B")
 
@@ -92,12 +93,15 @@ def _text(expr) -> str:
     return str(expr).replace("*", "·")
 
 
-def _shape(node, batch) -> str | None:
-    val = node.meta.get("val") if node is not None else None
-    if not hasattr(val, "shape"):
-        return None
-    dims = [sympy.sympify(s.node.expr if hasattr(s, "node") else int(s)).subs(batch, B) for s in val.shape]
-    return "[" + ", ".join(str(d) for d in dims) + "]"
+def shape_in_B(val, batch) -> str | None:
+    """A node's value's shape with the capture's batch symbol written `B`: `[B, 16, 32]`, a
+    tuple of shapes for several outputs, None for a non-tensor."""
+    if isinstance(val, torch.Tensor):
+        dims = [s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+        return "[" + ", ".join(str(sympy.sympify(d).subs(batch, B)) for d in dims) + "]"
+    if isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val):
+        return "(" + ", ".join(shape_in_B(v, batch) or "-" for v in val) + ")"
+    return None
 
 
 def plan_records(compiled, batch: int | None = None) -> list[dict]:
@@ -141,14 +145,15 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
                 "rule": operand.rule.name,
                 "sample_dim": site.out_layout.describe(),
                 "input_sample_dims": {",".join(map(str, path)): lo.describe() for path, lo in site.layouts.items()},
-                "out_shape": _shape(node, symbol),
+                "out_shape": shape_in_B(node.meta.get("val") if node is not None else None, symbol),
                 "tied_sites": sorted({s for n in operand.params for s in users[n]} - {site.id}),
                 "batch": size,
                 "mode": mode,
                 "mode_at_batch": _effective_mode(site, symbol, size) if spec.kind == "factored" else mode,
                 "decided_by": decided_by,
                 "reason": site.reason if spec.kind == "factored" else (
-                    "no rule: vmap of vjp" if operand.rule.name == "Fallback" else f"explicit rule ({operand.rule.name})"
+                    "no rule: vmap of vjp" if operand.rule.name == "Fallback"
+                    else f"explicit rule ({operand.rule.name})"
                 ),
                 "why": why,
             }
@@ -174,7 +179,8 @@ def plan_totals(records: list[dict]) -> dict:
     `Σ norm time / Σ non-private time`."""
 
     def total(key: str, fallback: str | None = None) -> int:
-        return sum(_number(r[key + "_value"] if r[key + "_value"] is not None else r[fallback + "_value"]) for r in records)
+        values = (r[key + "_value"] if r[key + "_value"] is not None else r[fallback + "_value"] for r in records)
+        return sum(_number(v) for v in values)
 
     out = {
         "batch": records[0]["batch"] if records else None,
@@ -221,7 +227,8 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
 
     def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
 
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
@@ -245,10 +252,11 @@ def explain(compiled, batch: int | None = None) -> str:
         first = r["site"] != last
         last = r["site"]
         share = r["time_norm_value"] / r["time_nonprivate_value"] if r["time_nonprivate_value"] else None
+        tied = f" (tied: sites {','.join(map(str, r['tied_sites']))})" if r["tied_sites"] else ""
         rows.append([
             str(r["site"]) if first else "",
             _op_name(r["op"]) if first else "",
-            ",".join(r["params"]) + (" (tied: sites " + ",".join(map(str, r["tied_sites"])) + ")" if r["tied_sites"] else ""),
+            ",".join(r["params"]) + tied,
             r["sample_dim"] if first else "",
             str(r["T"]), str(r["p"]), str(r["d"]),
             r["mode"],

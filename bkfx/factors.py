@@ -166,7 +166,12 @@ def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`Σ_j x_ij y_ij` per sample in one kernel: `[B]`."""
-    return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
+    return torch.linalg.vecdot(_per_row(x), _per_row(y))
+
+
+def _per_row(x: torch.Tensor) -> torch.Tensor:
+    """`[B, -1]`, also for B = 0 and for scalar parameters (`[B]`)."""
+    return x.unsqueeze(1) if x.dim() == 1 else x.flatten(1)
 
 
 def weighted_sum(piece: Piece, c: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -27,13 +27,14 @@ import subprocess
 from pathlib import Path
 
 import networkx as nx
-import sympy
 import torch
 
 from bkfx.errors import BkfxError
+from bkfx.explain import shape_in_B
 from bkfx.layout import SampleLayout
 
 MODE_COLOURS = {"ghost": "#a6dba0", "explicit": "#92c5de", "guard": "#fee08b", "fallback": "#f4a582"}
+_COLOUR_NAMES = {"ghost": "green", "explicit": "blue", "guard": "yellow (run-time guard)", "fallback": "orange"}
 TIED_COLOUR = "#7b3294"
 _KIND_COLOURS = {"placeholder": "#d9d9d9", "get_attr": "#ffffff", "output": "#d9d9d9"}
 _FORMATS = ("svg", "png", "pdf")
@@ -58,15 +59,6 @@ def _operand_mode(site, operand) -> str:
     if operand.rule.name == "Fallback":
         return "fallback"
     return site.mode if operand.spec.kind == "factored" else "explicit"
-
-
-def _shape_text(val, batch) -> str:
-    if isinstance(val, torch.Tensor):
-        dims = [s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
-        return "[" + ", ".join(str(sympy.sympify(d).subs(batch, sympy.Symbol("B"))) for d in dims) + "]"
-    if isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val):
-        return "(" + ", ".join(_shape_text(v, batch) for v in val) + ")"
-    return ""
 
 
 def _layout_text(layout) -> str:
@@ -96,12 +88,13 @@ def to_networkx(model) -> nx.DiGraph:
         attrs = {
             "op": node.op,
             "target": _target_text(node),
-            "shape": _shape_text(node.meta.get("val"), batch),
+            "shape": shape_in_B(node.meta.get("val"), batch) or "",
             "sample_dim": _layout_text(node.meta.get("bkfx.layout")),
             "params": ",".join(params),
             "site": site.id if site else None,
             "mode": site_mode(site) if site else None,
-            "modes": ", ".join(f"{','.join(o.params)}: {_operand_mode(site, o)}" for o in site.operands) if site else None,
+            "modes": ", ".join(f"{','.join(o.params)}: {_operand_mode(site, o)}" for o in site.operands)
+            if site else None,
             "source": site.source if site else None,
         }
         graph.add_node(node.name, **attrs)
@@ -114,11 +107,12 @@ def to_networkx(model) -> nx.DiGraph:
             users.setdefault(name, []).append(site)
     for name, shared in users.items():
         for a, b in zip(shared, shared[1:]):
-            if graph.has_edge(a.node, b.node):
-                edge = graph.edges[a.node, b.node]
-                edge["tied"] = ",".join(filter(None, [edge.get("tied"), name]))
-            else:
+            edge = graph.edges[a.node, b.node] if graph.has_edge(a.node, b.node) else None
+            if edge is None:
                 graph.add_edge(a.node, b.node, kind="tied", param=name)
+            else:  # several tied parameters, or sites joined by data flow too: one edge says all
+                key = "param" if edge["kind"] == "tied" else "tied"
+                edge[key] = ",".join(filter(None, [edge.get(key), name]))
     return graph
 
 
@@ -126,10 +120,8 @@ def tied_links(graph: nx.DiGraph) -> list[tuple[str, str, str]]:
     """(site node, site node, parameter) for every tied link of `graph`."""
     out = []
     for u, v, data in graph.edges(data=True):
-        if data.get("kind") == "tied":
-            out.append((u, v, data["param"]))
-        for name in filter(None, (data.get("tied") or "").split(",")):
-            out.append((u, v, name))
+        names = data["param"] if data["kind"] == "tied" else data.get("tied") or ""
+        out += [(u, v, name) for name in names.split(",") if name]
     return out
 
 
@@ -142,6 +134,8 @@ def _label(name: str, attrs: dict) -> str:
     head = f"{name}: {op}" if op != name else name
     if attrs["site"] is not None:
         head += f"\nsite {attrs['site']} · {attrs['mode']}"
+    if attrs["sample_dim"] and attrs["sample_dim"] != "dim 0":  # the samples moved: say where
+        head += f"\nsamples: {attrs['sample_dim']}"
     return f"{head}\n{attrs['shape']}" if attrs["shape"] else head
 
 
@@ -157,12 +151,13 @@ def _attributes(items: dict) -> str:
 def to_dot(graph: nx.DiGraph) -> str:
     """Graphviz DOT text of a `to_networkx` graph: every node attribute kept, plus drawing
     attributes (label, shape, fill colour by mode; dashed purple tied links)."""
-    legend = "  ".join(f"{mode}: {colour}" for mode, colour in MODE_COLOURS.items())
+    legend = ", ".join(f"{mode} {_COLOUR_NAMES[mode]}" for mode in MODE_COLOURS)
     lines = [
         "digraph bkfx {",
         "  graph " + _attributes({
             "rankdir": "TB", "fontname": "Helvetica", "labelloc": "t",
-            "label": f"bkfx plan of {graph.graph.get('name', 'model')}  (sites by mode: {legend}; dashed: tied parameters)",
+            "label": f"bkfx plan of {graph.graph.get('name', 'model')}  "
+                     f"(sites by mode: {legend}; dashed: tied parameters)",
         }) + ";",
         "  node " + _attributes({"fontname": "Helvetica", "fontsize": "10"}) + ";",
         "  edge " + _attributes({"color": "#555555", "arrowsize": "0.6"}) + ";",
@@ -224,7 +219,8 @@ def render(graph: nx.DiGraph, path, engine: str = "auto") -> Path:
             raise RenderError("Graphviz's `dot` program is not installed (Debian: apt-get install graphviz)")
         done = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=to_dot(graph), text=True, capture_output=True)
         if done.returncode != 0:
-            raise RenderError(f"dot failed: {done.stderr.strip().splitlines()[0] if done.stderr.strip() else done.returncode}")
+            first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit code {done.returncode}"
+            raise RenderError(f"dot failed: {first}")
         return path
     if chosen == "matplotlib":
         return _draw_with_matplotlib(graph, path, fmt)

@@ -226,7 +226,9 @@ class Record:
                 vals[i] = p
             return operand.chain_fn(*vals)
 
+        names = [self.tape.name_of(p) for p in leaf_params]
+        if piece.G.shape[0] == 0:
+            return [(n, Explicit(p.new_zeros(0, *p.shape))) for n, p in zip(names, leaf_params)]
         _, pullback = vjp(chain, *[p.detach() for p in leaf_params])
         grads = vmap(pullback)(piece.G)
-        names = [self.tape.name_of(p) for p in leaf_params]
         return [(n, Explicit(G)) for n, G in zip(names, grads)]

@@ -29,6 +29,10 @@ import torch
 
 
 class DPOptimizer:
+    """Wraps `optimizer`: each `step()` adds N(0, (σR)²) to the summed clipped gradients, divides by
+    `expected_batch_size`, then steps. `max_grad_norm` may be omitted when `model=` gives it;
+    `seed` or `generator` make the noise reproducible; `accountant` + `sample_rate` record each step."""
+
     def __init__(
         self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm=None,
         expected_batch_size: float, generator: torch.Generator | None = None, seed: int | None = None, model=None,
@@ -52,8 +56,10 @@ class DPOptimizer:
         self.expected_batch_size = expected_batch_size
         if generator is None:
             generator = torch.Generator()
-            # an unseeded generator seeds itself; torch.seed() would reseed the global RNG too
-            generator.manual_seed(seed) if seed is not None else generator.seed()
+            if seed is not None:
+                generator.manual_seed(seed)
+            else:
+                generator.seed()  # a fresh seed for this generator only (torch.seed() would reseed the global RNG)
         self.generator = generator
         self.accountant = accountant
         self.sample_rate = sample_rate

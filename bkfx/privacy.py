@@ -87,6 +87,7 @@ def make_private(
     if batch_size is None and sample_rate is None and isinstance(data, DataLoader):
         batch_size = data.batch_size
     sample_rate = _sample_rate(len(dataset), batch_size, sample_rate)
+    expected_batch_size = batch_size if batch_size is not None else sample_rate * len(dataset)
 
     sampling_seed, noise_seed = (None, None) if seed is None else np.random.SeedSequence(seed).generate_state(2)
     loader = poisson_loader(
@@ -100,15 +101,15 @@ def make_private(
         model, max_grad_norm=max_grad_norm, clipping=clipping, style=style, loss_reduction=loss_reduction,
         **compile_options,
     )
-    ledger = Accountant(accountant)
+    account = Accountant(accountant)
     dp_optimizer = DPOptimizer(
-        optimizer, noise_multiplier=noise_multiplier, expected_batch_size=loader.batch_sampler.expected_batch_size,
-        seed=None if noise_seed is None else int(noise_seed), model=dp_model, accountant=ledger,
+        optimizer, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+        seed=None if noise_seed is None else int(noise_seed), model=dp_model, accountant=account,
         sample_rate=sample_rate,
     )
     if max_physical_batch_size is not None:
         loader = PhysicalBatches(loader, max_physical_batch_size, dp_optimizer)
-    return PrivateTraining(dp_model, dp_optimizer, loader, ledger)
+    return PrivateTraining(dp_model, dp_optimizer, loader, account)
 
 
 def _check_optimizer(model: nn.Module, optimizer) -> None:

@@ -1,6 +1,6 @@
 """DP-SGD with bkfx on scikit-learn's handwritten digits (8x8 images, 10 classes), to a target ε.
 
-    python examples/train_digits.py                        # ε = 3, δ = 1e-5, 20 epochs
+    python examples/train_digits.py                        # ε = 3, δ = 1e-5, 30 epochs
     python examples/train_digits.py --target-epsilon 1     # more noise, lower accuracy
     python examples/train_digits.py --style layer-wise --clipping automatic
 
@@ -83,10 +83,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="DP-SGD on sklearn digits with bkfx.make_private")
     ap.add_argument("--target-epsilon", type=float, default=3.0)
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=128, help="expected logical batch size (Poisson sampling)")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=256, help="expected logical batch size (Poisson sampling)")
     ap.add_argument("--max-physical-batch-size", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=2.0, help="initial learning rate, cosine-annealed to 0")
     ap.add_argument("--momentum", type=float, default=0.0)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--clipping", default="abadi", choices=["abadi", "automatic"])
@@ -111,6 +111,8 @@ def main(argv=None):
           f"{args.batch_size / len(train_set):.4f}), {args.epochs} epochs: noise multiplier "
           f"{optimizer.noise_multiplier:.3f} for ε = {args.target_epsilon} at δ = {args.delta} ({args.accountant})")
 
+    # schedulers take the wrapped torch optimizer, whose param_groups the DP optimizer steps
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer.optimizer, T_max=args.epochs)
     curve = []
     progress = tqdm(total=args.epochs * len(loader) if hasattr(loader, "__len__") else None, unit="step",
                     dynamic_ncols=True)
@@ -122,6 +124,7 @@ def main(argv=None):
             optimizer.zero_grad()
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        schedule.step()
         eps, acc = accountant.epsilon(args.delta), accuracy(model, xte, yte)
         curve.append((eps, acc))
         progress.write(f"epoch {epoch:3d}  ε {eps:6.3f}  test accuracy {acc:.3f}")

@@ -19,7 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from bkfx.testing import assert_matches_reference, clip_factors, per_sample_gradients
+import bkfx
+from bkfx.testing import assert_matches_reference, clipped_sum_reference, per_sample_gradients
 
 ACTIVATIONS = {
     "relu": torch.relu,
@@ -62,6 +63,7 @@ def dp_options(draw) -> dict:
         clipping=draw(st.sampled_from(["abadi", "automatic"])),
         loss_reduction=draw(st.sampled_from(["mean", "sum"])),
         norm_mode=draw(st.sampled_from(["auto", "ghost", "explicit"])),
+        style=draw(st.sampled_from(["all-layer", "layer-wise", "param-wise"])),
     )
 
 
@@ -117,7 +119,8 @@ def mlps(draw) -> MLPSpec:
         residual.append(width == prev and draw(st.booleans()))
         widths.append(width)
         prev = width
-    frozen = draw(st.lists(st.booleans(), min_size=depth, max_size=depth).filter(lambda f: not all(f)))
+    trainable = draw(st.integers(0, depth - 1))  # at least one layer stays trainable
+    frozen = [i != trainable and draw(st.booleans()) for i in range(depth)]
     return MLPSpec(
         d_in=d_in,
         widths=tuple(widths),
@@ -207,11 +210,11 @@ class SeqModel(nn.Module):
 
 
 @st.composite
-def sequence_models(draw) -> SeqSpec:
+def sequence_models(draw, min_width: int = 1) -> SeqSpec:
     vocab = draw(st.integers(2, 16))
     return SeqSpec(
         vocab=vocab,
-        d=draw(WIDTH),
+        d=draw(st.integers(min_width, 16)),
         hidden=draw(WIDTH),
         n_blocks=draw(st.integers(1, 3)),
         activation=draw(ACTIVATION),
@@ -413,11 +416,15 @@ def summand_scale(model, loss_fn, inputs, targets, options) -> float:
     absolute tolerance; the relative one stays 1e-4.
     """
     grads = per_sample_gradients(model, loss_fn, inputs, targets)
-    rows = [g.reshape(g.shape[0], -1) for g in grads.values()]
-    norms = torch.cat(rows, 1).pow(2).sum(1).sqrt()
-    c = clip_factors(norms, options["max_grad_norm"], options["clipping"])
-    terms = torch.cat(rows, 1).abs().max(1).values * c
-    return (terms.max().item() / (len(norms) if options["loss_reduction"] == "mean" else 1)) if len(norms) else 0.0
+    groups = bkfx.compile(model, **options)._clip.groups
+    scale = 0.0
+    for i in range(targets.shape[0]):
+        term, _ = clipped_sum_reference(
+            {n: g[i : i + 1] for n, g in grads.items()}, max_grad_norm=options["max_grad_norm"],
+            clipping=options["clipping"], loss_reduction="sum", groups=groups,
+        )
+        scale = max(scale, *(t.abs().max().item() for t in term.values()))
+    return scale / targets.shape[0] if options["loss_reduction"] == "mean" else scale
 
 
 def check(spec, seed: int, options: dict, dtype=torch.float64):
@@ -463,6 +470,12 @@ def test_tied_sites(spec, seed, options):
     check(spec, seed, options)
 
 
-@given(spec=mlps() | sequence_models() | functional_models() | tied_models(), seed=SEEDS, options=dp_options())
+# LayerNorm over 2 features maps every input to about (-1, 1) or (1, -1); its backward is then
+# float32 cancellation noise, as far from the float64 truth in the reference as in bkfx. The
+# float64 properties above cover those widths.
+@given(
+    spec=mlps() | sequence_models(min_width=3) | functional_models() | tied_models(), seed=SEEDS,
+    options=dp_options(),
+)
 def test_float32(spec, seed, options):
     check(spec, seed, options, dtype=torch.float32)

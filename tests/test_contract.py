@@ -203,8 +203,7 @@ def test_train_eval_switch_recaptures():
     x, y = batch(6)
     dp(x)  # training mode: dropout active
     assert len(dp._captures) == 1
-    dp.eval()
-    assert not model.training and not model.drop.training
+    model.eval()
     out = dp(x)
     assert len(dp._captures) == 2
     assert torch.equal(out, model(x))
@@ -213,9 +212,13 @@ def test_train_eval_switch_recaptures():
     ce()(out, y).backward()
     assert_grads(model, expected)
     assert_close(dp.per_sample_norms, norms, "per-sample norms")
-    dp.train()
+    dp.train()  # switches the model too, back to the first capture
+    assert model.training and model.drop.training
     dp(x)
-    assert model.training and len(dp._captures) == 2
+    assert len(dp._captures) == 2
+    dp.eval()
+    assert not model.training and not model.drop.training
+    assert torch.equal(dp(x), model(x)) and len(dp._captures) == 2
 
 
 def test_per_sample_norms_are_the_reference_norms():
@@ -345,4 +348,23 @@ def test_batch_norm_in_eval_mode_matches_the_reference():
     model(torch.randn(16, 4, dtype=f64))  # running statistics away from their initial values
     model.eval()
     x, y = batch(6)
+    assert_matches_reference(model, ce(), x, y, max_grad_norm=0.1)
+
+
+class ScalarGain(nn.Module):
+    """A 0-dimensional parameter: its per-sample gradients are [B]."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.fc(x) * self.gain
+
+
+def test_zero_dimensional_parameter_matches_the_reference():
+    torch.manual_seed(0)
+    model = ScalarGain().double()
+    x, y = batch(5)
     assert_matches_reference(model, ce(), x, y, max_grad_norm=0.1)

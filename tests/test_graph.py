@@ -76,6 +76,19 @@ def test_tied_parameters_are_linked(dp):
     assert tied_links(graph) == [(users[0], users[1], "emb.weight")]
 
 
+def test_tied_sites_joined_by_data_flow_mark_that_edge(tmp_path):
+    fc = nn.Linear(3, 3)
+    dp = bkfx.compile(nn.Sequential(fc, fc))  # the same layer twice in a row
+    dp(torch.randn(2, 3))
+    graph = to_networkx(dp)
+    first, second = (s.node for s in dp.sites)
+    assert graph.edges[first, second]["kind"] == "data"
+    assert sorted(tied_links(graph)) == [(first, second, "0.bias"), (first, second, "0.weight")]
+    back = nx.nx_pydot.read_dot(str(write_dot(graph, tmp_path / "twice.dot")))
+    (edge,) = [d for u, v, d in back.edges(data=True) if (u, v) == (first, second)]
+    assert sorted(unquote(edge["tied"]).split(",")) == ["0.bias", "0.weight"]
+
+
 def test_dot_parses_back_with_networkx(dp, tmp_path):
     graph = to_networkx(dp)
     path = write_dot(graph, tmp_path / "plan.dot")

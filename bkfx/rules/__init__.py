@@ -12,6 +12,7 @@ Norms, tied parameters, clipping and the clipped sum are shared code (`bkfx.fact
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,7 +72,7 @@ def rows(t: torch.Tensor, layout: SampleLayout, feature_dim: int) -> torch.Tenso
     moved = batch_first(t, layout)
     f = f + 1 if f < layout.dim else (f + 2 if layout.merged else f)
     moved = moved.movedim(f, -1)
-    return moved.reshape(moved.shape[0], -1, moved.shape[-1])
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:-1]), moved.shape[-1])
 
 
 def sum_to(t: torch.Tensor, layout: SampleLayout, shape) -> torch.Tensor:

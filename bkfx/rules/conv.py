@@ -57,8 +57,8 @@ def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
             x = x[..., ::d]
     # x: [B, C, *out, k_1, ..., k_n]
     x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
-    B, out = x.shape[0], x.shape[1 : 1 + n]
-    return x.reshape(B, math.prod(out), -1)
+    B, out, field = x.shape[0], x.shape[1 : 1 + n], x.shape[1 + n :]
+    return x.reshape(B, math.prod(out), math.prod(field))
 
 
 @rule("conv1d", "conv2d", "conv3d")

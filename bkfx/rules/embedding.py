@@ -7,6 +7,8 @@ matrix `[idx_t == idx_s]`, costing `B T²` comparisons, not `B T² V`.
 """
 from __future__ import annotations
 
+import math
+
 from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.factors import Dense, Factored, OneHot
 from bkfx.layout import batch_first
@@ -37,6 +39,7 @@ class Embedding:
     def piece(call, path):
         weight, idx = call.args[0], call.args[1]
         padding_idx = call.args[2] if len(call.args) > 2 else call.kwargs.get("padding_idx", -1)
-        flat = batch_first(idx, call.layouts[(1,)]).reshape(call.batch, -1)
+        moved = batch_first(idx, call.layouts[(1,)])
+        flat = moved.reshape(call.batch, math.prod(moved.shape[1:]))
         mask = (flat != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
         return Factored(OneHot(flat, weight.shape[0], mask), Dense(rows(call.g, call.out_layout, -1)))

@@ -44,6 +44,8 @@ class Fallback:
         samples = [get_path(call.args, p) for p in paths]
         dims = [call.layouts[p].dim for p in paths]
         param = get_path(call.args, path)
+        if call.batch == 0:
+            return Explicit(param.new_zeros(0, *param.shape))
 
         def per_sample(g_i, *xs):
             def f(p):

@@ -64,7 +64,8 @@ def clipped_sum_reference(
     B = next(iter(grads.values())).shape[0]
     out, total = {}, torch.zeros(B, dtype=next(iter(grads.values())).dtype)
     for group, r in zip(groups, R):
-        sq = sum((grads[n].flatten(1).pow(2).sum(1) for n in group if n in grads), torch.zeros_like(total))
+        sq = sum((grads[n].reshape(B, -1).pow(2).sum(1) if B else torch.zeros(0, dtype=total.dtype)
+                  for n in group if n in grads), torch.zeros_like(total))
         total = total + sq
         c = clip_factors(sq.sqrt(), r, clipping, gamma)
         for n in group:
