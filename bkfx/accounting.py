@@ -85,7 +85,7 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 @contextlib.contextmanager
 def _quiet_absl():
     # The search visits small σ where dp_accounting drops orders whose series does not
-    # converge (a conservative choice) and logs a warning for each; the answer is unaffected.
+    # converge and logs a warning for each; dropping an order only raises ε, so the answer stays valid.
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)

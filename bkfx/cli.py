@@ -250,12 +250,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = None
-    # torch's warnings about its own internals are not the user's business here, and stderr is for errors
-    warnings.filterwarnings("ignore", module=r"torch(\.|$)")
     try:
         args = parser().parse_args(argv)
         torch.manual_seed(args.seed)
-        return {"inspect": inspect, "check": check}[args.command](args)
+        with warnings.catch_warnings():
+            # torch's warnings about its own internals are not the user's business here; stderr is for errors
+            warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+            return {"inspect": inspect, "check": check}[args.command](args)
     except Exception as e:
         if args is not None and args.traceback:
             raise

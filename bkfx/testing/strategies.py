@@ -226,12 +226,13 @@ def cnns(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torc
         pad = (kernel - 1) // 2 if padding == "same" else padding
         out = (h if padding == "same" else (h + 2 * pad - kernel) // stride + 1,
                w if padding == "same" else (w + 2 * pad - kernel) // stride + 1)
-        # GroupNorm needs more than one value per group and sample
-        groups_ok = [g for g in _divisors(channels)[:3] if channels // g * out[0] * out[1] > 1]
+        # GroupNorm needs more than one value per group and sample; with two, it maps any input to ±1
+        groups_ok = [g for g in _divisors(channels)[:3] if channels // g * out[0] * out[1] > 2]
         norm_groups = draw(st.sampled_from([0, *groups_ok]))
         # Degenerate layers have gradients that are exactly zero, which the comparison sees as
-        # rounding noise: a bias before a GroupNorm cancels, and a normalised group with no
-        # activation averages to a constant under the mean pooling.
+        # rounding noise (and, when every per-sample gradient is collinear, clipped sums that
+        # cancel to noise too): a bias before a GroupNorm cancels, and a normalised group with
+        # no activation averages to a constant under the mean pooling.
         activation = draw(st.sampled_from([a for a in sorted(ACTIVATIONS) if a != "identity"]) if norm_groups
                           else _ACTIVATION)
         layers.append(ConvLayer(
