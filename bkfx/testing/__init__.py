@@ -58,11 +58,17 @@ def clipped_sum_reference(
     `Σ_i C_i G_i` (sum) or `(1/B) Σ_i C_i G_i` (mean), with `C_i` computed per group from
     the group's per-sample norm.
     """
+    out, total, _ = _clipped(grads, max_grad_norm, clipping, loss_reduction, groups, gamma)
+    return out, total
+
+
+def _clipped(grads, max_grad_norm, clipping, loss_reduction, groups, gamma):
+    """The clipped sums, the per-sample norms, and the largest entry of any one summand `C_i G_i`."""
     names = list(grads)
     groups = groups or [names]
     R = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm] * len(groups)
     B = next(iter(grads.values())).shape[0]
-    out, total = {}, torch.zeros(B, dtype=next(iter(grads.values())).dtype)
+    out, total, term = {}, torch.zeros(B, dtype=next(iter(grads.values())).dtype), 0.0
     for group, r in zip(groups, R):
         sq = sum((grads[n].reshape(B, -1).pow(2).sum(1) if B else torch.zeros(0, dtype=total.dtype)
                   for n in group if n in grads), torch.zeros_like(total))
@@ -72,7 +78,10 @@ def clipped_sum_reference(
             if n in grads:
                 s = torch.einsum("b,b...->...", c, grads[n])
                 out[n] = s / B if loss_reduction == "mean" else s
-    return out, total.sqrt()
+                if B and grads[n].numel():
+                    terms = (c.reshape(B, *[1] * (grads[n].dim() - 1)) * grads[n]).abs().max().item()
+                    term = max(term, terms / B if loss_reduction == "mean" else terms)
+    return out, total.sqrt(), term
 
 
 def assert_matches_reference(
@@ -84,10 +93,11 @@ def assert_matches_reference(
     error per parameter.
 
     A parameter's error is `max|grad - reference|` over the largest reference entry of that
-    parameter; when a parameter's true gradient is below 1e-6 (float64) or 1e-3 (float32)
-    of the largest entry over all parameters, that floor is the denominator instead (the
-    entries are then rounding noise of sums that cancel). Tolerance: 1e-6 (float64) or
-    1e-4 (float32) unless given.
+    parameter. Rounding error scales with the summands `C_i G_i`, not with their sum: when
+    clipped terms cancel (two samples with opposite gradients clipped to the same norm),
+    the result is rounding noise. So the denominator is never below 1e-6 (float64) or 1e-3
+    (float32) of the largest entry of any one summand. Tolerance: 1e-6 (float64) or 1e-4
+    (float32) unless given.
     """
     import bkfx
 
@@ -98,10 +108,9 @@ def assert_matches_reference(
     ref_grads = per_sample_gradients(model, loss_fn, inputs_t, targets, method=method)
     dp = bkfx.compile(model, **compile_options)
     groups = dp._clip.groups
-    expected, norms = clipped_sum_reference(
-        ref_grads, max_grad_norm=compile_options.get("max_grad_norm", 1.0),
-        clipping=compile_options.get("clipping", "abadi"), loss_reduction=reduction, groups=groups,
-        gamma=compile_options.get("gamma", 0.01),
+    expected, norms, term = _clipped(
+        ref_grads, compile_options.get("max_grad_norm", 1.0), compile_options.get("clipping", "abadi"), reduction,
+        groups, compile_options.get("gamma", 0.01),
     )
     for p in model.parameters():
         p.grad = None
@@ -109,8 +118,7 @@ def assert_matches_reference(
     loss = loss_fn(out, targets)
     loss.backward()
     errors = {}
-    top = max((w.abs().max().item() for w in expected.values() if w.numel()), default=0.0)
-    floor = (1e-6 if dtype == torch.float64 else 1e-3) * top
+    floor = (1e-6 if dtype == torch.float64 else 1e-3) * term
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, f"frozen parameter {name} received a gradient"

@@ -330,7 +330,9 @@ class SequenceModel(nn.Module):
 def sequence_models(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
     """Language models on token ids `[B, T]` with a token-level cross-entropy loss."""
     heads = draw(st.integers(1, 2))
-    vocab = draw(st.integers(2, 12))
+    # two classes make the clipped gradients of one input with either label exactly opposite: with
+    # few distinct token sequences their sum cancels, and the comparison would judge rounding noise
+    vocab = draw(st.integers(3, 12))
     seq = draw(st.integers(1, 8))
     spec = SequenceSpec(
         vocab=vocab, d=heads * draw(st.integers(1, 4)), heads=heads, hidden=draw(st.integers(1, 12)),
