@@ -5,9 +5,10 @@
 
 Step time: every method trains the same model (same initial weights, same batch) in one
 process, the methods taking turns step by step; medians over --steps after --warmup.
-Ratios are to non-private training measured in that same run. Peak memory: a fresh
-subprocess per (model, method) running a few steps; on CPU its peak RSS, on GPU
-`torch.cuda.max_memory_allocated`. Results go to benchmarks/results/ (markdown, JSON, PNG).
+Ratios are to non-private training measured in that same run. Step memory: a fresh
+subprocess per (model, method) warms up, then measures what one step needs above the
+resting state: on CPU the peak RSS (kernel peak reset first) minus the RSS before the
+step, on GPU `torch.cuda.max_memory_allocated` minus the allocated memory before it. Results go to benchmarks/results/ (markdown, JSON, PNG).
 """
 from __future__ import annotations
 
@@ -141,21 +142,31 @@ def time_methods(model_name, args, device):
 
 
 def memory_probe(model_name, method, args, device):
+    """MiB one training step needs above the resting state (model, optimizer, interpreter)."""
+    from group_memory import peak_rss_bytes, reset_peak, rss_bytes
+
     factory, x, y, loss_fn = workload(model_name, args.batch, args.seq)
     t = Trainer(method, factory, x, y, loss_fn, device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
+    for _ in range(2):
         t.step()
     if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+        torch.cuda.synchronize()
+        resting = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t.step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - resting) / 2**20
+    resting = rss_bytes()
+    reset_peak()
+    t.step()
+    return (peak_rss_bytes() - resting) / 2**20
 
 
 def measure_memory(model_name, method, args):
     cmd = [sys.executable, __file__, "--probe", model_name, method, "--batch", str(args.batch), "--seq", str(args.seq),
            "--device", args.device]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # glibc's fixed 64 KiB mmap threshold returns freed tensors at once, so resting RSS is what is live
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
     lines = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MIB ")]
     return float(lines[-1].split()[1]) if lines else None
 
@@ -189,7 +200,7 @@ def main():
         for m, s in medians.items():
             mem = memory.get(m)
             print(f"  {m:16s} {s:8.4f}s  {s / base if base else float('nan'):5.2f}x"
-                  + (f"  peak {mem:8.0f} MiB" if mem else ""), flush=True)
+                  + (f"  step memory {mem:8.1f} MiB" if mem else ""), flush=True)
         for m, why in failures.items():
             print(f"  {m:16s} failed: {why}", flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -207,7 +218,7 @@ def markdown(results, args) -> str:
         f"Machine: {results['machine']}; torch {results['torch']}; batch {results['batch']}, "
         f"seq {results['seq']} (GPT-2); median of {results['steps']} steps after warm-up.\n",
         f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`\n",
-        "| model | method | median step (s) | time vs non-private | peak memory (MiB) | memory vs non-private |",
+        "| model | method | median step (s) | time vs non-private | step memory (MiB) | memory vs non-private |",
         "|---|---|---|---|---|---|",
     ]
     for model, r in results["models"].items():
@@ -215,7 +226,7 @@ def markdown(results, args) -> str:
         for m, s in r["median_s"].items():
             mem = r["peak_mib"].get(m)
             lines.append(
-                f"| {model} | {m} | {s:.4f} | {s / base_t:.2f}x | {f'{mem:.0f}' if mem else '-'} | "
+                f"| {model} | {m} | {s:.4f} | {s / base_t:.2f}x | {f'{mem:.1f}' if mem else '-'} | "
                 f"{f'{mem / base_m:.2f}x' if mem and base_m else '-'} |"
             )
         for m, why in r["failed"].items():
