@@ -165,12 +165,20 @@ class DPModel(nn.Module):
     def sites(self) -> list[Site]:
         return self._require_capture().sites
 
-    def plan(self) -> list[dict]:
+    def plan(self, batch: int | None = None) -> list[dict]:
+        """The plan as records (one per site and parameter operand), numbers at `batch`."""
         from bkfx.explain import plan_records
 
-        return plan_records(self._require_capture())
+        return plan_records(self._require_capture(), batch)
 
-    def explain(self) -> str:
+    def explain(self, batch: int | None = None) -> str:
+        """The plan as a table: site, op, source, parameters, T, p, d, mode and why, costs."""
         from bkfx.explain import explain
 
-        return explain(self._require_capture())
+        return explain(self._require_capture(), batch)
+
+    def graph_nx(self):
+        """The rewritten graph of the last capture as a networkx DiGraph (`bkfx.graph.to_networkx`)."""
+        from bkfx.graph import to_networkx
+
+        return to_networkx(self)

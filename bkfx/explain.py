@@ -78,15 +78,15 @@ def _decision(site, operand, batch, size: int) -> tuple[str, str, str]:
     if site.reason == "user override":
         return site.mode, "user override", f"user override: norm_mode={site.mode!r}"
     factored = [o.spec for o in site.operands if o.spec.kind == "factored"]
-    ghost = sympy.expand(_in_B(sum(s.time_ghost for s in factored), batch))
-    explicit = sympy.expand(_in_B(sum(s.time_explicit for s in factored), batch))
+    ghost = sympy.expand(_in_B(sum(s.mem_ghost for s in factored), batch))
+    explicit = sympy.expand(_in_B(sum(s.mem_explicit for s in factored), batch))
     if site.mode == "guard":
         margin = _in_B(site.guard, batch)
         return site.mode, "run-time guard", (
             f"run-time guard: ghost iff {margin} >= 0 ({_effective_mode(site, batch, size)} at B={size})"
         )
     sign = "<=" if site.mode == "ghost" else ">"
-    return site.mode, "cost model", f"cost model: ghost {_text(ghost)} {sign} explicit {_text(explicit)}"
+    return site.mode, "cost model", f"cost model: ghost memory {_text(ghost)} {sign} explicit {_text(explicit)}"
 
 
 def _text(expr) -> str:

@@ -190,18 +190,13 @@ class Record:
         tape.site_done(site)
 
     def _ghost(self, factored: list[Factored]) -> bool:
-        """The site's mode; a guard is decided here with the actual sizes, by the same cost
-        formulas as the rules' specs (dense: T²(m+n) vs T·m·n; one-hot: T²(n+1) vs T·n + m·n)."""
+        """The site's mode; a guard is decided here with the actual sizes, by the cost model's
+        memory rule: ghost iff `Σ 2T² <= Σ m·n` over the site's factored pieces."""
         mode = self.site.mode
         if mode != "guard":
             return mode == "ghost"
-        ghost = explicit = 0
-        for f in factored:
-            T, m, n = f.R.t.shape[1], f.L.width, f.R.width
-            if isinstance(f.L, Dense):
-                ghost, explicit = ghost + T * T * (m + n), explicit + T * m * n
-            else:
-                ghost, explicit = ghost + T * T * (n + 1), explicit + T * n + m * n
+        ghost = sum(2 * f.R.t.shape[1] ** 2 for f in factored)
+        explicit = sum(f.L.width * f.R.width for f in factored)
         return ghost <= explicit
 
     def _to_params(self, operand, piece):

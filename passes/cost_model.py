@@ -1,11 +1,15 @@
 """cost_model: ghost or explicit norm per site, from symbolic costs.
 
-For a site's factored operands, ghost norms cost `Σ B T² (m+n)` time and `B T²`
-memory; explicit ones `Σ B T m n` time and `B m n` memory. The site is ghost iff its
-ghost time is at most its explicit time. The batch size B divides out; when the
-difference still depends on a dynamic size the decision becomes a guard that the
-runtime evaluates with the actual sizes. `norm_mode` ("ghost" / "explicit", or a
-dict from site node name or parameter name to a mode) overrides the choice.
+Each rule states the extra time and memory of both modes for its factored operands
+(dense: ghost `B T² (m+n+1)` time and `2 B T²` memory for the Gram matrices; explicit
+`2 B m n` time and `B m n` memory for the per-sample gradients, which stay alive until
+the clip factors are known). The site is ghost iff its ghost memory is at most its
+explicit memory — for a linear layer `2 T² <= p d`, fastDP's rule — since per-sample
+gradients of every layer at once are what makes DP training run out of memory; both
+costs are reported. The batch size B divides out; when the difference still depends on
+a dynamic size the decision becomes a guard that the runtime evaluates with the actual
+sizes. `norm_mode` ("ghost" / "explicit", or a dict from site node name or parameter
+name to a mode) overrides the choice.
 """
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ def _decide(site: Site, batch: sympy.Symbol, norm_mode) -> None:
         site.mode = "explicit"
         site.reason = "explicit rule" if all(o.rule.name != "Fallback" for o in site.operands) else "fallback (vmap of vjp)"
         return
-    ghost = sum(s.time_ghost for s in factored)
-    explicit = sum(s.time_explicit for s in factored)
+    ghost = sum(s.mem_ghost for s in factored)
+    explicit = sum(s.mem_explicit for s in factored)
     forced = _override(site, norm_mode)
     if forced is not None:
         if forced not in ("ghost", "explicit"):
@@ -56,4 +60,4 @@ def _decide(site: Site, batch: sympy.Symbol, norm_mode) -> None:
         return
     site.mode = "ghost" if margin >= 0 else "explicit"
     g, e = sympy.simplify(ghost / batch), sympy.simplify(explicit / batch)
-    site.reason = f"ghost B*{g} {'<=' if margin >= 0 else '>'} explicit B*{e}"
+    site.reason = f"memory: ghost B*{g} {'<=' if margin >= 0 else '>'} explicit B*{e}"

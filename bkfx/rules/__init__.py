@@ -98,12 +98,19 @@ def numel(shape) -> sympy.Expr:
 
 
 def factored_spec(T, m, n, batch) -> PieceSpec:
-    """Costs of a dense factored site: ghost `B T² (m+n)` vs explicit `B T m n` (time)."""
+    """Extra costs of the per-sample norm of a dense factored site, beyond the non-private
+    weight gradient `(C ⊙ L)ᵀ R` (B·T·m·n, which both modes pay once):
+
+    - ghost: the Gram matrices `L Lᵀ`, `R Rᵀ` and their inner product, time `B T² (m+n+1)`,
+      memory `2 B T²`;
+    - explicit: materialising `L_iᵀ R_i` replaces the weight-gradient matmul, then its norm
+      and the weighted sum, time `2 B m n`, memory `B m n` (kept until the clip factors are known).
+    """
     T, m, n = (sympy.simplify(x) for x in (T, m, n))
     return PieceSpec(
         "factored", T, m, n,
-        time_ghost=batch * T**2 * (m + n), mem_ghost=batch * T**2,
-        time_explicit=batch * T * m * n, mem_explicit=batch * m * n,
+        time_ghost=batch * T**2 * (m + n + 1), mem_ghost=2 * batch * T**2,
+        time_explicit=2 * batch * m * n, mem_explicit=batch * m * n,
     )
 
 

@@ -32,8 +32,8 @@ class Embedding:
         T = numel(shape_of(node.args[1])) / batch
         return PieceSpec(
             "factored", T, V, d,
-            time_ghost=batch * T**2 * (d + 1), mem_ghost=batch * T**2,
-            time_explicit=batch * (T * d + V * d), mem_explicit=batch * V * d,
+            time_ghost=batch * T**2 * (d + 2), mem_ghost=2 * batch * T**2,
+            time_explicit=2 * batch * V * d, mem_explicit=batch * V * d,
         )
 
     def piece(call, path):
