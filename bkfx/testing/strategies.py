@@ -226,7 +226,9 @@ def cnns(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torc
         pad = (kernel - 1) // 2 if padding == "same" else padding
         out = (h if padding == "same" else (h + 2 * pad - kernel) // stride + 1,
                w if padding == "same" else (w + 2 * pad - kernel) // stride + 1)
-        groups_ok = [g for g in _divisors(channels)[:3] if channels // g * out[0] * out[1] > 1]  # torch needs 2+
+        # GroupNorm over fewer than 4 values is ill-conditioned (its backward amplifies rounding by
+        # up to 1/sqrt(eps)), which would test float64 noise, not bkfx
+        groups_ok = [g for g in _divisors(channels)[:3] if channels // g * out[0] * out[1] >= 4]
         norm_groups = draw(st.sampled_from([0, *groups_ok]))
         layers.append(ConvLayer(  # no bias before a GroupNorm: it cancels, its gradient is rounding noise
             channels=channels, kernel=kernel, stride=stride, padding=padding, groups=groups,
