@@ -91,11 +91,16 @@ def per_sample(L: Factor, R: Dense) -> torch.Tensor:
 
 
 def clipped_sum(L: Factor, R: Dense, c: torch.Tensor) -> torch.Tensor:
-    """`Σ_i c_i L_iᵀ R_i = (c ⊙ L)ᵀ R`: `[m, n]`, one matmul (or one index_add)."""
-    scaled = R.t * c[:, None, None].to(R.t.dtype)
+    """`Σ_i c_i L_iᵀ R_i = (c ⊙ L)ᵀ R`: `[m, n]`, one matmul (or one index_add).
+
+    The clip factors scale whichever dense factor is narrower (fewer entries to touch)."""
+    c = c.to(R.t.dtype)[:, None, None]
     n = R.t.shape[2]
     if isinstance(L, Dense):
-        return L.t.reshape(-1, L.width).transpose(0, 1) @ scaled.reshape(-1, n)
+        if L.width < n:
+            return (L.t * c).reshape(-1, L.width).transpose(0, 1) @ R.t.reshape(-1, n)
+        return L.t.reshape(-1, L.width).transpose(0, 1) @ (R.t * c).reshape(-1, n)
+    scaled = R.t * c
     if L.mask is not None:
         scaled = scaled * L.mask[:, :, None]
     return R.t.new_zeros(L.size, n).index_add_(0, L.idx.reshape(-1), scaled.reshape(-1, n))
