@@ -41,7 +41,3 @@ def batch_first(t: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
     batch = size // (layout.before * layout.after)
     t = t.reshape(*t.shape[:d], layout.before, batch, layout.after, *t.shape[d + 1 :])
     return t.movedim(d + 1, 0)
-
-
-def batch_size(t: torch.Tensor, layout: SampleLayout) -> int:
-    return t.shape[layout.dim] // (layout.before * layout.after)

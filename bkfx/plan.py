@@ -6,7 +6,7 @@ call of `bkfx.ops.site` carrying the site's id; the runtime reads the plan back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import sympy
@@ -72,9 +72,7 @@ class Site:
     out_layout: SampleLayout
     mode: str = "ghost"  # "ghost" | "explicit" | "guard" (decided at run time) | "fallback"
     reason: str = ""
-    guard: sympy.Expr | None = None  # ghost iff guard > 0, in the run's sizes
-    guard_symbols: tuple = ()
-    shapes: dict[str, Any] = field(default_factory=dict)  # concrete T, m, n of the last capture
+    guard: sympy.Expr | None = None  # ghost iff guard >= 0, in the run's sizes
 
     @property
     def params(self) -> list[str]:

@@ -55,7 +55,6 @@ def _decide(site: Site, batch: sympy.Symbol, norm_mode) -> None:
     margin = sympy.simplify((explicit - ghost) / batch)
     if margin.free_symbols:
         site.mode, site.guard = "guard", margin
-        site.guard_symbols = tuple(sorted(margin.free_symbols, key=str))
         site.reason = f"run-time guard: ghost iff {margin} >= 0"
         return
     site.mode = "ghost" if margin >= 0 else "explicit"
