@@ -70,10 +70,9 @@ class DPModel(nn.Module):
         self.module = model
         self.loss_reduction = loss_reduction
         self.norm_mode = norm_mode
-        trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        groups = groups_for(style, list(trainable.values()))
+        groups = groups_for(style, list(self._params))
         self._clip = ClipConfig(groups, thresholds(max_grad_norm, groups), clipping, loss_reduction, gamma)
         self._captures: dict[tuple, Compiled] = {}
         self._last: Compiled | None = None
