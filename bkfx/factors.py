@@ -90,20 +90,49 @@ def per_sample(L: Factor, R: Dense) -> torch.Tensor:
     return out.scatter_add_(1, L.idx[:, :, None].expand(-1, -1, n), rows)
 
 
-def clipped_sum(L: Factor, R: Dense, c: torch.Tensor) -> torch.Tensor:
+def clipped_sum(L: Factor, R: Dense, c: torch.Tensor, scaled=None) -> torch.Tensor:
     """`Σ_i c_i L_iᵀ R_i = (c ⊙ L)ᵀ R`: `[m, n]`, one matmul (or one index_add).
 
-    The clip factors scale whichever dense factor is narrower (fewer entries to touch)."""
+    The clip factors scale whichever dense factor is narrower (fewer entries to touch), or
+    at equal widths the one `scaled` (a `ScaledCache`) already holds, so the q, k and v
+    projections of one input scale it once."""
     c = c.to(R.t.dtype)[:, None, None]
+    scale = scaled if scaled is not None else (lambda t, c: t * c)
     n = R.t.shape[2]
     if isinstance(L, Dense):
-        if L.width < n:
-            return (L.t * c).reshape(-1, L.width).transpose(0, 1) @ R.t.reshape(-1, n)
-        return L.t.reshape(-1, L.width).transpose(0, 1) @ (R.t * c).reshape(-1, n)
-    scaled = R.t * c
+        if L.width < n or (L.width == n and scaled is not None and L.t in scaled):
+            return scale(L.t, c).reshape(-1, L.width).transpose(0, 1) @ R.t.reshape(-1, n)
+        return L.t.reshape(-1, L.width).transpose(0, 1) @ scale(R.t, c).reshape(-1, n)
+    scaled_rows = scale(R.t, c)
     if L.mask is not None:
-        scaled = scaled * L.mask[:, :, None]
-    return R.t.new_zeros(L.size, n).index_add_(0, L.idx.reshape(-1), scaled.reshape(-1, n))
+        scaled_rows = scaled_rows * L.mask[:, :, None]
+    return R.t.new_zeros(L.size, n).index_add_(0, L.idx.reshape(-1), scaled_rows.reshape(-1, n))
+
+
+class ScaledCache:
+    """`t * c` for the last few factors `t` of one group's clipped sums (one `c`). Views of one
+    tensor made by different sites are the same factor: the key is storage, shape and strides,
+    and each entry holds `t` so its storage cannot be reused while the entry lives."""
+
+    def __init__(self, capacity: int = 2):
+        self.capacity, self._items = capacity, {}  # key -> (t, t * c), oldest first
+
+    @staticmethod
+    def _key(t: torch.Tensor):
+        return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+    def __contains__(self, t: torch.Tensor) -> bool:
+        return self._key(t) in self._items
+
+    def __call__(self, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        key = self._key(t)
+        hit = self._items.pop(key, None)
+        if hit is None:
+            hit = (t, t * c)
+            while len(self._items) >= self.capacity:
+                self._items.pop(next(iter(self._items)))
+        self._items[key] = hit
+        return hit[1]
 
 
 def left_apply(L: Factor, G: torch.Tensor) -> torch.Tensor:
@@ -133,11 +162,13 @@ Piece = Factored | Explicit
 
 
 class GramCache:
-    """Gram matrices computed once per backward: sites that read the same activation
-    (q, k and v projections of one input) share `a aᵀ`."""
+    """Gram matrices shared between sites: the q, k and v projections of one input need its
+    `a aᵀ` once. Keeps the last `capacity` Grams, each with references to its factors' tensors
+    (so their storage, part of the key, cannot be reused while the entry lives)."""
 
-    def __init__(self):
-        self._grams: dict = {}
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._grams: dict = {}  # key -> (gram, factors), oldest first
 
     @staticmethod
     def _key(f: Factor):
@@ -147,9 +178,13 @@ class GramCache:
 
     def __call__(self, a: Factor, b: Factor) -> torch.Tensor:
         key = (self._key(a), self._key(b))
-        if key not in self._grams:
-            self._grams[key] = gram(a, b)
-        return self._grams[key]
+        hit = self._grams.pop(key, None)
+        if hit is None:
+            hit = (gram(a, b), (a, b))
+            while len(self._grams) >= self.capacity:
+                self._grams.pop(next(iter(self._grams)))
+        self._grams[key] = hit
+        return hit[0]
 
 
 def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
@@ -179,8 +214,8 @@ def _per_row(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 1 else x.flatten(1)
 
 
-def weighted_sum(piece: Piece, c: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def weighted_sum(piece: Piece, c: torch.Tensor, shape: torch.Size, scaled=None) -> torch.Tensor:
     """`Σ_i c_i G_i`, shaped like the parameter."""
     if isinstance(piece, Explicit):
         return torch.tensordot(c.to(piece.G.dtype), piece.G, dims=1)
-    return clipped_sum(piece.L, piece.R, c).reshape(shape)
+    return clipped_sum(piece.L, piece.R, c, scaled).reshape(shape)

@@ -8,9 +8,14 @@ callback, so unused branches and several outputs need no special care), the tape
 computes each parameter's per-sample squared norm (cross terms of tied parameters
 included), each group's clip factor, and adds the book-kept clipped sums to `.grad`.
 
-A group (all-layer: one group of all parameters) is finalised as soon as all its sites
-recorded by the forward pass have been through backward, releasing its book-kept
-tensors early; whatever remains is finalised by the end-of-backward callback.
+A parameter that only one site uses has its per-sample squared norm computed as soon as
+that site's backward has run (its Gram matrices are then dropped, except the few most
+recent, which the q, k and v projections of one input share); only tied parameters wait
+for the group's end for their cross terms. A group (all-layer: one group of all
+parameters) is finalised as soon as all its sites recorded by the forward pass have been
+through backward; its clipped sums are written parameter by parameter, each parameter's
+book-kept factors released once its `.grad` is written. Whatever remains is finalised by
+the end-of-backward callback.
 
 Scaling: with `loss_reduction="mean"` the recorded gradients are `1/B` of the
 per-sample ones, so norms are multiplied by B and the clipped sum
@@ -28,7 +33,7 @@ from torch.func import vjp, vmap
 
 from bkfx.clipping import clip_factor
 from bkfx.errors import InPlaceModificationError
-from bkfx.factors import Dense, Explicit, Factored, GramCache, inner, weighted_sum
+from bkfx.factors import Dense, Explicit, Factored, GramCache, ScaledCache, inner, weighted_sum
 from bkfx.plan import Site, get_path
 from bkfx.rules import SiteCall
 
@@ -72,9 +77,14 @@ class Tape:
     _recorded: list = field(default_factory=list)  # site ids run by this forward
     _pending: dict | None = None  # group -> site ids still to come in this backward
     _group_squares: dict = field(default_factory=dict)
+    _partial: dict = field(default_factory=dict)  # group -> Σ squared norms of its untied parameters so far
+    tied: frozenset | None = None  # parameters more than one site uses (their norms need cross terms)
 
     def __post_init__(self):
         self._group_of = {n: g for g, names in enumerate(self.config.groups) for n in names}
+        if self.tied is None:
+            self.tied = tied_parameters(self.sites)
+        self.grams = GramCache()
 
     def name_of(self, param: torch.Tensor) -> str:
         return next(n for n, p in self.params.items() if p is param)
@@ -86,8 +96,19 @@ class Tape:
     def _groups_of(self, site: Site) -> set[int]:
         return {self._group_of[n] for n in site.params if n in self._group_of}
 
-    def add(self, name: str, piece) -> None:
-        self.pieces.setdefault(name, []).append(piece)
+    def add(self, site: Site, parts: list) -> None:
+        """Book-keep one site's pieces `[(parameter name, piece)]`; untied parameters' norms now."""
+        by_name: dict[str, list] = {}
+        for name, piece in parts:
+            by_name.setdefault(name, []).append(piece)
+        for name, pieces in by_name.items():
+            if name in self.tied or name not in self._group_of:
+                self.pieces.setdefault(name, []).extend(pieces)
+                continue
+            squared = _squared_norm(pieces, self.params[name].shape, self.grams)
+            g = self._group_of[name]
+            self._partial[g] = squared if g not in self._partial else self._partial[g] + squared
+            self.pieces[name] = pieces
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finalise)
@@ -109,21 +130,24 @@ class Tape:
     def _finalise_group(self, g: int) -> None:
         """Clip factors of group g from its parameters' per-sample norms; clipped sums into .grad."""
         names = [n for n in self.config.groups[g] if n in self.pieces]
-        if not names:
+        squared = self._partial.pop(g, None)
+        for n in names:
+            if n in self.tied:
+                term = _squared_norm(self.pieces[n], self.params[n].shape, self.grams)
+                squared = term if squared is None else squared + term
+        if squared is None:
             return
-        pieces = {n: self.pieces.pop(n) for n in names}
-        grams = GramCache()
-        squared = sum(_squared_norm(ps, self.params[n].shape, grams) for n, ps in pieces.items())
         self._group_squares[g] = squared
         scale = self.batch if self.config.loss_reduction == "mean" else 1
         c = clip_factor(squared.sqrt() * scale, self.config.thresholds[g], self.config.clipping, self.config.gamma)
         if self.config.sum_output:
             c = c * scale
+        scaled = ScaledCache()
         with torch.no_grad():
-            for name, ps in pieces.items():
-                p = self.params[name]
-                for piece in ps:
-                    grad = weighted_sum(piece, c, p.shape)
+            for name in names:
+                p, pieces = self.params[name], self.pieces.pop(name)
+                while pieces:  # each factor is released as soon as its part of the sum is written
+                    grad = weighted_sum(pieces.pop(), c, p.shape, scaled)
                     if p.grad is None:
                         p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
                     else:
@@ -135,6 +159,7 @@ class Tape:
         for g in range(len(self.config.groups)):
             self._finalise_group(g)
         self._pending = None
+        self.grams = GramCache()
         if not self._group_squares:
             return
         scale = self.batch if self.config.loss_reduction == "mean" else 1
@@ -145,6 +170,15 @@ class Tape:
         self.per_sample_norms = (sum(squares.values()).sqrt() * scale).detach()
         if self.on_finalise is not None:
             self.on_finalise(self)
+
+
+def tied_parameters(sites: list[Site]) -> frozenset:
+    """Parameters that more than one site uses (a tied embedding and output head)."""
+    seen, tied = set(), set()
+    for site in sites:
+        for name in site.params:
+            (tied if name in seen else seen).add(name)
+    return frozenset(tied)
 
 
 def _squared_norm(pieces: list, shape, grams) -> torch.Tensor:
@@ -182,11 +216,13 @@ class Record:
         call = SiteCall(site.op, self.args, self.kwargs, g, site.layouts, site.out_layout, tape.batch)
         pieces = [(operand, operand.rule.piece(call, operand.path)) for operand in site.operands]
         ghost = self._ghost([p for _, p in pieces if isinstance(p, Factored)])
+        parts = []
         for operand, piece in pieces:
             for name, part in self._to_params(operand, piece):
                 if isinstance(part, Factored) and not ghost:
                     part = part.materialise(tape.params[name].shape)
-                tape.add(name, part)
+                parts.append((name, part))
+        tape.add(site, parts)
         tape.site_done(site)
 
     def _ghost(self, factored: list[Factored]) -> bool:

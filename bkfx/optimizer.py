@@ -86,17 +86,19 @@ class DPOptimizer:
         return self.noise_multiplier * self.max_grad_norm
 
     def add_noise(self) -> None:
-        """`.grad ← (.grad + N(0, σ²R²)) / expected_batch_size` for every trainable parameter."""
+        """`.grad ← (.grad + N(0, σ²R²)) / expected_batch_size` for every trainable parameter,
+        in place (each parameter's noise drawn in turn from `generator`)."""
         std = self.noise_std
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
-                summed = p.grad if p.grad is not None else torch.zeros_like(p)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 if std:
                     noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=self.generator.device)
-                    summed = summed + std * noise.to(p.device)
-                p.grad = summed / self.expected_batch_size
+                    p.grad.add_(noise.to(p.device), alpha=std)
+                p.grad.div_(self.expected_batch_size)
 
     def step(self, closure=None):
         """Noise, average and step, once per logical batch (nothing while one is still accumulating)."""
