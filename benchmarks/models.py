@@ -52,11 +52,13 @@ def vit(layers=4, width=256, image=32, patch=4):
     return tf.ViTForImageClassification(cfg)
 
 
-def gpt2(layers=4, width=256, seq=128, vocab=50257):
+def gpt2(layers=4, width=256, seq=128, vocab=50257, tied=False):
+    """HF GPT-2. Untied output head by default: Opacus's ghost clipping refuses tied parameters,
+    and every method must train the same model (bkfx's tied path is timed by gpt2_step.py)."""
     tf = _hf_quiet()
     cfg = tf.GPT2Config(
         n_layer=layers, n_embd=width, n_head=max(1, width // 64), vocab_size=vocab, n_positions=max(seq, 128),
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, tie_word_embeddings=tied,
     )
     return tf.GPT2LMHeadModel(cfg)
 
@@ -65,7 +67,7 @@ def logits_of(out):
     return out.logits if hasattr(out, "logits") else out
 
 
-def workload(name: str, batch: int, seq: int = 128, small_gpt2: bool = False):
+def workload(name: str, batch: int, seq: int = 128, vocab: int = 50257):
     """(model factory, inputs, targets, loss function) for a named benchmark model."""
     g = torch.Generator().manual_seed(0)
     if name == "mlp":
@@ -78,8 +80,10 @@ def workload(name: str, batch: int, seq: int = 128, small_gpt2: bool = False):
         x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
         return vit, x, y, lambda out, t: F.cross_entropy(logits_of(out), t)
     if name in ("gpt2", "gpt2-124m"):
-        factory = (lambda: gpt2(layers=12, width=768, seq=seq)) if name == "gpt2-124m" else (lambda: gpt2(seq=seq))
-        vocab = 50257
+        if name == "gpt2-124m":
+            factory = lambda: gpt2(layers=12, width=768, seq=seq, vocab=vocab)  # noqa: E731
+        else:
+            factory = lambda: gpt2(seq=seq, vocab=vocab)  # noqa: E731
         x = torch.randint(0, vocab, (batch, seq), generator=g)
         return factory, x, x, lambda out, t: F.cross_entropy(logits_of(out).reshape(-1, vocab), t.reshape(-1))
     raise ValueError(f"unknown benchmark model {name!r}")

@@ -1,7 +1,8 @@
 """Side-by-side DP training benchmarks: non-private vs bkfx vs Opacus vs torch.func vmap.
 
     python benchmarks/run.py                      # all models, CPU defaults, a few minutes
-    python benchmarks/run.py --models gpt2 --steps 20 --batch 16
+    python benchmarks/run.py --models gpt2 --vocab 50257      # GPT-2 with its real vocabulary
+    python benchmarks/run.py --models gpt2-124m --seq 512     # on a GPU: GPT-2 small at its real size
 
 Step time: every method trains the same model (same initial weights, same batch) in one
 process, the methods taking turns step by step; medians over --steps after --warmup.
@@ -58,16 +59,17 @@ class Trainer:
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer
 
-            self.forward = GradSampleModule(self.model)
+            self.forward = _batch_positions(GradSampleModule(self.model), self.model, inputs)
             self.opt = DPOptimizer(sgd, noise_multiplier=SIGMA, max_grad_norm=R, expected_batch_size=B)
         elif method == "opacus ghost":
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
             from opacus.optimizers import DPOptimizerFastGradientClipping
             from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-            self.forward = GradSampleModuleFastGradientClipping(self.model, max_grad_norm=R, use_ghost_clipping=True)
+            wrapped = GradSampleModuleFastGradientClipping(self.model, max_grad_norm=R, use_ghost_clipping=True)
             self.opt = DPOptimizerFastGradientClipping(sgd, noise_multiplier=SIGMA, max_grad_norm=R, expected_batch_size=B)
-            self.criterion = DPLossFastGradientClipping(self.forward, self.opt, _Criterion(loss_fn), loss_reduction="mean")
+            self.criterion = DPLossFastGradientClipping(wrapped, self.opt, _Criterion(loss_fn), loss_reduction="mean")
+            self.forward = _batch_positions(wrapped, self.model, inputs)
         elif method == "vmap dp-sgd":
             self.forward, self.opt = self.model, sgd
         else:
@@ -98,6 +100,16 @@ class Trainer:
         self.opt.zero_grad()
 
 
+def _batch_positions(wrapped, model, inputs):
+    """Opacus's hooks take every layer's input to be batch-first, but HF GPT-2 looks its position
+    embedding up with ids of shape [1, T]; give them per sample (the same values, contiguous,
+    as Opacus's embedding norm sampler views them flat)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "gpt2":
+        return wrapped
+    positions = torch.arange(inputs.shape[1], device=next(model.parameters()).device).repeat(inputs.shape[0], 1)
+    return lambda x: wrapped(x, position_ids=positions)
+
+
 class _Criterion(torch.nn.Module):
     """Per-sample losses `[B]` (token losses averaged per sequence) for Opacus's ghost-clipping
     loss wrapper, which sets `reduction` to "none" while it calls the criterion."""
@@ -120,7 +132,7 @@ def _sync(device):
 
 
 def time_methods(model_name, args, device):
-    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq)
+    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq, args.vocab)
     trainers, failures = {}, {}
     for method in args.methods:
         try:
@@ -145,10 +157,9 @@ def memory_probe(model_name, method, args, device):
     """MiB one training step needs above the resting state (model, optimizer, interpreter)."""
     from group_memory import peak_rss_bytes, reset_peak, rss_bytes
 
-    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq)
+    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq, args.vocab)
     t = Trainer(method, factory, x, y, loss_fn, device)
-    for _ in range(2):
-        t.step()
+    t.step()  # the capture and every lazily allocated buffer
     if device == "cuda":
         torch.cuda.synchronize()
         resting = torch.cuda.memory_allocated()
@@ -164,7 +175,7 @@ def memory_probe(model_name, method, args, device):
 
 def measure_memory(model_name, method, args):
     cmd = [sys.executable, __file__, "--probe", model_name, method, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--device", args.device]
+           "--vocab", str(args.vocab), "--device", args.device]
     # glibc's fixed 64 KiB mmap threshold returns freed tensors at once, so resting RSS is what is live
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
     lines = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MIB ")]
@@ -177,8 +188,9 @@ def main():
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=8192, help="GPT-2 vocabulary (its real one is 50257)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -189,8 +201,8 @@ def main():
         return
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    results = {"machine": machine, "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-               "models": {}}
+    results = {"machine": machine, "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "vocab": args.vocab,
+               "steps": args.steps, "models": {}}
     for model_name in args.models:
         print(f"[{model_name}] timing {len(args.methods)} methods ...", flush=True)
         medians, failures = time_methods(model_name, args, args.device)
@@ -216,7 +228,7 @@ def main():
 def markdown(results, args) -> str:
     lines = [
         f"Machine: {results['machine']}; torch {results['torch']}; batch {results['batch']}, "
-        f"seq {results['seq']} (GPT-2); median of {results['steps']} steps after warm-up.\n",
+        f"GPT-2 seq {results['seq']}, vocabulary {results['vocab']}; median of {results['steps']} steps after warm-up.\n",
         f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`\n",
         "| model | method | median step (s) | time vs non-private | step memory (MiB) | memory vs non-private |",
         "|---|---|---|---|---|---|",

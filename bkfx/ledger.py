@@ -32,7 +32,7 @@ import torch
 from torch.func import vjp, vmap
 
 from bkfx.clipping import clip_factor
-from bkfx.errors import InPlaceModificationError
+from bkfx.errors import BkfxError, InPlaceModificationError
 from bkfx.factors import Dense, Explicit, Factored, GramCache, ScaledCache, inner, weighted_sum
 from bkfx.plan import Site, get_path
 from bkfx.rules import SiteCall
@@ -172,6 +172,12 @@ class Tape:
             self.on_finalise(self)
 
 
+def _keeping_graph() -> bool:
+    """Whether the running backward pass was asked to keep its graph (retain_graph=True)."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else keep()
+
+
 def tied_parameters(sites: list[Site]) -> frozenset:
     """Parameters that more than one site uses (a tied embedding and output head)."""
     seen, tied = set(), set()
@@ -205,6 +211,11 @@ class Record:
 
     def backward(self, g: torch.Tensor) -> None:
         site, tape = self.site, self.tape
+        if self.args is None:
+            raise BkfxError(
+                f"backward through site {site.node} ({site.op}) a second time, but its saved inputs were "
+                "released after the first backward; call backward(retain_graph=True) the first time"
+            )
         for path, version in self.versions.items():
             if get_path(self.args, path)._version != version:
                 raise InPlaceModificationError(
@@ -222,6 +233,8 @@ class Record:
                 if isinstance(part, Factored) and not ghost:
                     part = part.materialise(tape.params[name].shape)
                 parts.append((name, part))
+        if not _keeping_graph():  # the factors now live in the pieces only, released as the clipped sums are written
+            self.args = self.kwargs = self.chains = None
         tape.add(site, parts)
         tape.site_done(site)
 

@@ -368,3 +368,14 @@ def test_zero_dimensional_parameter_matches_the_reference():
     model = ScalarGain().double()
     x, y = batch(5)
     assert_matches_reference(model, ce(), x, y, max_grad_norm=0.1)
+
+
+def test_backward_twice_without_retain_graph_is_refused():
+    """Without retain_graph the sites release their saved inputs after backward (the memory the
+    clipped sums then reuse); a second backward through such a site says so, as PyTorch would."""
+    model = nn.Linear(3, 2)
+    dp = bkfx.compile(model)
+    loss = dp(torch.randn(4, 3)).sum()  # no saved tensor between the loss and the site
+    loss.backward()
+    with pytest.raises(bkfx.BkfxError, match="retain_graph=True"):
+        loss.backward()
