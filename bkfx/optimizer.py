@@ -24,8 +24,11 @@ its `param_groups` are the ones this optimizer steps.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+NOISE_CHUNK = 1 << 20  # entries per independently seeded draw of the noise
 
 
 class DPOptimizer:
@@ -61,6 +64,7 @@ class DPOptimizer:
             else:
                 generator.seed()  # a fresh seed for this generator only (torch.seed() would reseed the global RNG)
         self.generator = generator
+        self._pool = None  # threads drawing the noise's chunks on the CPU
         self.accountant = accountant
         self.sample_rate = sample_rate
         self.steps = 0
@@ -86,19 +90,23 @@ class DPOptimizer:
         return self.noise_multiplier * self.max_grad_norm
 
     def add_noise(self) -> None:
-        """`.grad ← (.grad + N(0, σ²R²)) / expected_batch_size` for every trainable parameter,
-        in place (each parameter's noise drawn in turn from `generator`)."""
+        """`.grad ← (.grad + N(0, σ²R²)) / expected_batch_size` for every trainable parameter, in place."""
         std = self.noise_std
+        grads = []
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if std:
-                    noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=self.generator.device)
-                    p.grad.add_(noise.to(p.device), alpha=std)
-                p.grad.div_(self.expected_batch_size)
+                elif not p.grad.is_contiguous():
+                    p.grad = p.grad.contiguous()
+                grads.append(p.grad)
+        if std:
+            if self._pool is None and self.generator.device.type == "cpu" and torch.get_num_threads() > 1:
+                self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="bkfx-noise")
+            add_gaussian_noise_(grads, std, self.generator, self._pool)
+        torch._foreach_div_(grads, self.expected_batch_size)
 
     def step(self, closure=None):
         """Noise, average and step, once per logical batch (nothing while one is still accumulating)."""
@@ -132,6 +140,34 @@ class DPOptimizer:
     def __repr__(self) -> str:
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier:g}, max_grad_norm={self.max_grad_norm:g}, "
                 f"expected_batch_size={self.expected_batch_size:g}, steps={self.steps}, optimizer={self.optimizer!r})")
+
+
+def add_gaussian_noise_(tensors: list[torch.Tensor], std: float, generator: torch.Generator, pool=None) -> None:
+    """`t += std · N(0, I)` for each (contiguous) tensor, in place.
+
+    The noise stream: the tensors' entries, in order, are cut into chunks of `NOISE_CHUNK`
+    consecutive entries of one tensor; one `torch.randint(0, 2**63 - 1, (chunks,), generator=generator)`
+    draws a seed per chunk, and chunk k's noise is `torch.randn(size, generator=G_k)` with `G_k`
+    a new generator (on `generator`'s device) seeded with seed k. The chunks are independent, so
+    `pool` (a thread pool) may draw them at once; the result does not depend on it.
+    """
+    chunks = [(t, start, min(start + NOISE_CHUNK, t.numel())) for t in tensors for start in range(0, t.numel(), NOISE_CHUNK)]
+    if not chunks:
+        return
+    seeds = torch.randint(0, 2**63 - 1, (len(chunks),), generator=generator, device=generator.device).tolist()
+
+    def draw(k: int) -> None:
+        t, start, stop = chunks[k]
+        g = torch.Generator(device=generator.device)
+        g.manual_seed(seeds[k])
+        noise = torch.randn(stop - start, generator=g, dtype=t.dtype, device=generator.device)
+        t.view(-1)[start:stop].add_(noise.to(t.device), alpha=std)
+
+    if pool is None or len(chunks) == 1:
+        for k in range(len(chunks)):
+            draw(k)
+    else:
+        list(pool.map(draw, range(len(chunks))))
 
 
 def _total_norm(max_grad_norm, model) -> float:

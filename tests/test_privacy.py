@@ -63,6 +63,40 @@ def assert_params(model, expected: dict[str, torch.Tensor], tol: float = 1e-12):
 # -- noise ------------------------------------------------------------------------------
 
 
+def documented_noise(shapes, generator, dtype) -> list[torch.Tensor]:
+    """The noise stream as `bkfx.optimizer.add_gaussian_noise_` documents it: per-chunk seeds
+    from one randint draw, each chunk from its own generator."""
+    from bkfx.optimizer import NOISE_CHUNK
+
+    sizes = [(k, min(NOISE_CHUNK, math.prod(s) - start)) for k, s in enumerate(shapes)
+             for start in range(0, math.prod(s), NOISE_CHUNK)]
+    seeds = torch.randint(0, 2**63 - 1, (len(sizes),), generator=generator).tolist()
+    parts = [[] for _ in shapes]
+    for (k, size), seed in zip(sizes, seeds):
+        parts[k].append(torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=dtype))
+    return [torch.cat(p).reshape(s) for p, s in zip(parts, shapes)]
+
+
+def test_noise_does_not_depend_on_threads_and_covers_chunked_parameters():
+    """A parameter larger than one chunk draws several independently seeded chunks; drawing
+    them on a thread pool gives the same noise as drawing them in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bkfx.optimizer import NOISE_CHUNK, add_gaussian_noise_
+
+    shapes = [(NOISE_CHUNK * 2 + 5,), (7, 3)]
+    serial = [torch.zeros(s) for s in shapes]
+    add_gaussian_noise_(serial, 1.0, torch.Generator().manual_seed(5))
+    with ThreadPoolExecutor(2) as pool:
+        threaded = [torch.zeros(s) for s in shapes]
+        add_gaussian_noise_(threaded, 1.0, torch.Generator().manual_seed(5), pool)
+    expected = documented_noise(shapes, torch.Generator().manual_seed(5), torch.float32)
+    for a, b, e in zip(serial, threaded, expected):
+        assert torch.equal(a, b) and torch.equal(a, e)
+    first, last = serial[0][:NOISE_CHUNK], serial[0][NOISE_CHUNK:2 * NOISE_CHUNK]
+    assert not torch.equal(first, last)  # chunks are not copies of one stream
+
+
 def test_noise_has_std_sigma_times_total_norm_over_batch_size():
     n, sigma, norms, batch = 200_000, 1.3, [0.5, 1.2], 8
     std = sigma * math.sqrt(0.5**2 + 1.2**2) / batch  # R = sqrt(Σ_g R_g²) = 1.3
@@ -102,7 +136,7 @@ def test_noise_goes_to_every_trainable_parameter_and_is_reproducible():
     assert (first[0] != 0).all() and (first[1] != 0).all() and (first[2] == 0).all()
 
     g = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(first[0], -torch.randn(3, generator=g), rtol=0, atol=0)
+    torch.testing.assert_close(first[0], -documented_noise([(3,), (3,)], g, torch.float32)[0], rtol=0, atol=0)
 
 
 # -- noise 0: the step is the reference clipped mean ------------------------------------
@@ -189,9 +223,9 @@ def test_empty_and_single_batches_through_model_and_optimizer():
     opt.step()
     opt.zero_grad()
     std = 0.7 * 0.5
-    for n, p in model.named_parameters():
-        noise = std * torch.randn(p.shape, generator=replay, dtype=p.dtype)
-        torch.testing.assert_close(p.detach(), before[n] - 0.2 * noise / 4, rtol=0, atol=1e-15)
+    named = list(model.named_parameters())
+    for (n, p), noise in zip(named, documented_noise([p.shape for _, p in named], replay, torch.float64)):
+        torch.testing.assert_close(p.detach(), before[n] - 0.2 * std * noise / 4, rtol=0, atol=1e-15)
 
     # B = 1, noiseless: the reference
     opt.noise_multiplier = 0.0
