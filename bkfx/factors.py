@@ -177,14 +177,47 @@ class GramCache:
                 None if not isinstance(f, OneHot) or f.mask is None else f.mask.data_ptr())
 
     def __call__(self, a: Factor, b: Factor) -> torch.Tensor:
-        key = (self._key(a), self._key(b))
+        return self._cached((self._key(a), self._key(b)), lambda: gram(a, b), (a, b))
+
+    def blocks(self, x: Dense, n: int) -> list[torch.Tensor]:
+        return self._cached((self._key(x), n), lambda: gram_blocks(x, n), (x,))
+
+    def _cached(self, key, compute, factors):
         hit = self._grams.pop(key, None)
         if hit is None:
-            hit = (gram(a, b), (a, b))
+            hit = (compute(), factors)
             while len(self._grams) >= self.capacity:
                 self._grams.pop(next(iter(self._grams)))
         self._grams[key] = hit
         return hit[0]
+
+
+def gram_blocks(x: Dense, n: int) -> list[torch.Tensor]:
+    """The lower triangle of `x_i x_iᵀ` in `n × n` blocks of positions: `x_j x_kᵀ` for j >= k,
+    row by row (a symmetric Gram in `(n+1)/2n` of the work)."""
+    parts = x.t.tensor_split(n, dim=1)
+    return [torch.bmm(parts[j], parts[k].transpose(1, 2)) for j in range(n) for k in range(j + 1)]
+
+
+def gram_block_count(T: int) -> int:
+    """How many position blocks a self-inner product uses: blocks of at least 64 positions
+    (smaller matmuls lose more speed than the symmetry saves), at most 4."""
+    return max(1, min(4, T // 64))
+
+
+def self_inner(a: Factored, grams=None) -> torch.Tensor:
+    """`‖L_iᵀ R_i‖²` for Dense factors: `⟨L Lᵀ, R Rᵀ⟩` over the Grams' lower triangles, the
+    off-diagonal blocks counted twice."""
+    n = gram_block_count(a.L.t.shape[1])
+    left = grams.blocks(a.L, n) if grams is not None else gram_blocks(a.L, n)
+    right = grams.blocks(a.R, n) if grams is not None else gram_blocks(a.R, n)
+    total, i = None, 0
+    for j in range(n):
+        for k in range(j + 1):
+            term = _rowdot(left[i], right[i]) * (1 if j == k else 2)
+            total = term if total is None else total + term
+            i += 1
+    return total
 
 
 def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
@@ -200,6 +233,8 @@ def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
     if isinstance(a.L, Dense) and isinstance(b.L, Dense) and a.L.t.shape[1] == 1 and b.L.t.shape[1] == 1:
         # T = 1: the Gram matrices are scalars
         return _rowdot(a.L.t, b.L.t) * _rowdot(a.R.t, b.R.t)
+    if a is b and isinstance(a.L, Dense) and gram_block_count(a.L.t.shape[1]) > 1:
+        return self_inner(a, grams if isinstance(grams, GramCache) else None)
     left, right = grams(a.L, b.L), grams(a.R, b.R)
     return _rowdot(left if left.dtype != torch.bool else left.to(right.dtype), right)
 

@@ -200,3 +200,40 @@ def test_float32_matches_reference_to_1e4():
     y = torch.randint(0, 5, (6,))
     _, errors = assert_matches_reference(model, _loss("mean"), x, y, max_grad_norm=0.1)
     assert max(errors.values()) <= 1e-4
+
+
+class LongSequence(nn.Module):
+    """Linear layers over long sequences: ghost norms then use blocked symmetric Grams."""
+
+    def __init__(self, d: int, hidden: int, classes: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x))).mean(1)
+
+
+@settings(deadline=None)
+@given(seq=st.integers(1, 300), batch=st.integers(1, 3), reduction=REDUCTION, R=THRESHOLD, seed=st.integers(0, 99))
+def test_ghost_norms_over_long_sequences(seq, batch, reduction, R, seed):
+    """Sequences of 1 to 300 positions (1 to 4 Gram blocks), ghost mode, against the reference."""
+    torch.manual_seed(seed)
+    model = LongSequence(3, 4, 2).double()
+    x = torch.randn(batch, seq, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (batch,))
+    assert_matches_reference(model, _loss(reduction), x, y, loss_reduction=reduction, max_grad_norm=R,
+                             norm_mode="ghost")
+
+
+@given(T=st.integers(1, 400), m=st.integers(1, 6), n=st.integers(1, 6), seed=st.integers(0, 99))
+def test_blocked_self_inner_is_the_squared_norm(T, m, n, seed):
+    """`‖L_iᵀ R_i‖²` from the lower-triangle Gram blocks equals the materialised per-sample norm."""
+    from bkfx.factors import Dense, Factored, GramCache, inner
+
+    g = torch.Generator().manual_seed(seed)
+    piece = Factored(Dense(torch.randn(2, T, m, generator=g, dtype=torch.float64)),
+                     Dense(torch.randn(2, T, n, generator=g, dtype=torch.float64)))
+    expected = torch.bmm(piece.L.t.transpose(1, 2), piece.R.t).flatten(1).pow(2).sum(1)
+    for grams in (None, GramCache()):
+        got = inner(piece, piece, (m, n)) if grams is None else inner(piece, piece, (m, n), grams)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
