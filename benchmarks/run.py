@@ -1,15 +1,17 @@
 """Side-by-side DP training benchmarks: non-private vs bkfx vs Opacus vs torch.func vmap.
 
-    python benchmarks/run.py                      # all models, CPU defaults, a few minutes
+    python benchmarks/run.py                      # all models, CPU defaults: about 6 minutes on 2 cores
     python benchmarks/run.py --models gpt2 --vocab 50257      # GPT-2 with its real vocabulary
-    python benchmarks/run.py --models gpt2-124m --seq 512     # on a GPU: GPT-2 small at its real size
+    python benchmarks/run.py --models gpt2-124m --seq 512 --vocab 50257 --max-batch 256   # a GPU: GPT-2 small
 
 Step time: every method trains the same model (same initial weights, same batch) in one
 process, the methods taking turns step by step; medians over --steps after --warmup.
 Ratios are to non-private training measured in that same run. Step memory: a fresh
 subprocess per (model, method) warms up, then measures what one step needs above the
 resting state: on CPU the peak RSS (kernel peak reset first) minus the RSS before the
-step, on GPU `torch.cuda.max_memory_allocated` minus the allocated memory before it. Results go to benchmarks/results/ (markdown, JSON, PNG).
+step, on GPU `torch.cuda.max_memory_allocated` minus the allocated memory before it.
+With --max-batch, each method's largest batch that runs (a subprocess per try, doubling
+then bisecting). Results go to benchmarks/results/ (markdown, JSON, PNG).
 """
 from __future__ import annotations
 
@@ -182,6 +184,41 @@ def measure_memory(model_name, method, args):
     return float(lines[-1].split()[1]) if lines else None
 
 
+def batch_fits(model_name, method, batch, args) -> bool:
+    """Whether one training step at `batch` runs (a fresh subprocess: an out-of-memory error
+    there leaves this process clean)."""
+    cmd = [sys.executable, __file__, "--fits", model_name, method, "--batch", str(batch), "--seq", str(args.seq),
+           "--vocab", str(args.vocab), "--device", args.device]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    return done.returncode == 0 and "FITS" in done.stdout
+
+
+def largest_batch(model_name, method, args) -> int:
+    """The largest batch (up to --max-batch) whose step runs: doubling from --batch, then bisection."""
+    if not batch_fits(model_name, method, args.batch, args):
+        return 0
+    fits, fails = args.batch, None
+    while fails is None and fits < args.max_batch:
+        trial = min(2 * fits, args.max_batch)
+        if batch_fits(model_name, method, trial, args):
+            fits = trial
+        else:
+            fails = trial
+    while fails is not None and fails - fits > max(1, fits // 16):  # to within 1/16
+        mid = (fits + fails) // 2
+        fits, fails = (mid, fails) if batch_fits(model_name, method, mid, args) else (fits, mid)
+    return fits
+
+
+def measure_memories(model_name, methods, args) -> dict:
+    """Step memory of each method, two subprocesses at a time (each one's peak is its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = 1 if args.device == "cuda" else 2
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(methods, pool.map(lambda m: measure_memory(model_name, m, args), methods)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "vit", "gpt2"])
@@ -194,10 +231,18 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--max-batch", type=int, default=0,
+                    help="also search each method's largest batch that fits, up to this (meant for a GPU)")
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--fits", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         print(f"PEAK_MIB {memory_probe(*args.probe, args, args.device):.1f}")
+        return
+    if args.fits:
+        factory, x, y, loss_fn = workload(args.fits[0], args.batch, args.seq, args.vocab)
+        Trainer(args.fits[1], factory, x, y, loss_fn, args.device).step()
+        print("FITS")
         return
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
@@ -206,13 +251,16 @@ def main():
     for model_name in args.models:
         print(f"[{model_name}] timing {len(args.methods)} methods ...", flush=True)
         medians, failures = time_methods(model_name, args, args.device)
-        memory = {} if args.no_memory else {m: measure_memory(model_name, m, args) for m in medians}
-        results["models"][model_name] = {"median_s": medians, "failed": failures, "peak_mib": memory}
+        memory = {} if args.no_memory else measure_memories(model_name, list(medians), args)
+        largest = {m: largest_batch(model_name, m, args) for m in medians} if args.max_batch else {}
+        results["models"][model_name] = {"median_s": medians, "failed": failures, "peak_mib": memory,
+                                         "largest_batch": largest}
         base = medians.get("non-private")
         for m, s in medians.items():
             mem = memory.get(m)
             print(f"  {m:16s} {s:8.4f}s  {s / base if base else float('nan'):5.2f}x"
-                  + (f"  step memory {mem:8.1f} MiB" if mem else ""), flush=True)
+                  + (f"  step memory {mem:8.1f} MiB" if mem else "")
+                  + (f"  largest batch {largest[m]}" if m in largest else ""), flush=True)
         for m, why in failures.items():
             print(f"  {m:16s} failed: {why}", flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -226,23 +274,27 @@ def main():
 
 
 def markdown(results, args) -> str:
+    searched = any(r.get("largest_batch") for r in results["models"].values())
     lines = [
         f"Machine: {results['machine']}; torch {results['torch']}; batch {results['batch']}, "
         f"GPT-2 seq {results['seq']}, vocabulary {results['vocab']}; median of {results['steps']} steps after warm-up.\n",
         f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`\n",
-        "| model | method | median step (s) | time vs non-private | step memory (MiB) | memory vs non-private |",
-        "|---|---|---|---|---|---|",
+        "| model | method | median step (s) | time vs non-private | Opacus ghost time / this | step memory (MiB) "
+        "| memory vs non-private |" + (" largest batch |" if searched else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if searched else ""),
     ]
     for model, r in results["models"].items():
         base_t, base_m = r["median_s"].get("non-private"), r["peak_mib"].get("non-private")
+        ghost = r["median_s"].get("opacus ghost")
         for m, s in r["median_s"].items():
             mem = r["peak_mib"].get(m)
             lines.append(
-                f"| {model} | {m} | {s:.4f} | {s / base_t:.2f}x | {f'{mem:.1f}' if mem else '-'} | "
-                f"{f'{mem / base_m:.2f}x' if mem and base_m else '-'} |"
+                f"| {model} | {m} | {s:.4f} | {s / base_t:.2f}x | {f'{ghost / s:.2f}x' if ghost else '-'} | "
+                f"{f'{mem:.1f}' if mem else '-'} | {f'{mem / base_m:.2f}x' if mem and base_m else '-'} |"
+                + (f" {r.get('largest_batch', {}).get(m, '-')} |" if searched else "")
             )
         for m, why in r["failed"].items():
-            lines.append(f"| {model} | {m} | failed: {why} | - | - | - |")
+            lines.append(f"| {model} | {m} | failed: {why} | - | - | - | - |" + (" - |" if searched else ""))
     return "\n".join(lines) + "\n"
 
 
