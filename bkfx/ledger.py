@@ -207,6 +207,7 @@ class Record:
 
     def __init__(self, tape: Tape, site: Site, args, kwargs, chains):
         self.tape, self.site, self.args, self.kwargs, self.chains = tape, site, args, kwargs, chains
+        self.saved = None  # what the site's rule kept from the forward (bkfx.rules.runner)
         self.versions = {path: get_path(args, path)._version for path in site.layouts}
 
     def backward(self, g: torch.Tensor) -> None:
@@ -224,7 +225,7 @@ class Record:
                     "  what to do: avoid in-place operations (x += y, x.mul_(...)) on activations that feed parameters; "
                     "use the out-of-place form"
                 )
-        call = SiteCall(site.op, self.args, self.kwargs, g, site.layouts, site.out_layout, tape.batch)
+        call = SiteCall(site.op, self.args, self.kwargs, g, site.layouts, site.out_layout, tape.batch, self.saved)
         pieces = [(operand, operand.rule.piece(call, operand.path)) for operand in site.operands]
         ghost = self._ghost([p for _, p in pieces if isinstance(p, Factored)])
         parts = []
@@ -234,7 +235,7 @@ class Record:
                     part = part.materialise(tape.params[name].shape)
                 parts.append((name, part))
         if not _keeping_graph():  # the factors now live in the pieces only, released as the clipped sums are written
-            self.args = self.kwargs = self.chains = None
+            self.args = self.kwargs = self.chains = self.saved = None
         tape.add(site, parts)
         tape.site_done(site)
 

@@ -17,6 +17,7 @@ import torch
 
 from bkfx import ledger
 from bkfx.plan import get_path, set_path
+from bkfx.rules import runner
 
 
 def site(op, site_id: int, *args, _chain=None, **kwargs):
@@ -31,21 +32,23 @@ def site(op, site_id: int, *args, _chain=None, **kwargs):
     if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
         return op(*call_args, **kwargs)
     record = tape.record(plan, call_args, kwargs, _chain or {})
+    run = runner(op)
     if any(isinstance(a, torch.Tensor) and a.requires_grad for a in torch.utils._pytree.tree_leaves(call_args)):
-        out = op(*call_args, **kwargs)
+        out, record.saved = run(call_args, kwargs)
         out.register_hook(record.backward)
         return out
-    return _Seed.apply(record, op, call_args, kwargs, *params)
+    return _Seed.apply(record, run, call_args, kwargs, *params)
 
 
 class _Seed(torch.autograd.Function):
     """Runs a site whose inputs need no gradient; its backward only records `g`."""
 
     @staticmethod
-    def forward(ctx, record, op, args, kwargs, *params):
+    def forward(ctx, record, run, args, kwargs, *params):
         ctx.record = record
         ctx.n_params = len(params)
-        return op(*args, **kwargs)
+        out, record.saved = run(args, kwargs)
+        return out
 
     @staticmethod
     def backward(ctx, g):

@@ -36,6 +36,7 @@ class SiteCall:
     layouts: dict[Path, SampleLayout]  # arguments with a sample dimension
     out_layout: SampleLayout
     batch: int
+    saved: Any = None  # what the rule's `forward` kept from the forward pass (None without one)
 
 
 @dataclass
@@ -43,18 +44,38 @@ class Rule:
     name: str
     spec: Callable
     piece: Callable
+    forward: Callable | None = None  # (op, args, kwargs) -> (output, saved): the op run keeping what piece reuses
 
 
 def rule(*op_names: str):
     """Register `spec` and `piece` functions of a module-level rule class for these ATen ops."""
 
     def register(cls):
-        r = Rule(cls.__name__, cls.spec, cls.piece)
+        r = Rule(cls.__name__, cls.spec, cls.piece, getattr(cls, "forward", None))
         for name in op_names:
             _RULES[name] = r
         return cls
 
     return register
+
+
+_RUNNERS: dict = {}
+
+
+def runner(op) -> Callable:
+    """`(args, kwargs) -> (output, saved)` for a site's op: its rule's `forward` where it has one
+    (keeping statistics its piece would otherwise recompute), else the op itself."""
+    run = _RUNNERS.get(op)
+    if run is None:
+        packet = getattr(op, "overloadpacket", None)
+        name = (packet.__name__ if packet is not None else getattr(op, "__name__", str(op))).rstrip("_")
+        r = lookup(name)
+        if r is not None and r.forward is not None:
+            run = lambda args, kwargs: r.forward(op, args, kwargs)  # noqa: E731
+        else:
+            run = lambda args, kwargs: (op(*args, **kwargs), None)  # noqa: E731
+        _RUNNERS[op] = run
+    return run
 
 
 def lookup(op_name: str) -> Rule | None:

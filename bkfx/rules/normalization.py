@@ -6,6 +6,7 @@ sample i's entries that share the parameter (explicit).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from bkfx.factors import Explicit
@@ -15,16 +16,26 @@ from passes.sample_dim import shape_of
 
 @rule("layer_norm")
 class LayerNorm:
+    """The forward runs `native_layer_norm` and keeps its per-row mean and 1/std, so the
+    weight's `x̂ = (x - mean) · rstd` is not normalised a second time."""
+
     def spec(node, path, batch):
         return explicit_spec(shape_of(node.args[path[0]]), batch) if path in ((2,), (3,)) else None
 
+    def forward(op, args, kwargs):
+        values = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args), **kwargs)
+        out, mean, rstd = torch.ops.aten.native_layer_norm(
+            values["input"], values["normalized_shape"], values.get("weight"), values.get("bias"),
+            values.get("eps", 1e-5),
+        )
+        return out, (mean.detach(), rstd.detach())
+
     def piece(call, path):
-        x, shape = call.args[0], call.args[1]
         if path == (3,):
             return Explicit(sum_to(call.g, call.out_layout, call.args[3].shape))
-        eps = call.args[4] if len(call.args) > 4 else call.kwargs.get("eps", 1e-5)
-        xhat = F.layer_norm(x, shape, None, None, eps)
-        return Explicit(sum_to(call.g * xhat, call.out_layout, call.args[2].shape))
+        mean, rstd = call.saved
+        g_xhat = (call.args[0] - mean).mul_(rstd).mul_(call.g)  # one temporary
+        return Explicit(sum_to(g_xhat, call.out_layout, call.args[2].shape))
 
 
 def _per_channel(call, t):
