@@ -278,7 +278,7 @@ def markdown(results, args) -> str:
     lines = [
         f"Machine: {results['machine']}; torch {results['torch']}; batch {results['batch']}, "
         f"GPT-2 seq {results['seq']}, vocabulary {results['vocab']}; median of {results['steps']} steps after warm-up.\n",
-        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`\n",
+        f"Command: `{' '.join(['python benchmarks/run.py'] + sys.argv[1:])}`\n",
         "| model | method | median step (s) | time vs non-private | Opacus ghost time / this | step memory (MiB) "
         "| memory vs non-private |" + (" largest batch |" if searched else ""),
         "|---|---|---|---|---|---|---|" + ("---|" if searched else ""),
