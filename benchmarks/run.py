@@ -175,9 +175,14 @@ def memory_probe(model_name, method, args, device):
     return (peak_rss_bytes() - resting) / 2**20
 
 
+def _child(flag, model_name, method, batch, args) -> list[str]:
+    """The command line of a child run of this script (`--probe` or `--fits`) on one workload."""
+    return [sys.executable, __file__, flag, model_name, method, "--batch", str(batch), "--seq", str(args.seq),
+            "--vocab", str(args.vocab), "--device", args.device]
+
+
 def measure_memory(model_name, method, args):
-    cmd = [sys.executable, __file__, "--probe", model_name, method, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--vocab", str(args.vocab), "--device", args.device]
+    cmd = _child("--probe", model_name, method, args.batch, args)
     # glibc's fixed 64 KiB mmap threshold returns freed tensors at once, so resting RSS is what is live
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
     lines = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MIB ")]
@@ -187,9 +192,7 @@ def measure_memory(model_name, method, args):
 def batch_fits(model_name, method, batch, args) -> bool:
     """Whether one training step at `batch` runs (a fresh subprocess: an out-of-memory error
     there leaves this process clean)."""
-    cmd = [sys.executable, __file__, "--fits", model_name, method, "--batch", str(batch), "--seq", str(args.seq),
-           "--vocab", str(args.vocab), "--device", args.device]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(_child("--fits", model_name, method, batch, args), capture_output=True, text=True)
     return done.returncode == 0 and "FITS" in done.stdout
 
 

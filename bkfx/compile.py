@@ -8,7 +8,7 @@ from torch import nn
 
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
 from bkfx.errors import NotCapturedError
-from bkfx.ledger import ClipConfig, Tape, recording
+from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
 from bkfx.plan import Site
 from passes.annotate import annotate
 from passes.capture import batched_tensors, capture, signature
@@ -27,6 +27,7 @@ class Compiled:
     sites: list[Site]
     batch_symbol: object
     example_batch: int
+    tied: frozenset  # parameters more than one site uses
 
 
 def compile(
@@ -99,7 +100,7 @@ class DPModel(nn.Module):
             compiled = self._captures[key] = self._compile(args, kwargs)
         self._last = compiled
         batch = batched_tensors(args, kwargs)[0].shape[0]
-        tape = Tape(compiled.sites, self._params, self._clip, batch, on_finalise=self._finalised)
+        tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised)
         with recording(tape):
             return compiled.graph_module(*args, **kwargs)
 
@@ -111,7 +112,7 @@ class DPModel(nn.Module):
         sites = gm.meta["bkfx.sites"]
         gm = rewrite(gm)
         example = batched_tensors(args, kwargs)[0].shape[0]
-        return Compiled(gm, sites, captured.batch, max(example, 2))
+        return Compiled(gm, sites, captured.batch, max(example, 2), tied_parameters(sites))
 
     def _finalised(self, tape: Tape) -> None:
         self._last_tape = tape

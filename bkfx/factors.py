@@ -109,30 +109,43 @@ def clipped_sum(L: Factor, R: Dense, c: torch.Tensor, scaled=None) -> torch.Tens
     return R.t.new_zeros(L.size, n).index_add_(0, L.idx.reshape(-1), scaled_rows.reshape(-1, n))
 
 
+class _Recent:
+    """The last `capacity` values computed for keys made of tensors' storage, shape and strides.
+    Each entry holds the tensors its key names, so their storage cannot be reused (and a key
+    come to mean other values) while the entry lives."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self._items = capacity, {}  # key -> (value, tensors held), oldest first
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def get(self, key, compute, hold):
+        hit = self._items.pop(key, None)
+        if hit is None:
+            hit = (compute(), hold)
+            while len(self._items) >= self.capacity:
+                self._items.pop(next(iter(self._items)))
+        self._items[key] = hit
+        return hit[0]
+
+
 class ScaledCache:
     """`t * c` for the last few factors `t` of one group's clipped sums (one `c`). Views of one
-    tensor made by different sites are the same factor: the key is storage, shape and strides,
-    and each entry holds `t` so its storage cannot be reused while the entry lives."""
+    tensor made by different sites are the same factor: the key is storage, shape and strides."""
 
     def __init__(self, capacity: int = 2):
-        self.capacity, self._items = capacity, {}  # key -> (t, t * c), oldest first
+        self._recent = _Recent(capacity)
 
     @staticmethod
     def _key(t: torch.Tensor):
         return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
 
     def __contains__(self, t: torch.Tensor) -> bool:
-        return self._key(t) in self._items
+        return self._key(t) in self._recent
 
     def __call__(self, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        key = self._key(t)
-        hit = self._items.pop(key, None)
-        if hit is None:
-            hit = (t, t * c)
-            while len(self._items) >= self.capacity:
-                self._items.pop(next(iter(self._items)))
-        self._items[key] = hit
-        return hit[1]
+        return self._recent.get(self._key(t), lambda: t * c, t)
 
 
 def left_apply(L: Factor, G: torch.Tensor) -> torch.Tensor:
@@ -163,12 +176,10 @@ Piece = Factored | Explicit
 
 class GramCache:
     """Gram matrices shared between sites: the q, k and v projections of one input need its
-    `a aᵀ` once. Keeps the last `capacity` Grams, each with references to its factors' tensors
-    (so their storage, part of the key, cannot be reused while the entry lives)."""
+    `a aᵀ` once. Keeps the last `capacity` Grams."""
 
     def __init__(self, capacity: int = 4):
-        self.capacity = capacity
-        self._grams: dict = {}  # key -> (gram, factors), oldest first
+        self._recent = _Recent(capacity)
 
     @staticmethod
     def _key(f: Factor):
@@ -177,19 +188,10 @@ class GramCache:
                 None if not isinstance(f, OneHot) or f.mask is None else f.mask.data_ptr())
 
     def __call__(self, a: Factor, b: Factor) -> torch.Tensor:
-        return self._cached((self._key(a), self._key(b)), lambda: gram(a, b), (a, b))
+        return self._recent.get((self._key(a), self._key(b)), lambda: gram(a, b), (a, b))
 
     def blocks(self, x: Dense, n: int) -> list[torch.Tensor]:
-        return self._cached((self._key(x), n), lambda: gram_blocks(x, n), (x,))
-
-    def _cached(self, key, compute, factors):
-        hit = self._grams.pop(key, None)
-        if hit is None:
-            hit = (compute(), factors)
-            while len(self._grams) >= self.capacity:
-                self._grams.pop(next(iter(self._grams)))
-        self._grams[key] = hit
-        return hit[0]
+        return self._recent.get((self._key(x), n), lambda: gram_blocks(x, n), x)
 
 
 def gram_blocks(x: Dense, n: int) -> list[torch.Tensor]:

@@ -69,6 +69,7 @@ class Tape:
     params: dict[str, torch.nn.Parameter]
     config: ClipConfig
     batch: int
+    tied: frozenset  # parameters more than one site uses (their norms need cross terms): `tied_parameters(sites)`
     on_finalise: object = None  # called with the tape after each backward pass
     pieces: dict[str, list] = field(default_factory=dict)
     per_sample_norms: torch.Tensor | None = None
@@ -78,12 +79,9 @@ class Tape:
     _pending: dict | None = None  # group -> site ids still to come in this backward
     _group_squares: dict = field(default_factory=dict)
     _partial: dict = field(default_factory=dict)  # group -> Σ squared norms of its untied parameters so far
-    tied: frozenset | None = None  # parameters more than one site uses (their norms need cross terms)
 
     def __post_init__(self):
         self._group_of = {n: g for g, names in enumerate(self.config.groups) for n in names}
-        if self.tied is None:
-            self.tied = tied_parameters(self.sites)
         self.grams = GramCache()
 
     def name_of(self, param: torch.Tensor) -> str:

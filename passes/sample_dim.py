@@ -62,7 +62,11 @@ def shape_of(node: Node) -> list[sympy.Expr] | None:
 
 
 def op_name(node: Node) -> str:
-    target = node.target
+    return target_name(node.target)
+
+
+def target_name(target) -> str:
+    """An ATen op's name without overload or in-place suffix: `aten.add_.Tensor` -> "add"."""
     packet = getattr(target, "overloadpacket", None)
     return (packet.__name__ if packet is not None else getattr(target, "__name__", str(target))).rstrip("_")
 

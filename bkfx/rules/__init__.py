@@ -21,6 +21,7 @@ import torch
 
 from bkfx.layout import SampleLayout, batch_first
 from bkfx.plan import Path, PieceSpec
+from passes.sample_dim import target_name
 
 _RULES: dict[str, "Rule"] = {}
 
@@ -67,9 +68,7 @@ def runner(op) -> Callable:
     (keeping statistics its piece would otherwise recompute), else the op itself."""
     run = _RUNNERS.get(op)
     if run is None:
-        packet = getattr(op, "overloadpacket", None)
-        name = (packet.__name__ if packet is not None else getattr(op, "__name__", str(op))).rstrip("_")
-        r = lookup(name)
+        r = lookup(target_name(op))
         if r is not None and r.forward is not None:
             run = lambda args, kwargs: r.forward(op, args, kwargs)  # noqa: E731
         else:
