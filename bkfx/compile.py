@@ -39,6 +39,7 @@ def compile(
     loss_reduction: str = "mean",
     norm_mode="auto",
     gamma: float = 0.01,
+    grad_scaler=None,
 ) -> "DPModel":
     """Compile `model` so that one `loss.backward()` leaves clipped per-sample gradient sums in `.grad`.
 
@@ -49,6 +50,11 @@ def compile(
     loss_reduction: how the loss reduces over samples, "mean" or "sum".
     norm_mode: "auto" (cost model), "ghost", "explicit", or a dict from site node name or
         parameter name to "ghost"/"explicit".
+    grad_scaler: the `torch.amp.GradScaler` that scales the loss (fp16 autocast), or None.
+        Its scale S multiplies every recorded output gradient, so the per-sample norms are
+        divided by S before clipping (`C_i = clip(‖S G_i‖ / S)`); `.grad` then holds S times
+        the clipped sum, which `scaler.step(optimizer)` unscales and checks for inf/NaN as
+        usual. Also settable later: `dp_model.grad_scaler = scaler`.
     """
     if clipping not in CLIPPINGS:
         raise ValueError(f"clipping must be one of {CLIPPINGS}, got {clipping!r}")
@@ -56,7 +62,9 @@ def compile(
         raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
     if isinstance(norm_mode, str) and norm_mode not in MODES:
         raise ValueError(f"norm_mode must be one of {MODES} or a dict, got {norm_mode!r}")
-    return DPModel(model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma)
+    dp_model = DPModel(model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma)
+    dp_model.grad_scaler = grad_scaler
+    return dp_model
 
 
 class DPModel(nn.Module):
@@ -132,6 +140,17 @@ class DPModel(nn.Module):
     @sum_clipped_gradients.setter
     def sum_clipped_gradients(self, value: bool) -> None:
         self._clip.sum_output = bool(value)
+
+    @property
+    def grad_scaler(self):
+        """The `torch.amp.GradScaler` whose loss scale the backward pass divides out of the norms."""
+        return self._clip.grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler) -> None:
+        if scaler is not None and not (hasattr(scaler, "is_enabled") and hasattr(scaler, "scale")):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        self._clip.grad_scaler = scaler
 
     @property
     def clip_groups(self) -> list[list[str]]:

@@ -13,12 +13,19 @@ every rule:
 - `⟨L1ᵀR1, L2ᵀR2⟩_i = Σ_{t,s} (L1 L2ᵀ)_{ts} (R1 R2ᵀ)_{ts}`  (ghost norm, cross terms)
 - `⟨L1ᵀR1, G_i⟩ = Σ_t (L1 G_i)_t · R1_t`
 - `Σ_i C_i L_iᵀ R_i = (C ⊙ L)ᵀ R`  (book-kept clipped sum: one matmul)
+
+Under autocast the two factors of a piece may differ in dtype (a float32 activation, a
+bf16 output gradient); each product casts them as `bkfx.precision` says (clipped sums in
+the op's low precision, Grams in bf16 or float32, every per-sample inner product
+accumulated in at least float32).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from bkfx.precision import accumulation_dtype, as_dtype, compute_dtype, gram_dtype
 
 
 @dataclass
@@ -60,16 +67,19 @@ def canonical_matrix(shape: torch.Size) -> tuple[int, int]:
 
 
 def gram(a: Factor, b: Factor) -> torch.Tensor:
-    """`A_i B_iᵀ` for every sample: `[B, T_a, T_b]`."""
+    """`A_i B_iᵀ` for every sample: `[B, T_a, T_b]`, in `gram_dtype` of the factors' dtype."""
     if isinstance(a, Dense) and isinstance(b, Dense):
-        return torch.bmm(a.t, b.t.transpose(1, 2))
+        dtype = gram_dtype(compute_dtype(a.t.dtype, b.t.dtype))
+        left = as_dtype(a.t, dtype)
+        right = left if b is a else as_dtype(b.t, dtype)
+        return torch.bmm(left, right.transpose(1, 2))
     if isinstance(a, OneHot) and isinstance(b, OneHot):
         return _apply_masks(a.idx[:, :, None] == b.idx[:, None, :], a, b)  # bool; promotes when multiplied
     if isinstance(a, Dense):
         return gram(b, a).transpose(1, 2)
     # OneHot · Denseᵀ: row t of onehot picks column idx_t of b
     picked = torch.gather(b.t, 2, a.idx[:, None, :].expand(-1, b.t.shape[1], -1))  # [B, T_b, T_a]
-    return _apply_masks(picked.transpose(1, 2), a, None)
+    return _apply_masks(as_dtype(picked, gram_dtype(picked.dtype)).transpose(1, 2), a, None)
 
 
 def _apply_masks(g: torch.Tensor, a, b) -> torch.Tensor:
@@ -81,9 +91,10 @@ def _apply_masks(g: torch.Tensor, a, b) -> torch.Tensor:
 
 
 def per_sample(L: Factor, R: Dense) -> torch.Tensor:
-    """`L_iᵀ R_i` for every sample: `[B, m, n]`."""
+    """`L_iᵀ R_i` for every sample: `[B, m, n]` (in the factors' `compute_dtype`)."""
     if isinstance(L, Dense):
-        return torch.bmm(L.t.transpose(1, 2), R.t)
+        dtype = compute_dtype(L.t.dtype, R.t.dtype)
+        return torch.bmm(as_dtype(L.t, dtype).transpose(1, 2), as_dtype(R.t, dtype))
     B, _, n = R.t.shape
     rows = R.t if L.mask is None else R.t * L.mask[:, :, None]
     out = R.t.new_zeros(B, L.size, n)
@@ -95,15 +106,20 @@ def clipped_sum(L: Factor, R: Dense, c: torch.Tensor, scaled=None) -> torch.Tens
 
     The clip factors scale whichever dense factor is narrower (fewer entries to touch), or
     at equal widths the one `scaled` (a `ScaledCache`) already holds, so the q, k and v
-    projections of one input scale it once."""
-    c = c.to(R.t.dtype)[:, None, None]
+    projections of one input scale it once. The matmul runs in the factors' `compute_dtype`
+    (under autocast the op's dtype: the precision of autocast's own weight gradient); `c`
+    is applied in the dtype of the factor it scales."""
     scale = scaled if scaled is not None else (lambda t, c: t * c)
     n = R.t.shape[2]
+    c = c[:, None, None]
     if isinstance(L, Dense):
+        dtype = compute_dtype(L.t.dtype, R.t.dtype)
         if L.width < n or (L.width == n and scaled is not None and L.t in scaled):
-            return scale(L.t, c).reshape(-1, L.width).transpose(0, 1) @ R.t.reshape(-1, n)
-        return L.t.reshape(-1, L.width).transpose(0, 1) @ scale(R.t, c).reshape(-1, n)
-    scaled_rows = scale(R.t, c)
+            left, right = scale(L.t, as_dtype(c, L.t.dtype)), R.t
+        else:
+            left, right = L.t, scale(R.t, as_dtype(c, R.t.dtype))
+        return as_dtype(left, dtype).reshape(-1, L.width).transpose(0, 1) @ as_dtype(right, dtype).reshape(-1, n)
+    scaled_rows = scale(R.t, as_dtype(c, R.t.dtype))
     if L.mask is not None:
         scaled_rows = scaled_rows * L.mask[:, :, None]
     return R.t.new_zeros(L.size, n).index_add_(0, L.idx.reshape(-1), scaled_rows.reshape(-1, n))
@@ -149,9 +165,11 @@ class ScaledCache:
 
 
 def left_apply(L: Factor, G: torch.Tensor) -> torch.Tensor:
-    """`L_i G_i` for every sample, with `G: [B, m, n]`: `[B, T, n]`."""
+    """`L_i G_i` for every sample, with `G: [B, m, n]`: `[B, T, n]` (a product of two
+    gradient-like factors: in `gram_dtype`)."""
     if isinstance(L, Dense):
-        return torch.bmm(L.t, G)
+        dtype = gram_dtype(compute_dtype(L.t.dtype, G.dtype))
+        return torch.bmm(as_dtype(L.t, dtype), as_dtype(G, dtype))
     out = torch.gather(G, 1, L.idx[:, :, None].expand(-1, -1, G.shape[2]))
     return out if L.mask is None else out * L.mask[:, :, None]
 
@@ -196,21 +214,25 @@ class GramCache:
 
 def gram_blocks(x: Dense, n: int) -> list[torch.Tensor]:
     """The lower triangle of `x_i x_iᵀ` in `n × n` blocks of positions: `x_j x_kᵀ` for j >= k,
-    row by row (a symmetric Gram in `(n+1)/2n` of the work)."""
-    parts = x.t.tensor_split(n, dim=1)
+    row by row (a symmetric Gram in `(n+1)/2n` of the work), in `gram_dtype`."""
+    parts = as_dtype(x.t, gram_dtype(x.t.dtype)).tensor_split(n, dim=1)
     return [torch.bmm(parts[j], parts[k].transpose(1, 2)) for j in range(n) for k in range(j + 1)]
 
 
-def gram_block_count(T: int) -> int:
-    """How many position blocks a self-inner product uses: blocks of at least 64 positions
-    (smaller matmuls lose more speed than the symmetry saves), at most 4."""
+def gram_block_count(T: int, device: torch.device) -> int:
+    """How many position blocks a self-inner product uses. On the CPU blocks of at least 64
+    positions (smaller matmuls lose more speed than the symmetry saves), at most 4. On a GPU
+    one bmm per Gram: a block is too small to fill the device (GPT-2 124M at T = 512 ran
+    980 tiny bmms per step, 63 ms on an H100, where the whole Grams cost a fraction)."""
+    if device.type != "cpu":
+        return 1
     return max(1, min(4, T // 64))
 
 
 def self_inner(a: Factored, grams=None) -> torch.Tensor:
     """`‖L_iᵀ R_i‖²` for Dense factors: `⟨L Lᵀ, R Rᵀ⟩` over the Grams' lower triangles, the
     off-diagonal blocks counted twice."""
-    n = gram_block_count(a.L.t.shape[1])
+    n = gram_block_count(a.L.t.shape[1], a.L.t.device)
     left = grams.blocks(a.L, n) if grams is not None else gram_blocks(a.L, n)
     right = grams.blocks(a.R, n) if grams is not None else gram_blocks(a.R, n)
     total, i = None, 0
@@ -223,7 +245,7 @@ def self_inner(a: Factored, grams=None) -> torch.Tensor:
 
 
 def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
-    """`⟨G_i^a, G_i^b⟩` for every sample: `[B]`."""
+    """`⟨G_i^a, G_i^b⟩` for every sample: `[B]`, accumulated in at least float32."""
     if isinstance(a, Explicit) and isinstance(b, Explicit):
         return _rowdot(a.G, b.G)
     if isinstance(a, Explicit):
@@ -235,15 +257,19 @@ def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
     if isinstance(a.L, Dense) and isinstance(b.L, Dense) and a.L.t.shape[1] == 1 and b.L.t.shape[1] == 1:
         # T = 1: the Gram matrices are scalars
         return _rowdot(a.L.t, b.L.t) * _rowdot(a.R.t, b.R.t)
-    if a is b and isinstance(a.L, Dense) and gram_block_count(a.L.t.shape[1]) > 1:
+    if a is b and isinstance(a.L, Dense) and gram_block_count(a.L.t.shape[1], a.L.t.device) > 1:
         return self_inner(a, grams if isinstance(grams, GramCache) else None)
     left, right = grams(a.L, b.L), grams(a.R, b.R)
     return _rowdot(left if left.dtype != torch.bool else left.to(right.dtype), right)
 
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`Σ_j x_ij y_ij` per sample in one kernel: `[B]`."""
-    return torch.linalg.vecdot(_per_row(x), _per_row(y))
+    """`Σ_j x_ij y_ij` per sample in one kernel: `[B]`, in `accumulation_dtype` (bf16/fp16
+    operands are upcast: the sum of many rounded products would lose the small terms)."""
+    dtype = accumulation_dtype(torch.promote_types(x.dtype, y.dtype))
+    same = y is x
+    x = as_dtype(_per_row(x), dtype)
+    return torch.linalg.vecdot(x, x if same else as_dtype(_per_row(y), dtype))
 
 
 def _per_row(x: torch.Tensor) -> torch.Tensor:

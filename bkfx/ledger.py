@@ -35,6 +35,7 @@ from bkfx.clipping import clip_factor
 from bkfx.errors import BkfxError, InPlaceModificationError
 from bkfx.factors import Dense, Explicit, Factored, GramCache, ScaledCache, inner, weighted_sum
 from bkfx.plan import Site, get_path
+from bkfx.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
 from bkfx.rules import SiteCall
 
 _current: contextvars.ContextVar["Tape | None"] = contextvars.ContextVar("bkfx_tape", default=None)
@@ -61,6 +62,7 @@ class ClipConfig:
     loss_reduction: str
     gamma: float = 0.01
     sum_output: bool = False  # write Σ_i C_i G_i whatever the reduction (for DPOptimizer)
+    grad_scaler: object = None  # a torch.amp.GradScaler whose loss scale S the recorded gradients carry
 
 
 @dataclass
@@ -137,7 +139,8 @@ class Tape:
             return
         self._group_squares[g] = squared
         scale = self.batch if self.config.loss_reduction == "mean" else 1
-        c = clip_factor(squared.sqrt() * scale, self.config.thresholds[g], self.config.clipping, self.config.gamma)
+        c = clip_factor(squared.sqrt() * self._norm_scale(squared), self.config.thresholds[g], self.config.clipping,
+                        self.config.gamma)
         if self.config.sum_output:
             c = c * scale
         scaled = ScaledCache()
@@ -151,8 +154,20 @@ class Tape:
                     else:
                         p.grad.add_(grad)
 
+    def _norm_scale(self, squared: torch.Tensor):
+        """Recorded norms to per-sample norms: `× B` for a mean loss, `÷ S` for a GradScaler's
+        loss scale S (the recorded output gradients carry it; the clipped sum keeps it, so the
+        scaler's `unscale_` and inf check of `.grad` work as without bkfx)."""
+        scale = self.batch if self.config.loss_reduction == "mean" else 1
+        S = loss_scale(self.config.grad_scaler, squared.device)
+        return scale if S is None else scale / S
+
     def finalise(self) -> None:
         """End of the backward pass: the remaining groups, then the per-sample norms."""
+        with NO_AUTOCAST.apply():
+            self._finalise()
+
+    def _finalise(self) -> None:
         self._queued = False
         for g in range(len(self.config.groups)):
             self._finalise_group(g)
@@ -160,8 +175,8 @@ class Tape:
         self.grams = GramCache()
         if not self._group_squares:
             return
-        scale = self.batch if self.config.loss_reduction == "mean" else 1
         squares, self._group_squares = self._group_squares, {}
+        scale = self._norm_scale(next(iter(squares.values())))
         self.group_norms = [
             (squares[g].sqrt() * scale).detach() if g in squares else None for g in range(len(self.config.groups))
         ]
@@ -207,6 +222,7 @@ class Record:
         self.tape, self.site, self.args, self.kwargs, self.chains = tape, site, args, kwargs, chains
         self.saved = None  # what the site's rule kept from the forward (bkfx.rules.runner)
         self.versions = {path: get_path(args, path)._version for path in site.layouts}
+        self.autocast = AutocastState.current()  # the rules re-run forward computations under it
 
     def backward(self, g: torch.Tensor) -> None:
         site, tape = self.site, self.tape
@@ -224,7 +240,13 @@ class Record:
                     "use the out-of-place form"
                 )
         call = SiteCall(site.op, self.args, self.kwargs, g, site.layouts, site.out_layout, tape.batch, self.saved)
-        pieces = [(operand, operand.rule.piece(call, operand.path)) for operand in site.operands]
+        with self.autocast.apply():
+            pieces = [(operand, operand.rule.piece(call, operand.path)) for operand in site.operands]
+        with NO_AUTOCAST.apply():
+            self._book_keep(pieces)
+
+    def _book_keep(self, pieces) -> None:
+        site, tape = self.site, self.tape
         ghost = self._ghost([p for _, p in pieces if isinstance(p, Factored)])
         parts = []
         for operand, piece in pieces:
