@@ -18,6 +18,17 @@ An empty logical batch is a noise-only step. With `accountant=` (a
 `bkfx.accounting.Accountant`) and `sample_rate=`, every step is recorded as one Poisson
 subsampled Gaussian step.
 
+The noise is drawn on each parameter's device, by one generator per device, with no copy
+between host and device (see `add_gaussian_noise_` for each device's stream). `seed=` seeds
+every device's generator with the same seed; the streams of a CPU and a CUDA generator differ,
+so the same seed gives different (equally distributed) noise on the two.
+
+Mixed precision with a `torch.amp.GradScaler`: compile with `grad_scaler=scaler` (then `.grad`
+holds S times the clipped sum) and step with `scaler.step(dp_optimizer)`: the scaler first
+unscales `.grad` (and checks it for inf/NaN), then calls `step()`, which adds the noise to the
+*unscaled* sum. Calling `step()` on S-scaled gradients would add noise S times too small; with
+`model=` given, `step()` refuses to. Call `scaler.step`/`scaler.update` once per logical batch.
+
 LR schedulers take the wrapped optimizer (`torch.optim.lr_scheduler.StepLR(dp.optimizer, ...)`):
 its `param_groups` are the ones this optimizer steps.
 """
@@ -28,13 +39,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from bkfx.errors import BkfxError
+
 NOISE_CHUNK = 1 << 20  # entries per independently seeded draw of the noise
 
 
 class DPOptimizer:
     """Wraps `optimizer`: each `step()` adds N(0, (σR)²) to the summed clipped gradients, divides by
     `expected_batch_size`, then steps. `max_grad_norm` may be omitted when `model=` gives it;
-    `seed` or `generator` make the noise reproducible; `accountant` + `sample_rate` record each step."""
+    `seed` or `generator` make the noise reproducible (`generator` serves its own device, the
+    other devices' generators are seeded from it); `accountant` + `sample_rate` record each step."""
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm=None,
@@ -52,6 +66,7 @@ class DPOptimizer:
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.optimizer = optimizer
+        self._model = model
         self.max_grad_norm = _total_norm(max_grad_norm, model)
         if model is not None:
             model.sum_clipped_gradients = True
@@ -62,8 +77,12 @@ class DPOptimizer:
             if seed is not None:
                 generator.manual_seed(seed)
             else:
-                generator.seed()  # a fresh seed for this generator only (torch.seed() would reseed the global RNG)
-        self.generator = generator
+                seed = generator.seed()  # a fresh seed for this optimizer only (torch.seed() would reseed the global RNG)
+        elif seed is None:
+            seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device))
+        self.generator = generator  # the noise's generator on its own device (the CPU's unless given)
+        self._seed = seed  # seeds the generators of the other devices
+        self._generators = {_device_key(generator.device): generator}
         self._pool = None  # threads drawing the noise's chunks on the CPU
         self.accountant = accountant
         self.sample_rate = sample_rate
@@ -89,6 +108,15 @@ class DPOptimizer:
         """`σ R`: the standard deviation of the noise added to the clipped sum."""
         return self.noise_multiplier * self.max_grad_norm
 
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The noise's generator on `device` (made on first use, seeded with the optimizer's seed)."""
+        key = _device_key(device)
+        g = self._generators.get(key)
+        if g is None:
+            g = self._generators[key] = torch.Generator(device=key)
+            g.manual_seed(self._seed)
+        return g
+
     def add_noise(self) -> None:
         """`.grad ← (.grad + N(0, σ²R²)) / expected_batch_size` for every trainable parameter, in place."""
         std = self.noise_std
@@ -103,13 +131,44 @@ class DPOptimizer:
                     p.grad = p.grad.contiguous()
                 grads.append(p.grad)
         if std:
-            if self._pool is None and self.generator.device.type == "cpu" and torch.get_num_threads() > 1:
-                self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="bkfx-noise")
-            add_gaussian_noise_(grads, std, self.generator, self._pool)
+            by_device: dict[str, list[torch.Tensor]] = {}
+            for t in grads:
+                by_device.setdefault(_device_key(t.device), []).append(t)
+            for key, tensors in by_device.items():
+                pool = None
+                if key == "cpu" and torch.get_num_threads() > 1:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="bkfx-noise")
+                    pool = self._pool
+                add_gaussian_noise_(tensors, std, self.generator_for(torch.device(key)), pool)
         torch._foreach_div_(grads, self.expected_batch_size)
+
+    def _check_loss_scale(self) -> None:
+        """Refuse to step on gradients that still carry a GradScaler's loss scale (the noise would be
+        S times too small) or that were unscaled before the logical batch is complete."""
+        scaler = getattr(self._model, "grad_scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        from torch.amp.grad_scaler import OptState
+
+        stage = scaler._per_optimizer_states[id(self)]["stage"]
+        if not self.logical_batch_complete:
+            if stage is OptState.UNSCALED:
+                raise BkfxError(
+                    "the GradScaler unscaled .grad before the logical batch was complete; the next physical batch "
+                    "would add scaled gradients to unscaled ones. Call scaler.step(optimizer) and scaler.update() "
+                    "only when optimizer.logical_batch_complete is True"
+                )
+            return
+        if stage is not OptState.UNSCALED:
+            raise BkfxError(
+                "the compiled model has a GradScaler, so .grad holds S times the clipped sum and the noise would be "
+                "S times too small; step with scaler.step(optimizer) (or call scaler.unscale_(optimizer) first)"
+            )
 
     def step(self, closure=None):
         """Noise, average and step, once per logical batch (nothing while one is still accumulating)."""
+        self._check_loss_scale()
         if not self.logical_batch_complete:
             return None
         self.add_noise()
@@ -124,7 +183,10 @@ class DPOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "steps": self.steps, "generator": self.generator.get_state()}
+        state = {
+            "optimizer": self.optimizer.state_dict(), "steps": self.steps, "generator": self.generator.get_state(),
+            "seed": self._seed, "generators": {key: g.get_state() for key, g in self._generators.items()},
+        }
         if self.accountant is not None:
             state["accountant"] = self.accountant.state_dict()
         return state
@@ -134,6 +196,9 @@ class DPOptimizer:
         self.steps = state["steps"]
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        self._seed = state.get("seed", self._seed)
+        for key, generator_state in state.get("generators", {}).items():
+            self.generator_for(torch.device(key)).set_state(generator_state)
         if self.accountant is not None and "accountant" in state:
             self.accountant.load_state_dict(state["accountant"])
 
@@ -143,31 +208,50 @@ class DPOptimizer:
 
 
 def add_gaussian_noise_(tensors: list[torch.Tensor], std: float, generator: torch.Generator, pool=None) -> None:
-    """`t += std · N(0, I)` for each (contiguous) tensor, in place.
+    """`t += std · N(0, I)` for each (contiguous) tensor, in place, drawn on the tensors' device
+    (which must be `generator`'s): no copy between host and device.
 
-    The noise stream: the tensors' entries, in order, are cut into chunks of `NOISE_CHUNK`
+    The CPU's stream: the tensors' entries, in order, are cut into chunks of `NOISE_CHUNK`
     consecutive entries of one tensor; one `torch.randint(0, 2**63 - 1, (chunks,), generator=generator)`
     draws a seed per chunk, and chunk k's noise is `torch.randn(size, generator=G_k)` with `G_k`
-    a new generator (on `generator`'s device) seeded with seed k. The chunks are independent, so
-    `pool` (a thread pool) may draw them at once; the result does not depend on it.
+    a new CPU generator seeded with seed k. The chunks are independent, so `pool` (a thread
+    pool) may draw them at once; the result does not depend on it.
+
+    A GPU's stream: `torch.randn(t.shape, generator=generator)` for each tensor in order (one
+    kernel per tensor; the device's generator is already parallel).
     """
+    device = generator.device
+    for t in tensors:
+        if _device_key(t.device) != _device_key(device):
+            raise ValueError(f"noise for a tensor on {t.device} requested from a generator on {device}")
+    if device.type != "cpu":
+        for t in tensors:
+            t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device), alpha=std)
+        return
     chunks = [(t, start, min(start + NOISE_CHUNK, t.numel())) for t in tensors for start in range(0, t.numel(), NOISE_CHUNK)]
     if not chunks:
         return
-    seeds = torch.randint(0, 2**63 - 1, (len(chunks),), generator=generator, device=generator.device).tolist()
+    seeds = torch.randint(0, 2**63 - 1, (len(chunks),), generator=generator).tolist()
 
     def draw(k: int) -> None:
         t, start, stop = chunks[k]
-        g = torch.Generator(device=generator.device)
+        g = torch.Generator()
         g.manual_seed(seeds[k])
-        noise = torch.randn(stop - start, generator=g, dtype=t.dtype, device=generator.device)
-        t.view(-1)[start:stop].add_(noise.to(t.device), alpha=std)
+        t.view(-1)[start:stop].add_(torch.randn(stop - start, generator=g, dtype=t.dtype), alpha=std)
 
     if pool is None or len(chunks) == 1:
         for k in range(len(chunks)):
             draw(k)
     else:
         list(pool.map(draw, range(len(chunks))))
+
+
+def _device_key(device: torch.device) -> str:
+    """`"cpu"`, `"cuda:0"`, ...: one generator per device (a bare "cuda" means the current one)."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+    return str(device)
 
 
 def _total_norm(max_grad_norm, model) -> float:

@@ -22,3 +22,16 @@ settings.register_profile(
     "thorough", max_examples=1000, deadline=None, suppress_health_check=_SLOW_IS_FINE
 )
 settings.load_profile(os.environ.get("BKFX_HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device a device-independent test runs on: the CPU, and CUDA when one is present
+    (so a GPU machine runs them on both, a CPU-only CI only on the CPU)."""
+    return request.param

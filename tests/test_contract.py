@@ -1,5 +1,6 @@
 """The public contract of `bkfx.compile`, one deterministic case per promise, each checked
-against the `torch.func.vmap` reference of `bkfx.testing` (1e-6 relative, float64)."""
+against the `torch.func.vmap` reference of `bkfx.testing` (1e-6 relative, float64). Tests
+taking the `device` fixture run on the CPU and, when one is present, on CUDA."""
 from __future__ import annotations
 
 import pytest
@@ -44,14 +45,15 @@ def ce(reduction="mean"):
     return lambda out, y: F.cross_entropy(out, y, reduction=reduction)
 
 
-def mlp(seed=0, d=4, hidden=8, classes=3):
+def mlp(seed=0, d=4, hidden=8, classes=3, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, classes)).double()
+    return nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, classes)).double().to(device)
 
 
-def batch(n, d=4, classes=3, seed=1):
+def batch(n, d=4, classes=3, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, dtype=f64, generator=g), torch.randint(0, classes, (n,), generator=g)
+    x, y = torch.randn(n, d, dtype=f64, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return x.to(device), y.to(device)
 
 
 class TinyLM(nn.Module):
@@ -73,30 +75,30 @@ def token_ce(reduction="mean"):
 
 
 # -- forward --------------------------------------------------------------------------------
-def test_forward_equals_model_exactly():
-    model = mlp()
-    x, _ = batch(5)
+def test_forward_equals_model_exactly(device):
+    model = mlp(device=device)
+    x, _ = batch(5, device=device)
     dp = bkfx.compile(model)
     assert torch.equal(dp(x), model(x))
     torch.manual_seed(0)
-    lm = TinyLM().double()
-    idx = torch.randint(0, 11, (4, 7))
+    lm = TinyLM().double().to(device)
+    idx = torch.randint(0, 11, (4, 7), device=device)
     assert torch.equal(bkfx.compile(lm)(idx), lm(idx))
 
 
-def test_one_capture_serves_every_batch_size():
-    model = mlp()
+def test_one_capture_serves_every_batch_size(device):
+    model = mlp(device=device)
     dp = bkfx.compile(model, max_grad_norm=0.1)
-    x3, _ = batch(3)
+    x3, _ = batch(3, device=device)
     dp(x3)
     for n in (1, 5, 0, 2, 8):
-        x, _ = batch(n, seed=n)
+        x, _ = batch(n, seed=n, device=device)
         out = dp(x)
         assert out.shape == (n, 3)
         assert torch.equal(out, model(x))
     assert len(dp._captures) == 1
     # a backward on a batch of one, through the capture made on three samples
-    x1, y1 = batch(1, seed=11)
+    x1, y1 = batch(1, seed=11, device=device)
     expected, norms = reference(model, ce(), x1, y1, max_grad_norm=0.1)
     model.zero_grad(set_to_none=True)
     ce()(dp(x1), y1).backward()
@@ -158,10 +160,10 @@ def test_parameters_and_state_dict_are_the_models():
 
 
 # -- gradients ------------------------------------------------------------------------------
-def test_two_backwards_accumulate():
-    model = mlp()
+def test_two_backwards_accumulate(device):
+    model = mlp(device=device)
     dp = bkfx.compile(model, max_grad_norm=0.2)
-    (x1, y1), (x2, y2) = batch(4, seed=1), batch(6, seed=2)
+    (x1, y1), (x2, y2) = batch(4, seed=1, device=device), batch(6, seed=2, device=device)
     e1, _ = reference(model, ce(), x1, y1, max_grad_norm=0.2)
     e2, n2 = reference(model, ce(), x2, y2, max_grad_norm=0.2)
     model.zero_grad(set_to_none=True)
@@ -171,10 +173,10 @@ def test_two_backwards_accumulate():
     assert_close(dp.per_sample_norms, n2, "per-sample norms of the last backward")
 
 
-def test_retain_graph_backward_twice_doubles():
-    model = mlp()
+def test_retain_graph_backward_twice_doubles(device):
+    model = mlp(device=device)
     dp = bkfx.compile(model, max_grad_norm=0.2, clipping="automatic")
-    x, y = batch(5)
+    x, y = batch(5, device=device)
     expected, norms = reference(model, ce(), x, y, max_grad_norm=0.2, clipping="automatic")
     model.zero_grad(set_to_none=True)
     loss = ce()(dp(x), y)
@@ -221,9 +223,9 @@ def test_train_eval_switch_recaptures():
     assert torch.equal(dp(x), model(x)) and len(dp._captures) == 2
 
 
-def test_per_sample_norms_are_the_reference_norms():
-    model = mlp()
-    x, y = batch(7)
+def test_per_sample_norms_are_the_reference_norms(device):
+    model = mlp(device=device)
+    x, y = batch(7, device=device)
     for clipping in ("abadi", "automatic"):
         _, norms = reference(model, ce("sum"), x, y, loss_reduction="sum")
         dp = bkfx.compile(model, loss_reduction="sum", clipping=clipping)
@@ -234,10 +236,10 @@ def test_per_sample_norms_are_the_reference_norms():
         assert_close(dp.per_sample_norms, norms, "per-sample norms")
 
 
-def test_ghost_and_explicit_match_the_reference():
+def test_ghost_and_explicit_match_the_reference(device):
     torch.manual_seed(0)
-    model = TinyLM().double()
-    idx, y = torch.randint(0, 11, (4, 7)), torch.randint(0, 11, (4, 7))
+    model = TinyLM().double().to(device)
+    idx, y = torch.randint(0, 11, (4, 7), device=device), torch.randint(0, 11, (4, 7), device=device)
     grads = {}
     for mode in ("ghost", "explicit"):
         dp, _ = assert_matches_reference(model, token_ce(), idx, y, max_grad_norm=0.3, norm_mode=mode)
@@ -252,9 +254,9 @@ def test_ghost_and_explicit_match_the_reference():
     "style, n_groups",
     [("all-layer", 1), ("layer-wise", 2), ("param-wise", 4), ([["0.weight", "2.weight"], ["0.bias", "2.bias"]], 2)],
 )
-def test_clipping_styles_match_the_reference(style, n_groups):
-    model = mlp()
-    x, y = batch(6)
+def test_clipping_styles_match_the_reference(style, n_groups, device):
+    model = mlp(device=device)
+    x, y = batch(6, device=device)
     dp, _ = assert_matches_reference(model, ce(), x, y, max_grad_norm=0.1, style=style)
     assert len(dp._clip.groups) == n_groups
 

@@ -67,10 +67,11 @@ def _clipped(grads, max_grad_norm, clipping, loss_reduction, groups, gamma):
     names = list(grads)
     groups = groups or [names]
     R = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm] * len(groups)
-    B = next(iter(grads.values())).shape[0]
-    out, total, term = {}, torch.zeros(B, dtype=next(iter(grads.values())).dtype), 0.0
+    first = next(iter(grads.values()))
+    B = first.shape[0]
+    out, total, term = {}, first.new_zeros(B), 0.0  # on the gradients' device and dtype
     for group, r in zip(groups, R):
-        sq = sum((grads[n].reshape(B, -1).pow(2).sum(1) if B else torch.zeros(0, dtype=total.dtype)
+        sq = sum((grads[n].reshape(B, -1).pow(2).sum(1) if B else total.new_zeros(0)
                   for n in group if n in grads), torch.zeros_like(total))
         total = total + sq
         c = clip_factors(sq.sqrt(), r, clipping, gamma)
