@@ -40,10 +40,13 @@ R, SIGMA, LR = 1.0, 1.0, 1e-3
 class Trainer:
     """One training method on its own copy of the model."""
 
-    def __init__(self, method, factory, inputs, targets, loss_fn, device):
+    def __init__(self, method, factory, inputs, targets, loss_fn, device, amp=None):
+        """`amp`: a low-precision dtype (torch.bfloat16) to run forward and loss under
+        `torch.autocast(device)`, or None for the model's own precision."""
         torch.manual_seed(0)
         self.model = factory().to(device)
         self.x, self.y, self.loss_fn, self.method = inputs.to(device), targets.to(device), loss_fn, method
+        self.device, self.amp = device, amp
         B = inputs.shape[0]
         params = [p for p in self.model.parameters() if p.requires_grad]
         sgd = torch.optim.SGD(params, lr=LR)
@@ -77,14 +80,23 @@ class Trainer:
         else:
             raise ValueError(method)
 
-    def step(self):
+    def step(self, split: bool = False):
+        """One training step: forward, loss, backward, optimizer step (noise for DP methods),
+        zero_grad. With `split`, the seconds from the start to the end of backward (the device
+        synchronised there)."""
         if self.method == "vmap dp-sgd":
             return self._vmap_step()
-        out = self.forward(self.x)
-        loss = self.criterion(out, self.y) if self.method == "opacus ghost" else self.loss_fn(out, self.y)
+        t0 = time.perf_counter()
+        with torch.autocast(self.device, dtype=self.amp, enabled=self.amp is not None):
+            out = self.forward(self.x)
+            loss = self.criterion(out, self.y) if self.method == "opacus ghost" else self.loss_fn(out, self.y)
         loss.backward()
+        if split:
+            _sync(self.device)
+            forward_backward = time.perf_counter() - t0
         self.opt.step()
         self.opt.zero_grad()
+        return forward_backward if split else None
 
     def _vmap_step(self):
         from torch.func import functional_call, grad, vmap
@@ -108,8 +120,8 @@ def _batch_positions(wrapped, model, inputs):
     as Opacus's embedding norm sampler views them flat)."""
     if getattr(getattr(model, "config", None), "model_type", None) != "gpt2":
         return wrapped
-    positions = torch.arange(inputs.shape[1], device=next(model.parameters()).device).repeat(inputs.shape[0], 1)
-    return lambda x: wrapped(x, position_ids=positions)
+    positions = torch.arange(inputs.shape[1], device=next(model.parameters()).device)
+    return lambda x: wrapped(x, position_ids=positions.repeat(x.shape[0], 1))  # any batch size (largest-batch search)
 
 
 class _Criterion(torch.nn.Module):
@@ -133,26 +145,71 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_methods(model_name, args, device):
-    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq, args.vocab)
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for a table cell."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def make_trainers(methods, factory, x, y, loss_fn, device, amp=None):
+    """Trainers that took one step (capture, lazy buffers), and why the others failed."""
     trainers, failures = {}, {}
-    for method in args.methods:
+    for method in methods:
         try:
-            t = Trainer(method, factory, x, y, loss_fn, device)
+            t = Trainer(method, factory, x, y, loss_fn, device, amp)
             t.step()
             trainers[method] = t
         except Exception as e:  # a peer that cannot train this model is reported, not fatal
-            failures[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            failures[method] = first_line(e)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return trainers, failures
+
+
+def time_trainers(trainers, device, warmup, steps, split=False, memory=False):
+    """Median step seconds per method, the methods taking turns step by step. With `split`,
+    also the median forward+backward seconds; with `memory` (CUDA), each method's peak
+    `torch.cuda.max_memory_allocated` during its steps and that peak minus the memory allocated
+    before the step (what the step itself needs). A method that fails mid-way is dropped and
+    reported."""
     times = {m: [] for m in trainers}
-    for i in range(args.warmup + args.steps):
-        for method, t in trainers.items():
+    parts = {m: [] for m in trainers}
+    peak, step_peak, failures = {}, {}, {}
+    for i in range(warmup + steps):
+        for method, t in list(trainers.items()):
             _sync(device)
+            if memory:
+                resting = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            t.step()
+            try:
+                fb = t.step(split=split)
+            except Exception as e:
+                failures[method] = first_line(e)
+                del trainers[method]
+                continue
             _sync(device)
-            if i >= args.warmup:
+            if i >= warmup:
                 times[method].append(time.perf_counter() - t0)
-    return {m: statistics.median(v) for m, v in times.items()}, failures
+                if split:
+                    parts[method].append(fb)
+            if memory:
+                top = torch.cuda.max_memory_allocated()
+                peak[method] = max(peak.get(method, 0), top)
+                step_peak[method] = max(step_peak.get(method, 0), top - resting)
+    out = {"median_s": {m: statistics.median(v) for m, v in times.items() if v}, "failed": failures}
+    if split:
+        out["forward_backward_s"] = {m: statistics.median(v) for m, v in parts.items() if v}
+    if memory:
+        out["peak_bytes"], out["step_bytes"] = peak, step_peak
+    return out
+
+
+def time_methods(model_name, args, device):
+    factory, x, y, loss_fn = workload(model_name, args.batch, args.seq, args.vocab)
+    trainers, failures = make_trainers(args.methods, factory, x, y, loss_fn, device)
+    timed = time_trainers(trainers, device, args.warmup, args.steps)
+    return timed["median_s"], {**failures, **timed["failed"]}
 
 
 def memory_probe(model_name, method, args, device):

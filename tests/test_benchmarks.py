@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import types
 
 import pytest
@@ -42,3 +43,47 @@ def test_table_gives_ratios_to_non_private_and_to_opacus_ghost():
     table = run.markdown(results, None)
     assert "| mlp | bkfx | 0.1200 | 1.20x | 2.50x | 11.0 | 1.10x |" in table
     assert "| mlp | opacus hooks | failed: Error: x |" in table
+
+
+def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
+    """`bash benchmarks/gpu.sh --cpu`: every workload and the largest-batch search run end to end at
+    tiny sizes (Opacus's rows only where opacus is installed: it is a bench extra, not a test one)."""
+    import importlib.util
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu.sh"), "--cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = tmp_path.glob("results-gpu-dryrun-cpu.json")
+    results = json.loads(result.read_text())
+    methods = ["non-private", "bkfx"] + (["opacus ghost"] if importlib.util.find_spec("opacus") else [])
+    assert [w["model"] for w in results["workloads"]] == ["gpt2-tiny", "gpt2-tiny", "vit-tiny", "wrn16-1"]
+    for w in results["workloads"]:
+        assert w["status"] == "ok", w
+        assert set(methods) <= set(w["median_s"]) | set(w["failed"])
+        assert "non-private" in w["median_s"] and all(s > 0 for s in w["median_s"].values())
+        assert set(w["forward_backward_s"]) == set(w["median_s"])
+    fp32 = results["workloads"][0]
+    assert {"bkfx", "bkfx ghost", "bkfx explicit"} <= set(fp32["median_s"])  # the cost model's candidates run
+    search = results["largest_batch"]["methods"]
+    assert set(search) == set(methods)
+    for r in search.values():  # nothing runs out of memory at these sizes: the search doubles up to its cap
+        assert r["largest"] == results["largest_batch"]["cap"] and all(ok for _, ok in r["tries"]), r
+    table = (tmp_path / "results-gpu-dryrun-cpu.md").read_text()
+    assert "CPU dry run" in table and "| GPT-2 (tiny) fp32, B=4 | bkfx |" in table
+    assert "Largest batch that fits" in table
+
+
+def test_a_crashing_workload_is_recorded_not_fatal():
+    import gpu
+
+    def boom(send):
+        send(("facts", {"device": "d"}))
+        raise RuntimeError("first line\nsecond line")
+
+    messages, status = gpu.in_child(boom, (), 30)
+    assert messages[0] == ("facts", {"device": "d"}) and status == "crashed: RuntimeError: first line"
+    messages, status = gpu.in_child(lambda send: time.sleep(30), (), 1)
+    assert status == "timed out after 1 s"
