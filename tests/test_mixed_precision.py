@@ -90,7 +90,7 @@ def _backward(loss, scaler):
 
 def _grads(model, scaler) -> dict:
     S = scaler.get_scale() if scaler is not None else 1.0
-    return {n: p.grad / S for n, p in model.named_parameters()}
+    return {n: p.grad / S for n, p in model.named_parameters() if p.requires_grad}
 
 
 def errors_under_autocast(build, device, dtype, *, max_grad_norm, scaler=None, **options):
@@ -123,7 +123,7 @@ def errors_under_autocast(build, device, dtype, *, max_grad_norm, scaler=None, *
         loss = loss_fn(dp(x), y)
     _backward(loss, scaler)
     for n, p in model.named_parameters():
-        assert p.grad.dtype == p.dtype, f"{n}: .grad in {p.grad.dtype}, the parameter in {p.dtype}"
+        assert not p.requires_grad or p.grad.dtype == p.dtype, f"{n}: .grad in {p.grad.dtype}, the parameter in {p.dtype}"
     assert dp.per_sample_norms.dtype == torch.float32
     error = _relative(_grads(model, scaler), expected)
     norm_error = ((dp.per_sample_norms.double() - norms).abs().max() / norms.max()).item()
@@ -163,6 +163,24 @@ def long_sequence():
 def test_bf16_ghost_norms_over_long_sequences(device):
     """T = 200: blocked Grams on the CPU, one bmm on a GPU; bf16 Grams, float32 inner products."""
     errors = errors_under_autocast(long_sequence, device, torch.bfloat16, max_grad_norm=0.05, norm_mode="ghost")
+    assert_same_order(*errors)
+
+
+@pytest.mark.parametrize("op", ["conv_transpose", "pow", "atan2", "div", "einsum", "cls"])
+def test_bf16_fallback_and_explicit_rules(op, device):
+    """The generic fallback (vmap of vjp) re-runs its op under the forward's autocast state."""
+    from test_rules import Unknown
+
+    def build():
+        torch.manual_seed(0)
+        model, x = Unknown(op), torch.randn(6, 2, 4)
+        model(x)  # materialise the lazy head
+        used = {"conv_transpose": "up", "einsum": "e", "cls": "cls"}.get(op, "p")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.split(".")[0] in (used, "head"))
+        return model, x, torch.randint(0, 3, (6,)), _ce
+
+    errors = errors_under_autocast(build, device, torch.bfloat16, max_grad_norm=0.05, norm_mode="explicit")
     assert_same_order(*errors)
 
 
