@@ -40,6 +40,7 @@ def compile(
     norm_mode="auto",
     gamma: float = 0.01,
     grad_scaler=None,
+    memory_budget=None,
 ) -> "DPModel":
     """Compile `model` so that one `loss.backward()` leaves clipped per-sample gradient sums in `.grad`.
 
@@ -55,6 +56,9 @@ def compile(
         divided by S before clipping (`C_i = clip(‖S G_i‖ / S)`); `.grad` then holds S times
         the clipped sum, which `scaler.step(optimizer)` unscales and checks for inf/NaN as
         usual. Also settable later: `dp_model.grad_scaler = scaler`.
+    memory_budget: bytes the training step may use for activations and explicit per-sample
+        gradients, which the cost model's plan must fit (default: 90% of the free memory of a
+        CUDA device, 50% of the available RAM; `explain()` shows it). Read at capture.
     """
     if clipping not in CLIPPINGS:
         raise ValueError(f"clipping must be one of {CLIPPINGS}, got {clipping!r}")
@@ -64,6 +68,10 @@ def compile(
         raise ValueError(f"norm_mode must be one of {MODES} or a dict, got {norm_mode!r}")
     dp_model = DPModel(model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma)
     dp_model.grad_scaler = grad_scaler
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+                                      or not memory_budget > 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    dp_model.memory_budget = memory_budget
     return dp_model
 
 
@@ -116,7 +124,7 @@ class DPModel(nn.Module):
         captured = capture(self.module, args, kwargs)
         gm = sample_dim(captured.graph_module)
         gm = annotate(gm, self._names)
-        gm = cost_model(gm, self.norm_mode)
+        gm = cost_model(gm, self.norm_mode, getattr(self, "memory_budget", None))
         sites = gm.meta["bkfx.sites"]
         gm = rewrite(gm)
         example = batched_tensors(args, kwargs)[0].shape[0]

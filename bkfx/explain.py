@@ -19,6 +19,11 @@ rule's `PieceSpec`):
 
 The totals report the norm cost of the plan relative to the non-private cost:
 `Σ norm time / Σ non-private time`, the price of per-sample clipping.
+
+The cost model decides by estimated seconds on the device within a memory budget
+(`passes.cost_model`): each factored site's estimated extra seconds in either mode, and
+the bytes its explicit per-sample gradients would hold, are shown with the budget and the
+batch size up to which a site stays explicit.
 """
 from __future__ import annotations
 
@@ -27,11 +32,9 @@ import os
 import sympy
 import torch
 
-B = sympy.Symbol("B")
+from passes.cost_model import META_BUDGET, nonprivate_time
 
-# Rules whose left factor is one-hot (a gather, never materialised): the non-private
-# weight gradient is a scatter-add of T rows of width d, not a dense matmul.
-_ONE_HOT_LEFT = {"Embedding"}
+B = sympy.Symbol("B")
 _COSTS = ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit")
 
 
@@ -50,21 +53,15 @@ def _at(expr: sympy.Expr | None, size: int):
     return str(value)
 
 
-def nonprivate_time(spec, rule_name: str, batch) -> sympy.Expr:
-    """The standard weight gradient's work for one operand (what non-private training pays)."""
-    if spec.kind == "explicit":
-        return spec.time_explicit
-    if rule_name in _ONE_HOT_LEFT:
-        return batch * spec.T * spec.n
-    return batch * spec.T * spec.m * spec.n
-
-
 def _effective_mode(site, batch, size: int) -> str:
-    """The site's mode at batch size `size`: a run-time guard evaluated there when it can be."""
-    if site.mode != "guard":
-        return site.mode
-    value = _in_B(site.guard, batch).subs(B, size)
-    return ("ghost" if value >= 0 else "explicit") if value.is_number else "guard"
+    """The site's mode at batch size `size` (the budget's batch limit applied; a run-time guard
+    evaluated there when it can be)."""
+    if site.mode == "guard":
+        value = _in_B(site.guard, batch).subs(B, size)
+        return ("ghost" if value >= 0 else "explicit") if value.is_number else "guard"
+    if site.mode in ("ghost", "explicit") and site.time_ghost_s is not None:
+        return "ghost" if site.ghost_at(size) else "explicit"
+    return site.mode
 
 
 def _decision(site, operand, batch, size: int) -> tuple[str, str, str]:
@@ -75,18 +72,32 @@ def _decision(site, operand, batch, size: int) -> tuple[str, str, str]:
             name = getattr(site.op, "__name__", str(site.op))
             return "fallback", "fallback", f"fallback: no rule for {name}, per-sample grads by vmap of vjp"
         return "explicit", "explicit rule", f"explicit rule ({operand.rule.name})"
-    if site.reason == "user override":
-        return site.mode, "user override", f"user override: norm_mode={site.mode!r}"
-    factored = [o.spec for o in site.operands if o.spec.kind == "factored"]
-    ghost = sympy.expand(_in_B(sum(s.mem_ghost for s in factored), batch))
-    explicit = sympy.expand(_in_B(sum(s.mem_explicit for s in factored), batch))
     if site.mode == "guard":
         margin = _in_B(site.guard, batch)
         return site.mode, "run-time guard", (
             f"run-time guard: ghost iff {margin} >= 0 ({_effective_mode(site, batch, size)} at B={size})"
         )
-    sign = "<=" if site.mode == "ghost" else ">"
-    return site.mode, "cost model", f"cost model: ghost memory {_text(ghost)} {sign} explicit {_text(explicit)}"
+    ghost, explicit = (_at(_in_B(t, batch), size) for t in (site.time_ghost_s, site.time_explicit_s))
+    times = f"est. ghost {seconds(ghost)}, explicit {seconds(explicit)}"
+    if site.reason == "user override":
+        return site.mode, "user override", f"user override: norm_mode={site.mode!r} ({times})"
+    up_to = site.explicit_up_to
+    if site.reason == "ghost is faster":
+        return site.mode, "ghost is faster", f"ghost is faster: {times}"
+    if up_to is not None and size <= up_to:
+        return "explicit", "fastest within budget", f"fastest within budget: {times}; explicit up to B={up_to}"
+    return "ghost", "explicit would exceed budget", (
+        f"explicit would exceed budget at B={size} (explicit up to B={up_to}): {times}")
+
+
+def seconds(value) -> str:
+    """`0.000123` as `123µs`."""
+    if not isinstance(value, (int, float)):
+        return "-" if value is None else str(value)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value / 1e-9:.3g}ns"
 
 
 def _text(expr) -> str:
@@ -169,6 +180,12 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
             for key, expr in costs.items():
                 rec[key] = None if expr is None else str(expr)
                 rec[key + "_value"] = _at(expr, size)
+            # the cost model's estimates, per site (shown on each of its factored operands)
+            factored = spec.kind == "factored" and site.time_ghost_s is not None
+            rec["est_ghost_s"] = _at(_in_B(site.time_ghost_s, symbol), size) if factored else None
+            rec["est_explicit_s"] = _at(_in_B(site.time_explicit_s, symbol), size) if factored else None
+            rec["explicit_bytes"] = _at(_in_B(site.bytes_explicit, symbol), size) if factored else None
+            rec["explicit_up_to"] = site.explicit_up_to if factored else None
             records.append(rec)
     return records
 
@@ -190,6 +207,13 @@ def plan_totals(records: list[dict]) -> dict:
         "time_all_explicit": total("time_explicit"), "mem_all_explicit": total("mem_explicit"),
     }
     out["time_ratio"] = out["time_norm"] / out["time_nonprivate"] if out["time_nonprivate"] else None
+    # the cost model's estimates, once per site: the plan's seconds and explicit bytes, and the alternatives
+    sites = {r["site"]: r for r in records if r.get("est_ghost_s") is not None}.values()
+    out["est_s_plan"] = sum(r["est_ghost_s"] if r["mode_at_batch"] == "ghost" else r["est_explicit_s"] for r in sites)
+    out["est_s_all_ghost"] = sum(r["est_ghost_s"] for r in sites)
+    out["est_s_all_explicit"] = sum(r["est_explicit_s"] for r in sites)
+    out["explicit_bytes_plan"] = sum(r["explicit_bytes"] for r in sites if r["mode_at_batch"] == "explicit")
+    out["explicit_bytes_all"] = sum(r["explicit_bytes"] for r in sites)
     return out
 
 
@@ -243,10 +267,11 @@ def explain(compiled, batch: int | None = None) -> str:
     out = [
         f"bkfx plan: {len(compiled.sites)} sites, {len(records)} parameter operands, {n_params} trainable parameters; "
         f"numbers at B={size} (B: the batch size, symbolic in the capture)",
+        *budget_lines(compiled.graph_module.meta.get(META_BUDGET), size),
         "",
     ]
     header = ["site", "op", "parameter", "sample dim", "T", "p", "d", "mode", "ghost time", "mem",
-              "explicit time", "mem", "norm/non-private", "why"]
+              "explicit time", "mem", "est. ghost", "est. explicit", "norm/non-private", "why"]
     rows, last = [], None
     for r in records:
         first = r["site"] != last
@@ -262,10 +287,11 @@ def explain(compiled, batch: int | None = None) -> str:
             r["mode"],
             human(r["time_ghost_value"]), human(r["mem_ghost_value"]),
             human(r["time_explicit_value"]), human(r["mem_explicit_value"]),
+            seconds(r["est_ghost_s"]), seconds(r["est_explicit_s"]),
             "-" if share is None else f"{100 * share:.0f}%",
             r["why"],
         ])
-    out += _table(header, rows, right={4, 5, 6, 8, 9, 10, 11, 12})
+    out += _table(header, rows, right={4, 5, 6, 8, 9, 10, 11, 12, 13, 14})
     out += ["", "sources"]
     seen = set()
     for r in records:
@@ -293,7 +319,30 @@ def explain(compiled, batch: int | None = None) -> str:
         ("  if every site were explicit", totals["time_all_explicit"], totals["mem_all_explicit"], ""),
     ]
     out += [f"  {label:<36}{human(t):>9}  {human(m):>11}{note}" for label, t, m, note in rows]
+    out += [
+        "",
+        f"estimated extra seconds of the norms at B={size} (cost model): this plan {seconds(totals['est_s_plan'])}, "
+        f"all ghost {seconds(totals['est_s_all_ghost'])}, all explicit {seconds(totals['est_s_all_explicit'])}; "
+        f"explicit per-sample gradients held: {human(totals['explicit_bytes_plan'])}B "
+        f"(all explicit: {human(totals['explicit_bytes_all'])}B)",
+    ]
     return "\n".join(out)
+
+
+def budget_lines(budget, size: int) -> list[str]:
+    """The device the plan was made for, its cost constants and the memory budget."""
+    if budget is None:
+        return []
+    c = budget.costs
+    activations = budget.activation_bytes * size
+    return [
+        f"device: {budget.device}, compute {budget.compute_dtype}; cost constants: {human(c.macs_per_s)} multiply-adds/s "
+        f"(x{c.low_precision_speedup:g} in bf16/fp16), {human(c.bytes_per_s)}B/s, Gram matmuls at "
+        f"{c.gram_efficiency:g} of a large matmul's rate, per-sample matmuls at half rate with {c.rows_half:g} rows",
+        f"memory budget: {human(budget.total)}B ({budget.source}); activations ~{human(budget.activation_bytes)}B "
+        f"per sample (estimated from the graph), {human(activations)}B at B={size}; left for explicit per-sample "
+        f"gradients at B={size}: {human(max(budget.total - activations - budget.fixed_bytes * size, 0))}B",
+    ]
 
 
 def _op_name(op: str) -> str:

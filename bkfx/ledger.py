@@ -260,14 +260,10 @@ class Record:
         tape.site_done(site)
 
     def _ghost(self, factored: list[Factored]) -> bool:
-        """The site's mode; a guard is decided here with the actual sizes, by the cost model's
-        memory rule: ghost iff `Σ 2T² <= Σ m·n` over the site's factored pieces."""
-        mode = self.site.mode
-        if mode != "guard":
-            return mode == "ghost"
-        ghost = sum(2 * f.R.t.shape[1] ** 2 for f in factored)
-        explicit = sum(f.L.width * f.R.width for f in factored)
-        return ghost <= explicit
+        """The site's mode at this batch size (explicit only up to the batch its memory budget
+        allows, `Site.explicit_up_to`); a run-time guard is decided with the factored pieces'
+        actual `(T, m, n)`, by the cost model's time estimates (`Site.ghost_at`)."""
+        return self.site.ghost_at(self.tape.batch, [(f.R.t.shape[1], f.L.width, f.R.width) for f in factored])
 
     def _to_params(self, operand, piece):
         """The operand's piece as pieces of the parameters it is computed from."""

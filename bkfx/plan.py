@@ -6,7 +6,7 @@ call of `bkfx.ops.site` carrying the site's id; the runtime reads the plan back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import sympy
@@ -73,7 +73,70 @@ class Site:
     mode: str = "ghost"  # "ghost" | "explicit" | "guard" (decided at run time) | "fallback"
     reason: str = ""
     guard: sympy.Expr | None = None  # ghost iff guard >= 0, in the run's sizes
+    # set by the cost model: estimated extra seconds of each mode (sympy, in the batch symbol), the
+    # explicit mode's bytes held until the clip factors are known, and the budget's batch limit
+    time_ghost_s: sympy.Expr | None = None
+    time_explicit_s: sympy.Expr | None = None
+    bytes_explicit: sympy.Expr | None = None
+    explicit_up_to: int | None = None  # explicit at batch sizes <= this, ghost above (None: `mode` at every batch)
+    _guard_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def params(self) -> list[str]:
         return sorted({p for o in self.operands for p in o.params})
+
+    def ghost_at(self, batch: int, sizes=()) -> bool:
+        """Whether the site runs ghost at this batch size; `sizes` are the factored operands'
+        actual `(T, m, n)` (in `operands` order), which a run-time guard needs."""
+        if self.mode == "guard":
+            key = tuple(sizes)
+            if key not in self._guard_cache:
+                self._guard_cache[key] = _guard_holds(self, key)
+            return self._guard_cache[key]
+        if self.explicit_up_to is not None:
+            return batch > self.explicit_up_to
+        return self.mode == "ghost"
+
+
+def _guard_holds(site: "Site", sizes) -> bool:
+    """`guard >= 0` with the dynamic sizes solved from the factored operands' actual (T, m, n)."""
+    specs = [o.spec for o in site.operands if o.spec is not None and o.spec.kind == "factored"]
+    equations = [
+        sympy.Eq(expr, value)
+        for spec, actual in zip(specs, sizes)
+        for expr, value in zip((spec.T, spec.m, spec.n), actual)
+        if sympy.sympify(expr).free_symbols
+    ]
+    unknown = sorted(site.guard.free_symbols, key=str)
+    solved = sympy.solve(equations, unknown, dict=True) if equations else []
+    value = site.guard.subs(solved[0]) if solved else None
+    if value is None or not value.is_number:
+        return True  # sizes the plan cannot read: ghost, whose memory never depends on the parameter's size
+    return bool(value >= 0)
+
+
+@dataclass
+class DeviceCosts:
+    """What a device's time estimates are made of (see `passes.cost_model`)."""
+
+    kind: str
+    macs_per_s: float  # large fp32 matmuls, multiply-adds per second
+    low_precision_speedup: float  # bf16/fp16 matmuls (autocast) relative to fp32
+    bytes_per_s: float  # memory bandwidth, as reached writing fresh tensors
+    gram_efficiency: float  # the ghost norms' batched T x T Gram matmuls, relative to large matmuls
+    rows_half: float  # per-sample matmuls with this many rows run at half a large matmul's rate
+
+
+@dataclass
+class Budget:
+    """The memory budget a plan was made for: `total` bytes for the step's activations
+    (`activation_bytes` per sample, estimated from the graph) and the explicit per-sample
+    gradients; `source` says where `total` came from."""
+
+    device: str
+    costs: DeviceCosts
+    compute_dtype: str
+    total: int
+    source: str
+    activation_bytes: int
+    fixed_bytes: int  # per sample, explicit-rule and fallback sites' per-sample gradients (no choice)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkfx
-from bkfx.explain import plan_records, plan_totals
+from bkfx.explain import plan_records, plan_totals, seconds
+from passes.cost_model import DEVICES
 
 # keys that other tests and programs read: they stay
 LEGACY_KEYS = {
@@ -46,10 +47,18 @@ def test_linear_on_sequences_reports_real_T_p_d_and_costs():
     assert w["time_ghost_value"] == B * T**2 * (p + d + 1) and w["mem_ghost_value"] == 2 * B * T**2
     assert w["time_explicit_value"] == 2 * B * p * d and w["mem_explicit_value"] == B * p * d
     assert w["time_nonprivate_value"] == B * T * p * d and w["mem_nonprivate_value"] == p * d
-    ghost = 2 * T**2 <= p * d  # the cost model's memory rule
-    assert w["mode"] == ("ghost" if ghost else "explicit") and w["decided_by"] == "cost model"
+    # the cost model's estimates on this device (the CPU constants), per the documented formulas
+    costs = DEVICES["cpu"]
+    traffic = 3 * 4 / costs.bytes_per_s
+    est_ghost = B * (T**2 * (p + d + 1) / (costs.macs_per_s * costs.gram_efficiency) + traffic * 2 * T**2)
+    est_explicit = B * ((2 + costs.rows_half) * p * d / costs.macs_per_s + traffic * p * d)
+    assert abs(w["est_ghost_s"] - est_ghost) < 1e-9 * est_ghost and abs(w["est_explicit_s"] - est_explicit) < 1e-9 * est_explicit
+    assert w["explicit_bytes"] == B * p * d * 4
+    ghost = est_ghost <= est_explicit
+    assert w["mode"] == ("ghost" if ghost else "explicit")
+    assert w["decided_by"] == ("ghost is faster" if ghost else "fastest within budget")
     assert w["time_norm_value"] == (w["time_ghost_value"] if ghost else w["time_explicit_value"])
-    assert w["why"].startswith("cost model: ghost memory ") and ("<=" if ghost else ">") in w["why"]
+    assert w["why"].startswith(w["decided_by"] + ": est. ghost ")
     b = record(records, "bias")
     assert (b["kind"], b["mode"], b["decided_by"], b["p"], b["d"]) == ("explicit", "explicit", "explicit rule", p, 1)
     assert LEGACY_KEYS <= set(w) and LEGACY_KEYS <= set(b)
@@ -130,11 +139,11 @@ def test_explain_table_shows_sizes_sources_formulas_and_totals():
     text = dp.explain()
     lines = text.splitlines()
     assert lines[0].startswith("bkfx plan: 3 sites, 6 parameter operands, 6 trainable parameters; numbers at B=5")
-    table = lines[2:lines.index("sources") - 1]
+    table = lines[4:lines.index("sources") - 1]  # after the device and budget lines
     assert [line.split()[0] for line in table[2:]] == ["0", "fc1.bias", "1", "norm.bias", "2", "fc2.bias"]
     assert "test_explain.py" in text and "h = torch.tanh(self.norm(self.fc1(x)))" in text
     fc1 = record(records, "fc1.weight")
-    row = next(line for line in lines if "fc1.weight" in line and "cost model" in line)
+    row = next(line for line in lines if "fc1.weight" in line and fc1["decided_by"] in line)
     assert row.split()[:8] == ["0", "linear", "fc1.weight", "dim", "0", "4", "8", "6"]  # T p d as numbers
     assert f"ghost time {4 * 4 * (8 + 6 + 1)}·B" in text  # and as expressions in B
     totals = plan_totals(list(records.values()))
@@ -143,6 +152,34 @@ def test_explain_table_shows_sizes_sources_formulas_and_totals():
     assert abs(totals["time_ratio"] - totals["time_norm"] / totals["time_nonprivate"]) < 1e-12
     assert f"norm time = {100 * totals['time_ratio']:.0f}% of the non-private" in text
     assert fc1["mem_norm_value"] <= fc1["mem_explicit_value"]
+    # the device, its constants and the budget; the estimates in seconds, per row and in total
+    budget = dp._last.graph_module.meta["bkfx.budget"]
+    assert lines[1].startswith("device: cpu, compute float32; cost constants: 50G multiply-adds/s")
+    assert lines[2].startswith(f"memory budget: {bkfx.explain.human(budget.total)}B (50% of available RAM")
+    assert f"activations ~{bkfx.explain.human(budget.activation_bytes)}B per sample" in lines[2]
+    assert seconds(fc1["est_ghost_s"]) in row and seconds(fc1["est_explicit_s"]) in row
+    sites = {r["site"]: r for r in records.values() if r["est_ghost_s"] is not None}.values()
+    plan = sum(r["est_ghost_s"] if r["mode_at_batch"] == "ghost" else r["est_explicit_s"] for r in sites)
+    assert abs(totals["est_s_plan"] - plan) < 1e-15 and totals["est_s_plan"] <= totals["est_s_all_ghost"]
+    assert f"this plan {seconds(totals['est_s_plan'])}, all ghost {seconds(totals['est_s_all_ghost'])}" in text
+
+
+def test_a_budget_too_small_for_explicit_says_so_and_the_batch_it_allows():
+    model = nn.Conv1d(3, 4, 3)  # many positions, few channels: explicit is faster
+    x = torch.randn(4, 3, 64)
+    dp, records = planned(model, x)
+    w = record(records, "weight")
+    assert (w["mode"], w["decided_by"]) == ("explicit", "fastest within budget")
+    assert w["est_explicit_s"] < w["est_ghost_s"] and f"explicit up to B={w['explicit_up_to']}" in w["why"]
+    budget = dp._last.graph_module.meta["bkfx.budget"]
+    per_sample = budget.activation_bytes + budget.fixed_bytes + w["explicit_bytes"] // 4
+    dp, records = planned(model, x, memory_budget=10 * per_sample)  # explicit for up to 10 samples
+    w = record(records, "weight")
+    assert w["explicit_up_to"] == 10 and (w["mode"], w["decided_by"]) == ("explicit", "fastest within budget")
+    at16 = next(r for r in plan_records(dp._last, batch=16) if r["params"] == ["weight"])
+    assert (at16["mode"], at16["mode_at_batch"], at16["decided_by"]) == ("ghost", "ghost", "explicit would exceed budget")
+    assert at16["why"].startswith("explicit would exceed budget at B=16 (explicit up to B=10)")
+    assert f"memory budget: {bkfx.explain.human(10 * per_sample)}B (memory_budget=)" in dp.explain()
 
 
 def test_numbers_at_another_batch_size():
