@@ -6,13 +6,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import math
+
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
-from bkfx.errors import NotCapturedError
+from bkfx.errors import BkfxError, NotCapturedError
+from bkfx.guards import ModelGuard
 from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
 from bkfx.plan import Site
 from passes.annotate import annotate
-from passes.capture import batched_tensors, capture, signature
+from passes.capture import batch_size, capture, signature
 from passes.cost_model import MODES, cost_model
+from passes.probe import probe
 from passes.rewrite import rewrite
 from passes.sample_dim import sample_dim
 
@@ -41,6 +45,7 @@ def compile(
     gamma: float = 0.01,
     grad_scaler=None,
     memory_budget=None,
+    batch_dim=0,
 ) -> "DPModel":
     """Compile `model` so that one `loss.backward()` leaves clipped per-sample gradient sums in `.grad`.
 
@@ -59,14 +64,26 @@ def compile(
     memory_budget: bytes the training step may use for activations and explicit per-sample
         gradients, which the cost model's plan must fit (default: 90% of the free memory of a
         CUDA device, 50% of the available RAM; `explain()` shows it). Read at capture.
+    batch_dim: which dimension of the inputs is the batch: an int for every input (default 0;
+        1 for sequence-first `[T, B, ...]` inputs), or a dict from forward argument name to
+        an int (None: the argument is not batched); unnamed arguments use dim 0.
+
+    Forward calls made before one backward are joined: sample i of each call is the same
+    sample (two views of it), so its per-sample gradient, norm and clip factor are over
+    all the calls together. Gradient accumulation (forward, backward, forward, backward)
+    clips each backward's samples on their own.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bkfx.compile takes an nn.Module, got {type(model).__name__}")
     if clipping not in CLIPPINGS:
         raise ValueError(f"clipping must be one of {CLIPPINGS}, got {clipping!r}")
     if loss_reduction not in REDUCTIONS:
         raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
-    if isinstance(norm_mode, str) and norm_mode not in MODES:
-        raise ValueError(f"norm_mode must be one of {MODES} or a dict, got {norm_mode!r}")
-    dp_model = DPModel(model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma)
+    _check_norm_mode(norm_mode)
+    if not _finite(gamma) or gamma <= 0:
+        raise ValueError(f"gamma (automatic clipping's stabiliser in R/(‖G_i‖+gamma)) must be finite and > 0, got {gamma!r}")
+    _check_batch_dim(batch_dim)
+    dp_model = DPModel(model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma, batch_dim)
     dp_model.grad_scaler = grad_scaler
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
                                       or not memory_budget > 0):
@@ -82,18 +99,29 @@ class DPModel(nn.Module):
     first call and again only for a new input signature (not a new batch size).
     """
 
-    def __init__(self, model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma):
+    def __init__(self, model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma, batch_dim=0):
         super().__init__()
         self.module = model
         self.loss_reduction = loss_reduction
         self.norm_mode = norm_mode
+        self.batch_dim = batch_dim
+        self._style, self._max_grad_norm = style, max_grad_norm
+        self._clip = ClipConfig([], [], clipping, loss_reduction, gamma)
+        self._last_tape: Tape | None = None
+        self._open: Tape | None = None  # the tape of forward calls still awaiting their backward
+        self._track_parameters()
+
+    def _track_parameters(self) -> None:
+        """(Re)read the trainable parameters, their clipping groups and thresholds, and forget
+        every capture: at compile, and whenever the guard sees the model change."""
+        model = self.module
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        groups = groups_for(style, list(self._params))
-        self._clip = ClipConfig(groups, thresholds(max_grad_norm, groups), clipping, loss_reduction, gamma)
+        groups = groups_for(self._style, list(self._params))
+        self._clip.groups, self._clip.thresholds = groups, _thresholds(self._max_grad_norm, groups)
+        self._guard = ModelGuard(model)
         self._captures: dict[tuple, Compiled] = {}
         self._last: Compiled | None = None
-        self._last_tape: Tape | None = None
 
     # -- the original model's parameters and state, unprefixed --------------------------
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
@@ -110,24 +138,53 @@ class DPModel(nn.Module):
 
     # -- running ------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        key = signature(self.module, args, kwargs)
+        modes = self._guard.check()
+        if modes is None:
+            self._recapture_after_change()
+            modes = self._guard.check()
+        key = (modes, signature(self.module, args, kwargs, self.batch_dim))
         compiled = self._captures.get(key)
         if compiled is None:
             compiled = self._captures[key] = self._compile(args, kwargs)
         self._last = compiled
-        batch = batched_tensors(args, kwargs)[0].shape[0]
-        tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised)
+        batch = batch_size(self.batch_dim, args, kwargs, self.module.forward)
+        tape = self._open if self._open is not None and self._open.awaiting_backward() else None
+        if tape is not None and tape.batch != batch:
+            tape.superseded, tape = True, None  # not the same samples: its backward, if any, is refused
+        if tape is None:
+            tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised)
+        else:
+            tape.join(compiled.sites)
+        self._open = tape
         with recording(tape):
             return compiled.graph_module(*args, **kwargs)
 
+    def _recapture_after_change(self) -> None:
+        change = self._guard.describe_change()
+        if self._open is not None and self._open.awaiting_backward():
+            raise BkfxError(
+                f"the model changed ({change}) between a forward call and its backward pass\n"
+                "  what to do: change parameters, requires_grad, submodules, dtypes or devices between steps, "
+                "after backward()"
+            )
+        try:
+            self._track_parameters()
+        except ValueError as e:
+            raise BkfxError(
+                f"the model changed after compile ({change}), and its clipping options no longer fit: {e}\n"
+                "  what to do: compile the changed model again with matching style= and max_grad_norm="
+            ) from e
+
     def _compile(self, args, kwargs) -> Compiled:
-        captured = capture(self.module, args, kwargs)
+        captured = capture(self.module, args, kwargs, self.batch_dim)
         gm = sample_dim(captured.graph_module)
+        gm = probe(gm, *captured.example)
         gm = annotate(gm, self._names)
         gm = cost_model(gm, self.norm_mode, getattr(self, "memory_budget", None))
         sites = gm.meta["bkfx.sites"]
+        _check_norm_mode_keys(self.norm_mode, sites, self._params)
         gm = rewrite(gm)
-        example = batched_tensors(args, kwargs)[0].shape[0]
+        example = batch_size(self.batch_dim, args, kwargs, self.module.forward)
         return Compiled(gm, sites, captured.batch, max(example, 2), tied_parameters(sites))
 
     def _finalised(self, tape: Tape) -> None:
@@ -209,3 +266,55 @@ class DPModel(nn.Module):
         from bkfx.graph import to_networkx
 
         return to_networkx(self)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _thresholds(max_grad_norm, groups) -> list[float]:
+    """The clipping threshold of each group, each finite and > 0 (0 would divide by zero, a
+    negative one flip the gradient, NaN or inf clip nothing)."""
+    values = [max_grad_norm] if isinstance(max_grad_norm, (int, float)) else list(max_grad_norm) \
+        if isinstance(max_grad_norm, (list, tuple)) else None
+    if values is None:
+        raise ValueError(f"max_grad_norm must be a number or a list of numbers, got {max_grad_norm!r}")
+    bad = [r for r in values if not _finite(r) or r <= 0]
+    if bad:
+        raise ValueError(f"max_grad_norm must be finite and > 0 (per group too), got {max_grad_norm!r}")
+    return thresholds(max_grad_norm, groups)
+
+
+_SITE_MODES = ("ghost", "explicit")
+
+
+def _check_norm_mode(norm_mode) -> None:
+    if isinstance(norm_mode, str):
+        if norm_mode not in MODES:
+            raise ValueError(f"norm_mode must be one of {MODES} or a dict, got {norm_mode!r}")
+        return
+    if not isinstance(norm_mode, dict):
+        raise ValueError(f"norm_mode must be one of {MODES} or a dict from site or parameter name to a mode, got {norm_mode!r}")
+    bad = {k: v for k, v in norm_mode.items() if v not in _SITE_MODES}
+    if bad:
+        raise ValueError(f"norm_mode values must be one of {_SITE_MODES}, got {bad}")
+
+
+def _check_norm_mode_keys(norm_mode, sites: list[Site], params: dict) -> None:
+    """Every key of a norm_mode dict must name a site node or a trainable parameter."""
+    if not isinstance(norm_mode, dict):
+        return
+    valid = {s.node for s in sites} | {n for s in sites for n in s.params}
+    unknown = sorted(set(norm_mode) - valid)
+    if unknown:
+        raise ValueError(
+            f"norm_mode names {unknown}, which are neither sites nor trainable parameters of this model's sites; "
+            f"sites: {sorted(s.node for s in sites)}; parameters: {sorted(n for s in sites for n in s.params)}"
+        )
+
+
+def _check_batch_dim(batch_dim) -> None:
+    values = batch_dim.values() if isinstance(batch_dim, dict) else [batch_dim]
+    for v in values:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ValueError(f"batch_dim must be an int or a dict from argument name to int or None, got {batch_dim!r}")

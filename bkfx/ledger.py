@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -77,21 +78,42 @@ class Tape:
     per_sample_norms: torch.Tensor | None = None
     group_norms: list | None = None
     _queued: bool = False
-    _recorded: list = field(default_factory=list)  # site ids run by this forward
-    _pending: dict | None = None  # group -> site ids still to come in this backward
+    _recorded: list = field(default_factory=list)  # the sites run by the forward calls of this tape
+    _pending: dict | None = None  # group -> how many of its recorded site runs are still to come in this backward
+    calls: int = 1  # forward calls joined on this tape (`join`)
+    finalised: bool = False  # a backward pass has ended on this tape
+    superseded: bool = False  # a later forward call of another batch size opened a new tape before this one's backward
     _group_squares: dict = field(default_factory=dict)
     _partial: dict = field(default_factory=dict)  # group -> Σ squared norms of its untied parameters so far
 
     def __post_init__(self):
         self._group_of = {n: g for g, names in enumerate(self.config.groups) for n in names}
         self.grams = GramCache()
+        self._live = weakref.WeakSet()  # this tape's Records; the autograd graph holds them while it lives
+
+    def awaiting_backward(self) -> bool:
+        """Whether a forward call recorded sites whose graph is still alive and no backward ran:
+        a further forward call before that backward is part of the same step."""
+        return not self.finalised and len(self._live) > 0
+
+    def join(self, sites: list[Site]) -> None:
+        """Add a further forward call to this tape (two views of each sample before one
+        backward): sample i of every call is the same sample, so its per-sample gradient is
+        the sum over the calls, and every parameter may now have pieces from several calls,
+        whose cross terms its norm needs. A call with another batch size is not joined: it
+        opens a new tape and marks this one `superseded`."""
+        self.sites = sites
+        self.calls += 1
+        self.tied = frozenset(self.params)
 
     def name_of(self, param: torch.Tensor) -> str:
         return next(n for n, p in self.params.items() if p is param)
 
     def record(self, site: Site, args, kwargs, chains) -> "Record":
-        self._recorded.append(site.id)
-        return Record(self, site, args, kwargs, chains)
+        self._recorded.append(site)
+        record = Record(self, site, args, kwargs, chains)
+        self._live.add(record)
+        return record
 
     def _groups_of(self, site: Site) -> set[int]:
         return {self._group_of[n] for n in site.params if n in self._group_of}
@@ -117,14 +139,13 @@ class Tape:
         """A site's backward has run; finalise every group none of whose sites is still to come."""
         if self._pending is None:
             self._pending = {}
-            for sid in self._recorded:
-                for g in self._groups_of(self.sites[sid]):
-                    self._pending.setdefault(g, set()).add(sid)
+            for recorded in self._recorded:
+                for g in self._groups_of(recorded):
+                    self._pending[g] = self._pending.get(g, 0) + 1
         for g in self._groups_of(site):
-            waiting = self._pending.get(g)
-            if waiting is not None:
-                waiting.discard(site.id)
-                if not waiting:
+            if self._pending.get(g):
+                self._pending[g] -= 1
+                if not self._pending[g]:
                     self._finalise_group(g)
 
     def _finalise_group(self, g: int) -> None:
@@ -169,6 +190,7 @@ class Tape:
 
     def _finalise(self) -> None:
         self._queued = False
+        self.finalised = True
         for g in range(len(self.config.groups)):
             self._finalise_group(g)
         self._pending = None
@@ -226,6 +248,14 @@ class Record:
 
     def backward(self, g: torch.Tensor) -> None:
         site, tape = self.site, self.tape
+        if tape.superseded:
+            raise BkfxError(
+                f"backward through a forward call (batch size {tape.batch}) after a later forward call with another "
+                "batch size: bkfx joins forward calls made before one backward as views of the same samples, which "
+                "needs equal batch sizes, and cannot clip calls of different samples together\n"
+                "  what to do: call backward() after each forward call (gradient accumulation works), give every call "
+                "of one step the same samples, and run forward passes that are not trained on under torch.no_grad()"
+            )
         if self.args is None:
             raise BkfxError(
                 f"backward through site {site.node} ({site.op}) a second time, but its saved inputs were "

@@ -1,55 +1,57 @@
 """sample_dim: where the sample dimension is in every node, and proof that no op mixes samples.
 
 A node is *sample-dependent* when its value depends on the data of a batched input
-(shape-only uses such as `sym_size` do not count). For every tensor node with a
-dimension whose size involves the batch symbol B, the pass records its
-`SampleLayout` under `node.meta["bkfx.layout"]`:
+(shape-only uses such as `sym_size`, and value-free ops such as `zeros_like`, do not
+count). For every tensor node with a dimension whose size involves the batch symbol B,
+the pass records its `SampleLayout` under `node.meta["bkfx.layout"]`.
 
-- reshape-like ops (view, reshape, flatten, ...) move the sample dimension by the
-  flat-index argument: sample i's stride `s = after * prod(sizes after the dim)` must
-  be a multiple of the output dimension's inner size `q`, giving `after' = s / q`;
-- every other op keeps an input's layout on the output dimension of the same size.
+Fail closed: a sample-dependent node is accepted only when a *sample rule* proves how its
+op maps the sample dimension, the way `torch.func.vmap` needs a batching rule per op.
+A rule is a *dimension map*: for each tensor input, where each of its dimensions goes in
+the output, or `None` when the op works along that dimension (reduces, contracts, sorts,
+pools, normalises or attends over it). The shared check then requires every
+sample-dependent input's sample dimension to map to one output dimension, all inputs to
+agree on it and on how samples are laid out in it (`SampleLayout.before/after`), and that
+dimension to keep its size. Rules:
 
-A sample-dependent node is refused (`SampleMixingError`, with node and source line)
-when its output lost the sample dimension (a reduction over samples), has it twice,
-has it with a size no input has (cat along samples), or when the op works along the
-sample dimension (softmax, cumsum, sort, gather, indexing, contraction, ...).
+- elementwise and broadcast (every op tagged `torch.Tag.pointwise`, casts, dropout, ...);
+- views: permute, transpose, (un)squeeze, expand, slice/select/narrow, split, unbind,
+  repeat, pad; reshapes move the sample dimension by its stride (see `_reshape_layout`);
+- reductions and ops along a dimension (softmax, cumsum, sort, topk, flip, FFT, ...):
+  that dimension maps to `None`;
+- contractions (mm, addmm, bmm, matmul, linear, einsum), convolution and pooling over
+  non-sample dimensions, layer/group/RMS norm, batch norm in eval mode, attention
+  (scaled_dot_product_attention), embedding, gather, index_select, cat, stack;
+- indexing (`aten.index`), where the index along the sample dimension must be the
+  identity `arange(B)` (how Hugging Face builds masks from a padding attention_mask):
+  `META_IDENTITY` marks values proven to equal their own sample index.
+
+A sample-dependent op with no rule is marked `META_PROBE`: `passes.probe` checks it
+numerically at capture (perturb one sample, every other sample's output must stay
+bit-identical) and refuses it if it mixes. Whatever mixes is refused with
+`SampleMixingError`, naming the node, the op and the user's source line.
 """
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import sympy
 import torch
 from torch.fx import GraphModule, Node
 
-from bkfx.errors import SampleMixingError, UnsupportedOperationError, node_error
+from bkfx.errors import SampleMixingError, node_error
 from bkfx.layout import SampleLayout
-from passes.capture import META_BATCH
+from passes.capture import META_BATCH, META_BATCH_DIMS
 
 META_DEPENDENT = "bkfx.sample_dependent"
 META_LAYOUT = "bkfx.layout"
+META_IDENTITY = "bkfx.sample_identity"  # the value is its own sample index along its sample dimension
+META_PROBE = "bkfx.probe"  # no sample rule: checked numerically at capture (passes.probe)
 
 aten = torch.ops.aten
 
-_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
-# op name -> names of its arguments that name dimensions it works along
-_ALONG = {
-    "softmax": ("dim",), "_softmax": ("dim",), "log_softmax": ("dim",), "_log_softmax": ("dim",),
-    "cumsum": ("dim",), "cumprod": ("dim",), "logcumsumexp": ("dim",), "cummax": ("dim",), "cummin": ("dim",),
-    "sort": ("dim",), "argsort": ("dim",), "topk": ("dim",), "kthvalue": ("dim",), "msort": (),
-    "flip": ("dims",), "roll": ("dims",), "gather": ("dim",), "scatter": ("dim",), "scatter_add": ("dim",),
-    "scatter_reduce": ("dim",), "index_select": ("dim",), "index_add": ("dim",), "index_copy": ("dim",),
-    "index_fill": ("dim",), "diff": ("dim",), "narrow": ("dim",), "unfold": ("dimension",), "renorm": ("dim",),
-    "median": ("dim",), "nanmedian": ("dim",), "mode": ("dim",), "cross": ("dim",), "linalg_cross": ("dim",),
-    "glu": ("dim",), "repeat_interleave": ("dim",),
-}
-# contractions: op name -> for each operand position, the dimension it contracts
-_CONTRACTS = {
-    "mm": {0: 1, 1: 0}, "addmm": {1: 1, 2: 0}, "bmm": {0: 2, 1: 1}, "baddbmm": {1: 2, 2: 1},
-    "matmul": {0: -1, 1: -2}, "linear": {0: -1, 1: -1}, "dot": {0: 0, 1: 0}, "mv": {0: 1, 1: 0},
-    "addmv": {1: 1, 2: 0}, "outer": {}, "vdot": {0: 0, 1: 0},
-}
+DimMap = Callable[[int], "int | None"]  # input dimension -> output dimension, None when the op works along it
 
 
 def sym(x) -> sympy.Expr:
@@ -68,7 +70,8 @@ def op_name(node: Node) -> str:
 def target_name(target) -> str:
     """An ATen op's name without overload or in-place suffix: `aten.add_.Tensor` -> "add"."""
     packet = getattr(target, "overloadpacket", None)
-    return (packet.__name__ if packet is not None else getattr(target, "__name__", str(target))).rstrip("_")
+    name = packet.__name__ if packet is not None else getattr(target, "__name__", str(target))
+    return name if name.startswith("__") else name.rstrip("_")
 
 
 def arguments(node: Node) -> dict:
@@ -88,23 +91,38 @@ def arguments(node: Node) -> dict:
 
 
 def sample_dim(gm: GraphModule) -> GraphModule:
-    """Write META_DEPENDENT and META_LAYOUT on every node; raise on ops that mix samples."""
+    """Write META_DEPENDENT, META_LAYOUT, META_IDENTITY and META_PROBE on every node; raise on
+    ops that provably mix samples."""
     batch = gm.meta[META_BATCH]
+    batch_dims = gm.meta.get(META_BATCH_DIMS, {})
     for node in gm.graph.nodes:
+        node.meta[META_PROBE] = False
+        node.meta[META_IDENTITY] = False
         if node.op == "placeholder":
             shape = shape_of(node)
-            dependent = bool(shape) and shape[0].has(batch)
+            dims = [i for i, s in enumerate(shape or []) if s.has(batch)]
+            dependent = bool(dims)
             node.meta[META_DEPENDENT] = dependent
-            node.meta[META_LAYOUT] = SampleLayout(0) if dependent else None
+            node.meta[META_LAYOUT] = SampleLayout(batch_dims.get(node.name, dims[0])) if dependent else None
         elif node.op in ("call_function", "call_method", "call_module"):
-            inputs = [n for n in node.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor) or isinstance(n.meta.get("val"), (list, tuple))]
-            dependent = any(n.meta.get(META_DEPENDENT) for n in inputs) and node.target is not aten.sym_size.int
+            dependent = node.target not in _VALUE_FREE_TARGETS and op_name(node) not in _VALUE_FREE and any(
+                n.meta.get(META_DEPENDENT) for n in node.all_input_nodes
+            )
             node.meta[META_DEPENDENT] = dependent
             node.meta[META_LAYOUT] = _layout(node, batch, dependent)
+            node.meta[META_IDENTITY] = not dependent and _is_identity(node, batch)
         else:
             node.meta[META_DEPENDENT] = False
             node.meta[META_LAYOUT] = None
     return gm
+
+
+def probed_nodes(gm: GraphModule) -> list[Node]:
+    """The sample-dependent nodes no rule covers, which `passes.probe` checks numerically."""
+    return [n for n in gm.graph.nodes if n.meta.get(META_PROBE)]
+
+
+# ---- layouts -------------------------------------------------------------------------------------
 
 
 def _layout(node: Node, batch: sympy.Symbol, dependent: bool):
@@ -113,61 +131,145 @@ def _layout(node: Node, batch: sympy.Symbol, dependent: bool):
         parent, index = node.args
         layouts = parent.meta.get(META_LAYOUT)
         return layouts[index] if isinstance(layouts, tuple) else None
-    if isinstance(val, (list, tuple)):
-        return tuple(_tensor_layout(node, v, batch, dependent) if isinstance(v, torch.Tensor) else None for v in val)
-    if not isinstance(val, torch.Tensor):
+    outputs = list(val) if isinstance(val, (list, tuple)) else [val]
+    if not any(isinstance(v, torch.Tensor) for v in outputs):
         return None
-    return _tensor_layout(node, val, batch, dependent)
+    if not dependent:
+        layouts = [_free_layout(node, v, batch) if isinstance(v, torch.Tensor) else None for v in outputs]
+    else:
+        layouts = _dependent_layouts(node, outputs, batch)
+    return tuple(layouts) if isinstance(val, (list, tuple)) else layouts[0]
 
 
-def _tensor_layout(node: Node, val: torch.Tensor, batch, dependent: bool) -> SampleLayout | None:
+def _free_layout(node: Node, val: torch.Tensor, batch) -> SampleLayout | None:
+    """A value that does not depend on samples (a mask expanded to B) cannot mix them; its
+    batch-sized dimension still gets a layout, so later ops can align with it."""
     shape = [sym(s) for s in val.shape]
     dims = [i for i, s in enumerate(shape) if s.has(batch)]
-    sources = [(n, n.meta[META_LAYOUT]) for n in node.all_input_nodes if isinstance(n.meta.get(META_LAYOUT), SampleLayout)]
-    sources.sort(key=lambda s: not s[0].meta.get(META_DEPENDENT))  # sample-dependent inputs first
-    dep_sources = [(n, l) for n, l in sources if n.meta.get(META_DEPENDENT)]
-    if not dependent:
-        # values that do not depend on samples (masks expanded to B) cannot mix them
-        if len(dims) == 1 and shape[dims[0]] == batch:
-            return SampleLayout(dims[0])
-        if len(dims) == 1 and op_name(node) in _RESHAPES and sources:
-            try:
-                return _reshape_layout(node, sources[0], shape, dims[0], batch)
-            except SampleMixingError:
-                return None
+    if len(dims) != 1:
         return None
-    if not dims:
-        raise node_error(
-            SampleMixingError, node,
-            "this operation reduces over the sample dimension, so its result mixes samples",
-            "reduce over other dimensions only; compute the loss outside the model (bkfx applies the "
-            "declared loss_reduction), and use per-sample normalisation (GroupNorm/LayerNorm) instead of batch statistics",
-        )
-    if len(dims) > 1:
-        raise node_error(
-            SampleMixingError, node,
-            f"the result has the sample dimension twice (dims {dims}), so it pairs different samples",
-            "keep each sample's computation separate: no products or comparisons between samples",
-        )
-    (d,) = dims
-    name = op_name(node)
-    if name in _RESHAPES:
-        src = next(((n, l) for n, l in dep_sources if n is node.args[0]), dep_sources[0])
-        layout = _reshape_layout(node, src, shape, d, batch)
-    else:
-        matches = [l for n, l in sources if shape_of(n)[l.dim] == shape[d]]
-        if not matches:
+    if shape[dims[0]] == batch:
+        return SampleLayout(dims[0])
+    sources = [(n, n.meta[META_LAYOUT]) for n in node.all_input_nodes if isinstance(n.meta.get(META_LAYOUT), SampleLayout)]
+    if op_name(node) in _RESHAPES and sources:
+        try:
+            return _reshape_layout(node, sources[0], shape, dims[0], batch)
+        except SampleMixingError:
+            return None
+    return None
+
+
+def _dependent_layouts(node: Node, outputs: list, batch) -> list:
+    shapes = [[sym(s) for s in v.shape] if isinstance(v, torch.Tensor) else None for v in outputs]
+    for shape in shapes:
+        if shape is None:
+            continue
+        dims = [i for i, s in enumerate(shape) if s.has(batch)]
+        if not dims and len(outputs) == 1:
             raise node_error(
                 SampleMixingError, node,
-                f"the sample dimension changed size to {shape[d]} (concatenation, slicing or repetition across samples)",
-                "operate on each sample separately; concatenate or slice along other dimensions",
+                "this operation reduces over the sample dimension, so its result mixes samples",
+                "reduce over other dimensions only; compute the loss outside the model (bkfx applies the "
+                "declared loss_reduction), and use per-sample normalisation (GroupNorm/LayerNorm) instead of batch statistics",
             )
-        layout = SampleLayout(d, matches[0].before, matches[0].after)
-    _check_along(node, name, batch)
-    return layout
+        if len(dims) > 1:
+            raise node_error(
+                SampleMixingError, node,
+                f"the result has the sample dimension twice (dims {dims}), so it pairs different samples",
+                "keep each sample's computation separate: no products or comparisons between samples",
+            )
+    name = op_name(node)
+    if name in _RESHAPES:
+        dep = [n for n in node.all_input_nodes if n.meta.get(META_DEPENDENT)]
+        src = node.args[0] if node.args[0] in dep else dep[0]
+        (d,) = [i for i, s in enumerate(shapes[0]) if s.has(batch)]
+        return [_reshape_layout(node, (src, src.meta[META_LAYOUT]), shapes[0], d, batch)]
+    rule = _rule_for(node)
+    if rule is None:
+        node.meta[META_PROBE] = True
+        return [_matched_layout(node, shape, batch) if shape is not None else None for shape in shapes]
+    maps = rule(node)
+    dim, before, after = _mapped(node, maps, name)
+    layouts = []
+    for shape in shapes:
+        if shape is None or not any(s.has(batch) for s in shape):
+            layouts.append(None)
+            continue
+        (d,) = [i for i, s in enumerate(shape) if s.has(batch)]
+        if d != dim or shape[d] != before * batch * after:
+            raise node_error(
+                SampleMixingError, node,
+                f"{name} moves or resizes the sample dimension (to dim {d} of size {shape[d]}, expected dim {dim}): "
+                "it concatenates, slices, repeats or reorders samples",
+                "operate on each sample separately; concatenate, slice or repeat along other dimensions",
+            )
+        layouts.append(SampleLayout(d, before, after))
+    return layouts
+
+
+def _matched_layout(node: Node, shape, batch) -> SampleLayout | None:
+    """For an op without a rule (checked by the probe): the layout of an input whose sample
+    dimension has the output's size."""
+    dims = [i for i, s in enumerate(shape) if s.has(batch)]
+    if not dims:
+        return None
+    (d,) = dims
+    for n in sorted(node.all_input_nodes, key=lambda n: not n.meta.get(META_DEPENDENT)):
+        lo = n.meta.get(META_LAYOUT)
+        if isinstance(lo, SampleLayout) and shape_of(n)[lo.dim] == shape[d]:
+            return SampleLayout(d, lo.before, lo.after)
+    raise node_error(
+        SampleMixingError, node,
+        f"the sample dimension changed size to {shape[d]} (concatenation, slicing or repetition across samples)",
+        "operate on each sample separately; concatenate or slice along other dimensions",
+    )
+
+
+def _mapped(node: Node, maps: list[tuple[Node, DimMap]], name: str) -> tuple[int, int, int]:
+    """The output dimension (and layout) every sample-dependent input's sample dimension maps to."""
+    covered = {n for n, _ in maps}
+    missing = [n for n in node.all_input_nodes if n.meta.get(META_DEPENDENT) and n not in covered]
+    if missing:  # an input the rule does not describe: nothing is proven
+        raise node_error(
+            SampleMixingError, node, f"{name} takes the sample-dependent input {missing[0].name} in a role bkfx has no rule for",
+            "pass per-sample values only as the operation's data operands, or write the operation another way",
+        )
+    target = None
+    for inp, dim_map in maps:
+        lo = inp.meta.get(META_LAYOUT)
+        if not inp.meta.get(META_DEPENDENT) or not isinstance(lo, SampleLayout):
+            continue
+        out = dim_map(lo.dim)
+        if out is None:
+            raise node_error(
+                SampleMixingError, node,
+                f"{name} works along the sample dimension of {inp.name} ({lo.describe()}): it reduces, contracts, "
+                "sorts, pools, normalises or attends over it, so samples influence each other",
+                f"apply {name} along a non-sample dimension; if this input is not batch-first, tell bkfx.compile "
+                "where its batch is with batch_dim=",
+            )
+        candidate = (out, lo.before, lo.after)
+        if target is not None and candidate != target:
+            raise node_error(
+                SampleMixingError, node,
+                f"{name} pairs the sample dimensions of its inputs differently ({_describe(target)} vs "
+                f"{_describe(candidate)}), so it combines entries of different samples",
+                "lay out every operand's batch the same way (same dimension, same order)",
+            )
+        target = candidate
+    if target is None:
+        raise node_error(SampleMixingError, node, f"{name}: no input carries the sample dimension", "report this model to bkfx")
+    return target
+
+
+def _describe(target) -> str:
+    dim, before, after = target
+    return SampleLayout(dim, before, after).describe()
 
 
 def _reshape_layout(node: Node, source, shape, d: int, batch) -> SampleLayout:
+    """Sample i's stride `s = after * prod(sizes after the dim)` in the flat order must be a
+    multiple of the output dimension's inner size `q`, giving `after' = s / q`."""
     src_node, src = source
     src_shape = shape_of(src_node)
     stride = src.after * sympy.prod(src_shape[src.dim + 1 :])
@@ -183,80 +285,555 @@ def _reshape_layout(node: Node, source, shape, d: int, batch) -> SampleLayout:
     return SampleLayout(d, int(before), int(after))
 
 
-_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
-                "cudnn_batch_norm", "miopen_batch_norm"}
-_PER_SAMPLE_NORMS = {"group_norm", "native_group_norm", "instance_norm"}
-_TRAILING_NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
+# ---- identity indices ----------------------------------------------------------------------------
 
 
-def _check_along(node: Node, name: str, batch) -> None:
-    """Refuse ops that work along, index into or contract the sample dimension of an input."""
+def _is_identity(node: Node, batch) -> bool:
+    """`arange(B)`, and views or casts of it that keep B in a dimension of its own."""
+    name = op_name(node)
+    lo = node.meta.get(META_LAYOUT)
+    if not isinstance(lo, SampleLayout) or lo.merged:
+        return False
     args = arguments(node)
-    first = node.args[0] if node.args else None
-    layout = first.meta.get(META_LAYOUT) if isinstance(first, Node) and first.meta.get(META_DEPENDENT) else None
-    if name in _BATCH_NORMS and args.get("training", True) and isinstance(layout, SampleLayout):
+    if name == "arange":
+        start, end, step = args.get("start", 0), args.get("end"), args.get("step", 1)
+        if node.target is aten.arange.default:
+            start, end, step = 0, node.args[0], 1
+        value = end.meta.get("val") if isinstance(end, Node) else end
+        return start == 0 and step == 1 and value is not None and sym(value) == batch
+    source = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if source is None or not source.meta.get(META_IDENTITY):
+        return False
+    if name == "slice":
+        return args.get("start") in (0, None) and args.get("step", 1) == 1 and shape_of(node) == shape_of(source)
+    if name in ("add", "sub"):
+        return len(node.args) == 2 and node.args[1] == 0
+    return name in _IDENTITY_KEEPING
+
+
+_IDENTITY_KEEPING = {
+    "unsqueeze", "view", "reshape", "_unsafe_view", "expand", "to", "_to_copy", "clone", "contiguous", "alias",
+    "detach", "lift_fresh_copy", "permute", "transpose", "squeeze",
+}
+
+
+# ---- sample rules --------------------------------------------------------------------------------
+
+_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
+# ops whose value does not depend on their inputs' data (shapes, dtypes and devices only)
+_VALUE_FREE = {
+    "new_ones", "new_zeros", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
+    "rand_like", "randn_like", "randint_like", "sym_size", "sym_numel", "sym_stride", "sym_storage_offset",
+    "_assert_tensor_metadata", "_assert_scalar", "scalar_tensor",
+}
+_VALUE_FREE_TARGETS = {aten.sym_size.int}
+# elementwise ops without the pointwise tag
+_ELEMENTWISE = {
+    "clone", "_to_copy", "to", "type_as", "detach", "alias", "contiguous", "lift_fresh_copy", "dropout",
+    "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "__and__", "__or__", "__xor__",
+    "__lshift__", "__rshift__", "masked_fill", "copy", "fill", "hardswish", "hardsigmoid", "tril", "triu",
+    "_native_batch_norm_legit_no_training", "positive", "real", "imag", "view_as_real", "view_as_complex",
+    "_conj", "resolve_conj", "resolve_neg",
+}
+
+_RULES: dict[str, Callable[[Node], list[tuple[Node, DimMap]]]] = {}
+
+
+def sample_rule(*names: str):
+    """Register a sample rule: `rule(node) -> [(input node, dimension map)]`."""
+
+    def register(fn):
+        for name in names:
+            _RULES[name] = fn
+        return fn
+
+    return register
+
+
+def _rule_for(node: Node):
+    name = op_name(node)
+    if name in _RULES:
+        return _RULES[name]
+    if name in _ELEMENTWISE or torch.Tag.pointwise in getattr(node.target, "tags", ()):
+        return _broadcast_rule
+    return None
+
+
+def _rank(node) -> int:
+    return len(shape_of(node))
+
+
+def _out_rank(node: Node) -> int:
+    val = node.meta["val"]
+    first = val[0] if isinstance(val, (list, tuple)) else val
+    return first.dim()
+
+
+def _tensor_inputs(node: Node) -> list[Node]:
+    return [n for n in node.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def _aligned(rank_in: int, rank_out: int) -> DimMap:
+    """Right-aligned broadcasting: input dim k is output dim k + rank_out - rank_in."""
+    return lambda k: k + rank_out - rank_in
+
+
+def _identity(k: int) -> int:
+    return k
+
+
+def _except(*dims: int, rank: int) -> DimMap:
+    """Dimension k maps to itself, except the given ones (the op works along them)."""
+    along = {d % rank for d in dims} if rank else set()
+    return lambda k: None if k in along else k
+
+
+def _broadcast_rule(node: Node):
+    out = _out_rank(node)
+    return [(n, _aligned(_rank(n), out)) for n in _tensor_inputs(node)]
+
+
+@sample_rule("permute")
+def _permute(node):
+    x, dims = node.args[0], node.args[1]
+    rank = _rank(x)
+    where = {int(d) % rank: j for j, d in enumerate(dims)}
+    return [(x, where.get)]
+
+
+@sample_rule("transpose")
+def _transpose(node):
+    x = node.args[0]
+    rank = _rank(x)
+    a, b = (int(d) % rank for d in node.args[1:3])
+    return [(x, lambda k: b if k == a else a if k == b else k)]
+
+
+@sample_rule("t", "numpy_T")
+def _t(node):
+    x = node.args[0]
+    return [(x, (lambda k: 1 - k) if _rank(x) == 2 else _identity)]
+
+
+@sample_rule("movedim")
+def _movedim(node):
+    x = node.args[0]
+    rank = _rank(x)
+    src = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    dst = node.args[2] if isinstance(node.args[2], (list, tuple)) else [node.args[2]]
+    src, dst = [int(s) % rank for s in src], [int(d) % rank for d in dst]
+    rest = iter([k for k in range(rank) if k not in src])
+    order = [None] * rank
+    for s, d in zip(src, dst):
+        order[d] = s
+    order = [o if o is not None else next(rest) for o in order]
+    where = {s: j for j, s in enumerate(order)}
+    return [(x, where.get)]
+
+
+@sample_rule("unsqueeze")
+def _unsqueeze(node):
+    x = node.args[0]
+    d = int(node.args[1]) % (_rank(x) + 1)
+    return [(x, lambda k: k if k < d else k + 1)]
+
+
+@sample_rule("squeeze")
+def _squeeze(node):
+    x = node.args[0]
+    shape = shape_of(x)
+    dims = arguments(node).get("dim")
+    if dims is None:
+        gone = {k for k, s in enumerate(shape) if s == 1}
+    else:
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        gone = {int(d) % len(shape) for d in dims if shape[int(d) % len(shape)] == 1}
+    kept = [k for k in range(len(shape)) if k not in gone]
+    where = {k: j for j, k in enumerate(kept)}
+    return [(x, where.get)]
+
+
+@sample_rule("expand", "expand_as", "broadcast_to")
+def _expand(node):
+    x = node.args[0]
+    return [(x, _aligned(_rank(x), _out_rank(node)))]
+
+
+@sample_rule("repeat", "tile")
+def _repeat(node):
+    # each sample's rows are repeated along other dimensions; repeating along the sample
+    # dimension changes its size, which the shared check refuses
+    x = node.args[0]
+    return [(x, _aligned(_rank(x), _out_rank(node)))]
+
+
+@sample_rule("slice", "narrow", "split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split",
+             "unsafe_split_with_sizes", "constant_pad_nd", "pad")
+def _same_rank(node):
+    # slices and pads along a dimension keep every sample's entries in place; along the
+    # sample dimension they change its size, which the shared check refuses
+    x = node.args[0]
+    return [(x, _identity)]
+
+
+@sample_rule("select", "unbind")
+def _select(node):
+    x = node.args[0]
+    rank = _rank(x)
+    d = int(arguments(node).get("dim", 0)) % rank
+    return [(x, lambda k: None if k == d else (k if k < d else k - 1))]
+
+
+@sample_rule("cat", "concat", "concatenate")
+def _cat(node):
+    tensors = node.args[0]
+    dim = int(arguments(node).get("dim", 0))
+    return [(t, _except(dim, rank=_rank(t))) for t in tensors if isinstance(t, Node) and _rank(t) > 0]
+
+
+@sample_rule("stack")
+def _stack(node):
+    tensors = node.args[0]
+    rank = _rank(tensors[0]) + 1
+    d = int(arguments(node).get("dim", 0)) % rank
+    return [(t, lambda k: k if k < d else k + 1) for t in tensors]
+
+
+_REDUCTIONS = {
+    "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "var_mean", "std_mean",
+    "logsumexp", "prod", "any", "all", "norm", "linalg_vector_norm", "count_nonzero", "nansum", "nanmean", "aminmax",
+}
+
+
+@sample_rule(*_REDUCTIONS)
+def _reduction(node):
+    x = node.args[0]
+    rank = _rank(x)
+    args = arguments(node)
+    dims = args.get("dim", None)
+    if dims is None or dims == []:
+        dims = list(range(rank))  # a full reduction: the output keeps no sample dimension
+    dims = {int(d) % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])} if rank else set()
+    keep = bool(args.get("keepdim", False))
+    kept = [k for k in range(rank) if k not in dims]
+    where = {k: (k if keep else kept.index(k)) for k in kept}
+    return [(x, where.get)]
+
+
+# op -> name of the argument(s) naming the dimension(s) it works along
+_ALONG = {
+    "softmax": "dim", "_softmax": "dim", "log_softmax": "dim", "_log_softmax": "dim", "cumsum": "dim",
+    "cumprod": "dim", "logcumsumexp": "dim", "cummax": "dim", "cummin": "dim", "sort": "dim", "argsort": "dim",
+    "topk": "dim", "kthvalue": "dim", "median": "dim", "nanmedian": "dim", "mode": "dim", "glu": "dim",
+    "flip": "dims", "roll": "dims", "unfold": "dimension", "renorm": "dim", "cross": "dim", "linalg_cross": "dim",
+    "diff": "dim", "_fft_r2c": "dim", "_fft_c2r": "dim", "_fft_c2c": "dim", "fft_fft": "dim", "fft_ifft": "dim",
+    "fft_rfft": "dim", "fft_irfft": "dim", "fft_fftn": "dim", "fft_rfftn": "dim", "fft_fft2": "dim",
+    "fft_rfft2": "dim", "fft_hfft": "dim", "fft_ihfft": "dim", "special_softmax": "dim", "special_log_softmax": "dim",
+    "_weight_norm_interface": "dim", "_safe_softmax": "dim",
+}
+
+
+@sample_rule(*_ALONG)
+def _along(node):
+    x = node.args[0]
+    rank = _rank(x)
+    dims = arguments(node).get(_ALONG[op_name(node)])
+    if dims is None:
+        dims = list(range(rank))  # every dimension (flip/roll without dims, a sort of a flattened view)
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:
+        dims = list(range(rank))
+    return [(x, _except(*[int(d) for d in dims], rank=rank))]
+
+
+@sample_rule("gather")
+def _gather(node):
+    x, dim, index = node.args[0], int(node.args[1]), node.args[2]
+    out = [(x, _except(dim, rank=_rank(x)))]
+    if isinstance(index, Node):
+        out.append((index, _identity))
+    return out
+
+
+@sample_rule("index_select")
+def _index_select(node):
+    x, dim, index = node.args[0], int(node.args[1]) % max(_rank(node.args[0]), 1), node.args[2]
+    return [(x, _except(dim, rank=_rank(x))), (index, lambda k: dim)]
+
+
+@sample_rule("scatter", "scatter_add", "scatter_reduce")
+def _scatter(node):
+    x, dim = node.args[0], int(node.args[1])
+    rank = _rank(x)
+    return [(n, _except(dim, rank=rank)) for n in _tensor_inputs(node)]
+
+
+@sample_rule("mm")
+def _mm(node):
+    a, b = node.args[:2]
+    return [(a, {0: 0}.get), (b, {1: 1}.get)]
+
+
+@sample_rule("addmm")
+def _addmm(node):
+    bias, a, b = node.args[:3]
+    out = [(a, {0: 0}.get), (b, {1: 1}.get)]
+    if isinstance(bias, Node):
+        out.append((bias, _aligned(_rank(bias), 2)))
+    return out
+
+
+@sample_rule("bmm")
+def _bmm(node):
+    a, b = node.args[:2]
+    return [(a, {0: 0, 1: 1}.get), (b, {0: 0, 2: 2}.get)]
+
+
+@sample_rule("baddbmm")
+def _baddbmm(node):
+    c, a, b = node.args[:3]
+    out = [(a, {0: 0, 1: 1}.get), (b, {0: 0, 2: 2}.get)]
+    if isinstance(c, Node):
+        out.append((c, _aligned(_rank(c), 3)))
+    return out
+
+
+@sample_rule("mv", "addmv", "dot", "vdot", "outer", "ger")
+def _vector_products(node):
+    name = op_name(node)
+    tensors = [a for a in node.args if isinstance(a, Node)]
+    if name in ("dot", "vdot"):
+        return [(t, lambda k: None) for t in tensors]
+    if name in ("outer", "ger"):
+        return [(tensors[0], {0: 0}.get), (tensors[1], {0: 1}.get)]
+    if name == "mv":
+        return [(tensors[0], {0: 0}.get), (tensors[1], lambda k: None)]
+    c, m, v = tensors  # addmv
+    return [(c, _aligned(_rank(c), 1)), (m, {0: 0}.get), (v, lambda k: None)]
+
+
+@sample_rule("matmul")
+def _matmul(node):
+    a, b = node.args[:2]
+    ra, rb, r = _rank(a), _rank(b), _out_rank(node)
+
+    def left(k):
+        if k == ra - 1:
+            return None  # contracted
+        if ra >= 2 and k == ra - 2:
+            return r - 2 if rb >= 2 else r - 1
+        return k + (r - (2 if rb >= 2 else 1)) - (ra - 2)  # batch dimensions, right-aligned
+
+    def right(k):
+        if rb == 1 or k == rb - 2:
+            return None
+        if k == rb - 1:
+            return r - 1
+        return k + (r - 2) - (rb - 2)
+
+    return [(a, left), (b, right)]
+
+
+@sample_rule("linear")
+def _linear(node):
+    x, w = node.args[:2]
+    bias = node.args[2] if len(node.args) > 2 else None
+    r = _out_rank(node)
+    out = [(x, _except(-1, rank=_rank(x))), (w, {0: r - 1}.get if _rank(w) == 2 else (lambda k: None))]
+    if isinstance(bias, Node):
+        out.append((bias, _aligned(_rank(bias), r)))
+    return out
+
+
+@sample_rule("einsum")
+def _einsum(node):
+    equation, operands = node.args[0], node.args[1]
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        letters = "".join(terms).replace("...", "")
+        rhs = ("..." if any("..." in t for t in terms) else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    out_rank = _out_rank(node)
+    out_ell = out_rank - len(rhs.replace("...", ""))
+    out = []
+    for term, operand in zip(terms, operands):
+        if not isinstance(operand, Node):
+            continue
+        rank = _rank(operand)
+        labels = _einsum_labels(term, rank)
+        out_labels = _einsum_labels(rhs, out_rank)
+        where = {}
+        for k, label in enumerate(labels):
+            if isinstance(label, int):  # an ellipsis dimension, counted from the right
+                j = out_rank - len(rhs.split("...")[1]) - (rank - len(term.split("...")[1]) - k) if "..." in rhs else None
+                where[k] = j if j is not None and out_ell > 0 else None
+            else:
+                where[k] = out_labels.index(label) if label in out_labels else None
+        out.append((operand, where.get))
+    return out
+
+
+def _einsum_labels(term: str, rank: int) -> list:
+    if "..." not in term:
+        return list(term)
+    head, tail = term.split("...")
+    n = rank - len(head) - len(tail)
+    return list(head) + list(range(n)) + list(tail)
+
+
+_CONVS = {"convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+          "conv_transpose3d", "cudnn_convolution", "mkldnn_convolution"}
+
+
+@sample_rule(*_CONVS)
+def _conv(node):
+    x, w = node.args[:2]
+    bias = node.args[2] if len(node.args) > 2 else None
+    batched = _rank(x) == _rank(w)  # an unbatched input has no batch dimension: its dim 0 is channels
+    out = [(x, {0: 0}.get if batched else (lambda k: None)), (w, lambda k: None)]
+    if isinstance(bias, Node):
+        out.append((bias, lambda k: None))
+    return out
+
+
+_POOLS = {
+    "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3, "max_pool1d_with_indices": 1, "max_pool2d_with_indices": 2,
+    "max_pool3d_with_indices": 3, "avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3, "adaptive_avg_pool1d": 1,
+    "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3, "_adaptive_avg_pool2d": 2, "_adaptive_avg_pool3d": 3,
+    "adaptive_max_pool1d": 1, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 3, "upsample_nearest1d": 1,
+    "upsample_nearest2d": 2, "upsample_nearest3d": 3, "upsample_linear1d": 1, "upsample_bilinear2d": 2,
+    "upsample_bicubic2d": 2, "upsample_trilinear3d": 3, "_upsample_nearest_exact1d": 1,
+    "_upsample_nearest_exact2d": 2, "_upsample_nearest_exact3d": 3, "_upsample_bilinear2d_aa": 2,
+    "reflection_pad1d": 1, "reflection_pad2d": 2, "reflection_pad3d": 3, "replication_pad1d": 1,
+    "replication_pad2d": 2, "replication_pad3d": 3, "lp_pool1d": 1, "lp_pool2d": 2, "lp_pool3d": 3,
+    "fractional_max_pool2d": 2, "pixel_shuffle": 3, "pixel_unshuffle": 3, "channel_shuffle": 3, "im2col": 3,
+    "col2im": 2, "grid_sampler_2d": 3,
+}
+
+
+@sample_rule(*_POOLS)
+def _pool(node):
+    # the op works along the last k dimensions (spatial, and channels where it reshuffles them)
+    x = node.args[0]
+    rank = _rank(x)
+    k = _POOLS[op_name(node)]
+    return [(n, (lambda j, rank=_rank(n): None if j >= rank - k else j)) for n in _tensor_inputs(node) if n is x]
+
+
+@sample_rule("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
+def _trailing_norm(node):
+    x = node.args[0]
+    rank = _rank(x)
+    k = len(arguments(node).get("normalized_shape", ()))
+    others = [n for n in _tensor_inputs(node) if n is not x]  # weight, bias: parameters, aligned to the end
+    return [(x, lambda j: None if j >= rank - k else j)] + [(n, lambda j: None) for n in others]
+
+
+@sample_rule("group_norm", "native_group_norm", "instance_norm")
+def _per_sample_norm(node):
+    x = node.args[0]
+    rank = _rank(x)
+    keep = {0} if op_name(node) != "instance_norm" else {0, 1}
+    others = [n for n in _tensor_inputs(node) if n is not x]
+    return [(x, lambda j: j if j in keep and rank > 1 else None)] + [(n, lambda j: None) for n in others]
+
+
+_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                "cudnn_batch_norm", "miopen_batch_norm", "_batch_norm_with_update", "_batch_norm_impl_index"}
+
+
+@sample_rule(*_BATCH_NORMS)
+def _batch_norm(node):
+    if arguments(node).get("training", True) or op_name(node) == "_batch_norm_with_update":
         raise node_error(
             SampleMixingError, node,
             "batch normalisation in training mode normalises with statistics of the whole batch, which mixes samples",
             "use GroupNorm (bkfx.replace_batchnorm(model) swaps every BatchNorm for a GroupNorm in place), "
             "or put the BatchNorm layers in eval mode",
         )
-    if name in _PER_SAMPLE_NORMS and isinstance(layout, SampleLayout) and (layout.dim != 0 or layout.merged):
-        raise node_error(
-            SampleMixingError, node, f"{name} normalises over dimension 1 onwards, but the samples lie along {layout.describe()}",
-            "put the batch first before normalising",
-        )
-    if name in _TRAILING_NORMS and isinstance(layout, SampleLayout):
-        rank = len(shape_of(first))
-        if layout.dim >= rank - len(args.get("normalized_shape", ())):
-            raise node_error(
-                SampleMixingError, node, f"{name} normalises over dimensions that include the samples ({layout.describe()})",
-                "normalise over feature dimensions only",
-            )
-    if name in _ALONG and isinstance(layout, SampleLayout):
-        rank = len(shape_of(first))
-        for key in _ALONG[name]:
-            dims = args.get(key)
-            if dims is None:
-                continue
-            dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
-            if (not dims and name in ("roll", "flip")) or any(int(x) % rank == layout.dim for x in dims):
-                raise node_error(
-                    SampleMixingError, node,
-                    f"{name} works along the sample dimension ({layout.describe()}), so samples influence each other",
-                    f"apply {name} along a non-sample dimension",
-                )
-        if name == "msort" and layout.dim == 0:
-            raise node_error(SampleMixingError, node, "msort sorts along the sample dimension", "sort along another dimension")
-    if name in ("slice", "select") and isinstance(layout, SampleLayout):
-        dim = int(args.get("dim", 0)) % len(shape_of(first))
-        if dim == layout.dim and shape_of(node)[dim] != shape_of(first)[dim]:
-            raise node_error(SampleMixingError, node, f"{name} picks some samples of the batch", "slice other dimensions only")
-    if name in ("index", "index_put", "_index_put_impl", "_unsafe_index") and isinstance(layout, SampleLayout):
-        indices = args.get("indices") or []
-        if layout.dim < len(indices) and indices[layout.dim] is not None:
+    x = node.args[0]
+    return [(x, _identity)] + [(n, lambda j: None) for n in _tensor_inputs(node) if n is not x]
+
+
+@sample_rule("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_cudnn_attention")
+def _attention(node):
+    """out[..., l, :] = softmax(q_l Kᵀ + mask_l) V: the query position l maps to itself, the key
+    positions and the head features are attended or contracted over."""
+    q, k, v = node.args[:3]
+    r = _out_rank(node)
+    args = arguments(node)
+    mask = args.get("attn_mask", args.get("attn_bias"))
+
+    def batch_dims(rank, keep_last=None):
+        def f(j):
+            if j < rank - 2:
+                return j + r - rank
+            return keep_last.get(j - rank) if keep_last else None
+
+        return f
+
+    out = [(q, batch_dims(_rank(q), {-2: r - 2})), (k, batch_dims(_rank(k))), (v, batch_dims(_rank(v), {-1: r - 1}))]
+    if isinstance(mask, Node):
+        out.append((mask, batch_dims(_rank(mask), {-2: r - 2})))
+    return out
+
+
+@sample_rule("embedding", "_embedding_bag")
+def _embedding(node):
+    weight, indices = node.args[:2]
+    return [(weight, lambda j: None), (indices, _identity)]
+
+
+@sample_rule("embedding_renorm")
+def _embedding_renorm(node):
+    raise node_error(
+        SampleMixingError, node,
+        "nn.Embedding(max_norm=...) renormalises, in place and during the forward pass, the weight rows of the ids in "
+        "the batch: an update of the parameters that depends on the private batch and gets no noise (it reveals "
+        "which ids occurred)",
+        "drop max_norm, or renormalise the embedding weight yourself after each optimizer step (e.g. with "
+        "torch.renorm_ under torch.no_grad()), which uses only the noised parameters",
+    )
+
+
+@sample_rule("index", "_unsafe_index")
+def _index(node):
+    """`x[i0, i1, ...]` with index tensors broadcast together: the indexed dimensions are replaced
+    by the broadcast dimensions (in place when the indexed dimensions are adjacent, else first).
+    x's sample dimension may be indexed only by the identity `arange(B)`, sample i reading its own
+    row; per-sample index tensors must lay their samples along the same broadcast dimension."""
+    x, indices = node.args[0], list(node.args[1])
+    rank, r = _rank(x), _out_rank(node)
+    indices += [None] * (rank - len(indices))
+    indexed = [k for k, i in enumerate(indices) if i is not None]
+    R = max(_rank(i) for i in indices if i is not None)
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
+    start = indexed[0] if adjacent else 0
+    rest = [k for k in range(rank) if k not in indexed]
+
+    def position(k):  # where a non-indexed dimension of x goes
+        if adjacent:
+            return k if k < indexed[0] else k - len(indexed) + R
+        return R + rest.index(k)
+
+    lo = x.meta.get(META_LAYOUT)
+    sample = lo.dim if isinstance(lo, SampleLayout) and x.meta.get(META_DEPENDENT) else None
+    if sample is not None and indices[sample] is not None:
+        ident = indices[sample]
+        ilo = ident.meta.get(META_LAYOUT) if isinstance(ident, Node) else None
+        if not (isinstance(ident, Node) and ident.meta.get(META_IDENTITY) and isinstance(ilo, SampleLayout)):
             raise node_error(
                 SampleMixingError, node, "this indexing selects along the sample dimension, so samples can be swapped or mixed",
-                "index other dimensions only (e.g. x[:, idx])",
+                "index other dimensions only (e.g. x[:, idx]), or index the batch with torch.arange(batch size) itself",
             )
-    if name in _CONTRACTS:
-        for pos, cdim in _CONTRACTS[name].items():
-            operand = node.args[pos] if pos < len(node.args) else None
-            if isinstance(operand, Node) and operand.meta.get(META_DEPENDENT):
-                lo = operand.meta.get(META_LAYOUT)
-                rank = len(shape_of(operand))
-                if isinstance(lo, SampleLayout) and cdim % rank == lo.dim:
-                    raise node_error(
-                        SampleMixingError, node, f"{name} contracts the sample dimension of an operand, summing over samples",
-                        "contract feature dimensions only; keep the batch as a batch dimension",
-                    )
-    if name == "einsum":
-        equation, operands = node.args[0], node.args[1]
-        lhs, _, rhs = equation.replace(" ", "").partition("->")
-        for letters, operand in zip(lhs.split(","), operands):
-            lo = operand.meta.get(META_LAYOUT) if isinstance(operand, Node) and operand.meta.get(META_DEPENDENT) else None
-            if isinstance(lo, SampleLayout) and "..." not in letters and letters[lo.dim] not in rhs:
-                raise node_error(
-                    SampleMixingError, node, "einsum sums over the sample dimension of an operand",
-                    "keep the batch index in the einsum output",
-                )
+        through = start + ilo.dim + R - _rank(ident)
+        x_map = lambda k: through if k == sample else (None if k in indexed else position(k))  # noqa: E731
+    else:
+        x_map = lambda k: None if k in indexed else position(k)  # noqa: E731
+    out = [(x, x_map)]
+    for i in indices:
+        if isinstance(i, Node):
+            out.append((i, lambda j, rank_i=_rank(i): start + j + R - rank_i))
+    return out
