@@ -66,6 +66,7 @@ class DPOptimizer:
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.optimizer = optimizer
+        model = model if model is not None else _compiled_model_of(optimizer)
         self._model = model
         self.max_grad_norm = _total_norm(max_grad_norm, model)
         if model is not None:
@@ -78,10 +79,8 @@ class DPOptimizer:
                 generator.manual_seed(seed)
             else:
                 seed = generator.seed()  # a fresh seed for this optimizer only (torch.seed() would reseed the global RNG)
-        elif seed is None:
-            seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device))
         self.generator = generator  # the noise's generator on its own device (the CPU's unless given)
-        self._seed = seed  # seeds the generators of the other devices
+        self._seed = seed  # seeds the generators of the other devices (drawn from `generator` when it was given)
         self._generators = {_device_key(generator.device): generator}
         self._pool = None  # threads drawing the noise's chunks on the CPU
         self.accountant = accountant
@@ -113,6 +112,8 @@ class DPOptimizer:
         key = _device_key(device)
         g = self._generators.get(key)
         if g is None:
+            if self._seed is None:
+                self._seed = int(torch.randint(0, 2**63 - 1, (), generator=self.generator, device=self.generator.device))
             g = self._generators[key] = torch.Generator(device=key)
             g.manual_seed(self._seed)
         return g
@@ -198,7 +199,10 @@ class DPOptimizer:
             self.generator.set_state(state["generator"])
         self._seed = state.get("seed", self._seed)
         for key, generator_state in state.get("generators", {}).items():
-            self.generator_for(torch.device(key)).set_state(generator_state)
+            device = torch.device(key)
+            if device.type == "cpu" or (torch.get_device_module(device.type).is_available()
+                                        and device.index < torch.get_device_module(device.type).device_count()):
+                self.generator_for(device).set_state(generator_state)  # a device this machine lacks has no noise to draw
         if self.accountant is not None and "accountant" in state:
             self.accountant.load_state_dict(state["accountant"])
 
@@ -252,6 +256,20 @@ def _device_key(device: torch.device) -> str:
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, torch.get_device_module(device.type).current_device())
     return str(device)
+
+
+def _compiled_model_of(optimizer: torch.optim.Optimizer):
+    """The bkfx-compiled model whose parameters `optimizer` steps, when `model=` is not given: its
+    `.grad` must hold sums (a mean-reduced model would otherwise be divided by B twice)."""
+    from bkfx.compile import compiled_models_of
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    models = compiled_models_of(params)
+    if len(models) > 1:
+        raise ValueError(
+            f"the optimizer's parameters belong to {len(models)} bkfx-compiled models; pass the one to step as model="
+        )
+    return models[0] if models else None
 
 
 def _total_norm(max_grad_norm, model) -> float:

@@ -54,7 +54,7 @@ def timed(fn, device, repeat=5, warmup=2) -> float:
 def check_pytest(device: torch.device) -> None:
     import pytest
 
-    tests = [os.path.join(ROOT, "tests", f) for f in ("test_mixed_precision.py", "test_contract.py", "test_rules.py")]
+    tests = [os.path.join(ROOT, "tests", f) for f in ("test_mixed_precision.py", "test_noise_device.py", "test_contract.py", "test_rules.py")]
     rc = pytest.main(["-q", "-p", "no:cacheprovider", "-W", "ignore", "-k", device.type, *tests])
     report(f"pytest device-parametrised tests on {device.type}", rc == 0, f"exit code {int(rc)}")
 
