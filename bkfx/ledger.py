@@ -36,7 +36,7 @@ from bkfx.clipping import clip_factor
 from bkfx.errors import BkfxError, InPlaceModificationError
 from bkfx.factors import Dense, Explicit, Factored, GramCache, ScaledCache, inner, weighted_sum
 from bkfx.plan import Site, get_path
-from bkfx.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
+from bkfx.precision import NO_AUTOCAST, AutocastState, loss_scale
 from bkfx.rules import SiteCall
 
 _current: contextvars.ContextVar["Tape | None"] = contextvars.ContextVar("bkfx_tape", default=None)
