@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import math
+import weakref
 
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
 from bkfx.errors import BkfxError, NotCapturedError
@@ -18,7 +19,7 @@ from passes.capture import batch_size, capture, signature
 from passes.cost_model import MODES, cost_model
 from passes.probe import probe
 from passes.rewrite import rewrite
-from passes.sample_dim import sample_dim
+from passes.sample_dim import META_PROBE, op_name, sample_dim
 
 REDUCTIONS = ("mean", "sum")
 
@@ -84,6 +85,7 @@ def compile(
         raise ValueError(f"gamma (automatic clipping's stabiliser in R/(‖G_i‖+gamma)) must be finite and > 0, got {gamma!r}")
     _check_batch_dim(batch_dim)
     dp_model = DPModel(model, max_grad_norm, clipping, style, loss_reduction, norm_mode, gamma, batch_dim)
+    _COMPILED.add(dp_model)
     dp_model.grad_scaler = grad_scaler
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
                                       or not memory_budget > 0):
@@ -218,6 +220,13 @@ class DPModel(nn.Module):
         self._clip.grad_scaler = scaler
 
     @property
+    def probed_operations(self) -> list[str]:
+        """The ATen operations of the last capture that no sample rule covers: each was checked
+        at capture by the numerical separability probe (`passes.probe`) instead of a proof."""
+        gm = self._require_capture().graph_module
+        return [op_name(n) for n in gm.graph.nodes if n.meta.get(META_PROBE)]
+
+    @property
     def clip_groups(self) -> list[list[str]]:
         """The clipping groups of the style, as lists of parameter names."""
         return [list(g) for g in self._clip.groups]
@@ -266,6 +275,15 @@ class DPModel(nn.Module):
         from bkfx.graph import to_networkx
 
         return to_networkx(self)
+
+
+_COMPILED: "weakref.WeakSet[DPModel]" = weakref.WeakSet()  # every live compiled model (DPOptimizer finds its own)
+
+
+def compiled_models_of(params) -> list["DPModel"]:
+    """The live compiled models any of `params` belongs to."""
+    ids = {id(p) for p in params}
+    return [m for m in list(_COMPILED) if any(id(p) in ids for p in m.module.parameters())]
 
 
 def _finite(x) -> bool:

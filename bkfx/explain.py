@@ -326,7 +326,21 @@ def explain(compiled, batch: int | None = None) -> str:
         f"explicit per-sample gradients held: {human(totals['explicit_bytes_plan'])}B "
         f"(all explicit: {human(totals['explicit_bytes_all'])}B)",
     ]
+    out += ["", _sample_analysis(compiled)]
     return "\n".join(out)
+
+
+def _sample_analysis(compiled) -> str:
+    """How the capture proved that no operation mixes samples: rules, or the probe."""
+    from passes.sample_dim import META_PROBE, op_name
+
+    nodes = list(compiled.graph_module.graph.nodes)
+    probed = [n for n in nodes if n.meta.get(META_PROBE)]
+    if not probed:
+        return "sample analysis: every sample-dependent operation has a sample rule (no numerical probe needed)"
+    names = ", ".join(f"{op_name(n)} ({n.name})" for n in probed)
+    return (f"sample analysis: {len(probed)} operation(s) without a sample rule passed the numerical separability "
+            f"probe at capture: {names}")
 
 
 def budget_lines(budget, size: int) -> list[str]:

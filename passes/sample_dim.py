@@ -161,6 +161,10 @@ def _free_layout(node: Node, val: torch.Tensor, batch) -> SampleLayout | None:
 
 def _dependent_layouts(node: Node, outputs: list, batch) -> list:
     shapes = [[sym(s) for s in v.shape] if isinstance(v, torch.Tensor) else None for v in outputs]
+    name = op_name(node)
+    rule = _rule_for(node)
+    if name in _REFUSING:
+        rule(node)  # refuses with its own reason (batch statistics, in-place renormalisation)
     for shape in shapes:
         if shape is None:
             continue
@@ -168,7 +172,7 @@ def _dependent_layouts(node: Node, outputs: list, batch) -> list:
         if not dims and len(outputs) == 1:
             raise node_error(
                 SampleMixingError, node,
-                "this operation reduces over the sample dimension, so its result mixes samples",
+                "this operation reduces or contracts over the sample dimension, so its result mixes samples",
                 "reduce over other dimensions only; compute the loss outside the model (bkfx applies the "
                 "declared loss_reduction), and use per-sample normalisation (GroupNorm/LayerNorm) instead of batch statistics",
             )
@@ -178,13 +182,11 @@ def _dependent_layouts(node: Node, outputs: list, batch) -> list:
                 f"the result has the sample dimension twice (dims {dims}), so it pairs different samples",
                 "keep each sample's computation separate: no products or comparisons between samples",
             )
-    name = op_name(node)
     if name in _RESHAPES:
         dep = [n for n in node.all_input_nodes if n.meta.get(META_DEPENDENT)]
         src = node.args[0] if node.args[0] in dep else dep[0]
         (d,) = [i for i, s in enumerate(shapes[0]) if s.has(batch)]
         return [_reshape_layout(node, (src, src.meta[META_LAYOUT]), shapes[0], d, batch)]
-    rule = _rule_for(node)
     if rule is None:
         node.meta[META_PROBE] = True
         return [_matched_layout(node, shape, batch) if shape is not None else None for shape in shapes]
@@ -784,6 +786,9 @@ def _attention(node):
 def _embedding(node):
     weight, indices = node.args[:2]
     return [(weight, lambda j: None), (indices, _identity)]
+
+
+_REFUSING = _BATCH_NORMS | {"embedding_renorm"}  # ops whose rule may refuse before any shape check
 
 
 @sample_rule("embedding_renorm")

@@ -12,32 +12,31 @@ import torch.utils._pytree as pytree
 from torch.func import functional_call, grad, vmap
 
 
-def _one(t):
-    return t.unsqueeze(0)
-
-
-def per_sample_gradients(model, loss_fn, inputs, targets, *, method: str = "vmap") -> dict[str, torch.Tensor]:
+def per_sample_gradients(
+    model, loss_fn, inputs, targets, *, method: str = "vmap", batch_dim: int = 0,
+) -> dict[str, torch.Tensor]:
     """`{name: [B, *param.shape]}`: the gradient of each sample's loss, computed on that sample alone.
 
-    `inputs` is a tensor or a tuple of tensors batched on dim 0; `loss_fn(output, target)`
-    reduces the way the compiled model declares (its value on a batch of one is sample i's loss).
+    `inputs` is a tensor or a tuple of tensors batched on dim `batch_dim` (targets on dim 0);
+    `loss_fn(output, target)` reduces the way the compiled model declares (its value on a
+    batch of one is sample i's loss).
     """
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def loss_of(params, xs, y):
-        out = functional_call(model, (params, buffers), tuple(_one(x) for x in xs))
-        return loss_fn(out, _one(y))
+        out = functional_call(model, (params, buffers), tuple(x.unsqueeze(batch_dim) for x in xs))
+        return loss_fn(out, y.unsqueeze(0))
 
     if method == "vmap":
-        return vmap(grad(loss_of), in_dims=(None, 0, 0), randomness="same")(params, inputs, targets)
+        return vmap(grad(loss_of), in_dims=(None, batch_dim, 0), randomness="same")(params, inputs, targets)
     if method != "loop":
         raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
     rows = []
     for i in range(targets.shape[0]):
         live = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-        loss = loss_of(live, tuple(x[i] for x in inputs), targets[i])
+        loss = loss_of(live, tuple(x.select(batch_dim, i) for x in inputs), targets[i])
         rows.append(dict(zip(live, torch.autograd.grad(loss, list(live.values()), allow_unused=True))))
     return {n: torch.stack([r[n] if r[n] is not None else torch.zeros_like(params[n]) for r in rows]) for n in params}
 
@@ -109,8 +108,11 @@ def assert_matches_reference(
     dp = bkfx.compile(model, **compile_options)
     with torch.no_grad():
         dp(*inputs_t)  # capture first: a model bkfx refuses raises its bkfx error, not the reference's
-    ref_grads = per_sample_gradients(model, loss_fn, inputs_t, targets, method=method)
-    groups = dp._clip.groups
+    batch_dim = compile_options.get("batch_dim", 0)
+    if not isinstance(batch_dim, int):
+        raise ValueError("assert_matches_reference takes one batch_dim for every input (an int)")
+    ref_grads = per_sample_gradients(model, loss_fn, inputs_t, targets, method=method, batch_dim=batch_dim)
+    groups = dp.clip_groups
     expected, norms, term = _clipped(
         ref_grads, compile_options.get("max_grad_norm", 1.0), compile_options.get("clipping", "abadi"), reduction,
         groups, compile_options.get("gamma", 0.01),
