@@ -36,7 +36,8 @@ def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
     flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), gm._in_spec) if hasattr(gm, "_in_spec") else list(args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
-        base = _Probing(gm).run(*flat)
+        if any(n.meta.get(META_PROBE) for n in gm.graph.nodes):
+            _Probing(gm).run(*flat)
         batched = [(k, n.meta[META_LAYOUT]) for k, n in enumerate(placeholders)
                    if n.meta.get(META_DEPENDENT) and isinstance(n.meta.get(META_LAYOUT), SampleLayout)]
         if batched:
@@ -53,7 +54,6 @@ def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
             _compare_outputs(output, pytree.tree_leaves(base_again), pytree.tree_leaves(again),
                              _output_layouts(output), sample, whole_model=True)
     gm.meta[META_PROBED] = [n.name for n in gm.graph.nodes if n.meta.get(META_PROBE)]
-    del base
     return gm
 
 
@@ -137,12 +137,23 @@ def _compare_outputs(node: Node, base, again, layouts, sample: int, whole_model:
         if not isinstance(b, torch.Tensor) or b.numel() == 0:
             continue
         layout = layouts[k] if k < len(layouts) else None
-        keep = ~sample_mask(b, layout, sample) if isinstance(layout, SampleLayout) else torch.ones_like(b, dtype=torch.bool)
-        if not _unchanged(b[keep], a[keep]):
+        if not all(_unchanged(x, y) for x, y in zip(_others(b, layout, sample), _others(a, layout, sample))):
             _refuse(node, sample, whole_model)
 
 
+def _others(t: torch.Tensor, layout, sample: int) -> list[torch.Tensor]:
+    """The entries of `t` that belong to samples other than `sample` (all of `t` without a layout)."""
+    if not isinstance(layout, SampleLayout):
+        return [t]
+    if layout.merged:
+        return [t[~sample_mask(t, layout, sample)]]
+    batch = t.shape[layout.dim]
+    return [t.narrow(layout.dim, 0, sample), t.narrow(layout.dim, sample + 1, batch - sample - 1)]
+
+
 def _unchanged(b: torch.Tensor, a: torch.Tensor) -> bool:
+    if torch.equal(b, a):
+        return True
     if b.dtype.is_floating_point or b.dtype.is_complex:
         b64, a64 = b.to(torch.complex128 if b.is_complex() else torch.float64), a.to(torch.complex128 if a.is_complex() else torch.float64)
         both_nan = b64.isnan() & a64.isnan()
