@@ -20,9 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import workload  # noqa: E402
-
-import bkfx  # noqa: E402,F401  (the runtime first: passes import it)
-
 from passes.annotate import annotate  # noqa: E402
 from passes.capture import capture  # noqa: E402
 from passes.cost_model import cost_model  # noqa: E402

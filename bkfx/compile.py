@@ -13,13 +13,15 @@ from bkfx.clipping import CLIPPINGS, groups_for, thresholds
 from bkfx.errors import BkfxError, NotCapturedError
 from bkfx.guards import ModelGuard
 from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
+from bkfx.meta import META_PROBE
+from bkfx.node import op_name
 from bkfx.plan import Site
 from passes.annotate import annotate
 from passes.capture import batch_size, capture, signature
 from passes.cost_model import MODES, cost_model
 from passes.probe import probe
 from passes.rewrite import rewrite
-from passes.sample_dim import META_PROBE, op_name, sample_dim
+from passes.sample_dim import sample_dim
 
 REDUCTIONS = ("mean", "sum")
 

@@ -32,7 +32,9 @@ import os
 import sympy
 import torch
 
-from passes.cost_model import META_BUDGET, nonprivate_time
+from bkfx.meta import META_BUDGET, META_PROBE
+from bkfx.node import op_name
+from passes.cost_model import nonprivate_time
 
 B = sympy.Symbol("B")
 _COSTS = ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit")
@@ -332,8 +334,6 @@ def explain(compiled, batch: int | None = None) -> str:
 
 def _sample_analysis(compiled) -> str:
     """How the capture proved that no operation mixes samples: rules, or the probe."""
-    from passes.sample_dim import META_PROBE, op_name
-
     nodes = list(compiled.graph_module.graph.nodes)
     probed = [n for n in nodes if n.meta.get(META_PROBE)]
     if not probed:

@@ -32,6 +32,7 @@ import torch
 from bkfx.errors import BkfxError
 from bkfx.explain import shape_in_B
 from bkfx.layout import SampleLayout
+from bkfx.meta import META_BATCH, META_LAYOUT, META_PARAMS, META_SITE
 
 MODE_COLOURS = {"ghost": "#a6dba0", "explicit": "#92c5de", "guard": "#fee08b", "fallback": "#f4a582"}
 _COLOUR_NAMES = {"ghost": "green", "explicit": "blue", "guard": "yellow (run-time guard)", "fallback": "orange"}
@@ -70,7 +71,7 @@ def _layout_text(layout) -> str:
 
 
 def _target_text(node) -> str:
-    target = node.args[0] if "bkfx.site" in node.meta else node.target
+    target = node.args[0] if META_SITE in node.meta else node.target
     if node.op in ("placeholder", "get_attr", "output", "call_module"):
         return str(target)
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
@@ -79,17 +80,17 @@ def _target_text(node) -> str:
 def to_networkx(model) -> nx.DiGraph:
     """The last capture of `model` (a called `DPModel`, or a `Compiled`) as a DiGraph."""
     gm, sites = model.graph_module, model.sites
-    batch = gm.meta.get("bkfx.batch_symbol")
+    batch = gm.meta.get(META_BATCH)
     by_node = {site.node: site for site in sites}
     graph = nx.DiGraph(name=type(getattr(model, "module", gm)).__name__)
     for node in gm.graph.nodes:
         site = by_node.get(node.name)
-        params = sorted(node.meta.get("bkfx.params") or ()) if node.op == "get_attr" else (site.params if site else [])
+        params = sorted(node.meta.get(META_PARAMS) or ()) if node.op == "get_attr" else (site.params if site else [])
         attrs = {
             "op": node.op,
             "target": _target_text(node),
             "shape": shape_in_B(node.meta.get("val"), batch) or "",
-            "sample_dim": _layout_text(node.meta.get("bkfx.layout")),
+            "sample_dim": _layout_text(node.meta.get(META_LAYOUT)),
             "params": ",".join(params),
             "site": site.id if site else None,
             "mode": site_mode(site) if site else None,

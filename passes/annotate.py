@@ -7,7 +7,7 @@ or it expands a parameter to the batch, like a class token): the place where a
 parameter's per-sample gradient is born. Each operand gets its chain from the parameters (identity,
 transpose, or a general sub-graph pulled back with vjp) and its rule's `PieceSpec`
 (T, p, d as sympy expressions in the batch symbol). The Site is stored in
-`node.meta["bkfx.site"]`.
+`node.meta[META_SITE]`.
 """
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ from torch.fx import Graph, GraphModule, Node
 
 from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.layout import SampleLayout
+from bkfx.meta import META_BATCH, META_DEPENDENT, META_LAYOUT, META_PARAMS, META_SITE, META_SITES
+from bkfx.node import op_name, shape_of
 from bkfx.plan import Operand, Site
 from bkfx.rules import lookup
 from bkfx.rules.fallback import Fallback
 from bkfx.source import module_path, user_source_line
-from passes.capture import META_BATCH
-from passes.sample_dim import META_DEPENDENT, META_LAYOUT, op_name, shape_of
-
-META_PARAMS = "bkfx.params"
-META_SITE = "bkfx.site"
 
 _TRANSPOSES = {"t", "numpy_T"}
 
@@ -50,7 +47,7 @@ def annotate(gm: GraphModule, names: dict[int, str]) -> GraphModule:
                         "a value computed from parameters alone is a model output, so it has no per-sample gradient",
                         "return only values computed from the inputs",
                     )
-    gm.meta["bkfx.sites"] = sites
+    gm.meta[META_SITES] = sites
     return gm
 
 

@@ -17,10 +17,9 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from bkfx.errors import CaptureError
+from bkfx.meta import META_BATCH, META_BATCH_DIMS
 from bkfx.source import _TORCH_DIR
 
-META_BATCH = "bkfx.batch_symbol"
-META_BATCH_DIMS = "bkfx.batch_dims"  # placeholder name -> its sample dimension
 
 
 @dataclass

@@ -48,11 +48,10 @@ import sympy
 import torch
 from torch.fx import GraphModule
 
+from bkfx.meta import META_BATCH, META_BUDGET, META_SITES
 from bkfx.plan import Budget, DeviceCosts, Site
-from passes.capture import META_BATCH
 
 MODES = ("auto", "ghost", "explicit")
-META_BUDGET = "bkfx.budget"
 
 DEVICES = {
     "cuda": DeviceCosts("cuda", macs_per_s=25e12, low_precision_speedup=10.0, bytes_per_s=2.5e12,
@@ -68,7 +67,7 @@ _ONE_HOT_LEFT = {"Embedding"}  # rules whose left factor is a gather, never a de
 def cost_model(gm: GraphModule, norm_mode="auto", memory_budget: int | float | None = None) -> GraphModule:
     """Decide every site's norm mode (see the module docstring); the budget goes to `gm.meta[META_BUDGET]`."""
     batch = gm.meta[META_BATCH]
-    sites = gm.meta["bkfx.sites"]
+    sites = gm.meta[META_SITES]
     itemsize = {n: p.element_size() for n, p in gm.named_parameters()}
     budget = make_budget(gm, batch, sites, itemsize, memory_budget)
     gm.meta[META_BUDGET] = budget

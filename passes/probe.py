@@ -25,9 +25,9 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from bkfx.errors import SampleMixingError, node_error
 from bkfx.layout import SampleLayout
-from passes.sample_dim import META_DEPENDENT, META_LAYOUT, META_PROBE, op_name
+from bkfx.meta import META_DEPENDENT, META_LAYOUT, META_PROBE, META_PROBED
+from bkfx.node import op_name
 
-META_PROBED = "bkfx.probed"  # gm.meta: names of the nodes the probe checked
 _SEED = 20231
 
 

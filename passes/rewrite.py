@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from bkfx import ops
-from passes.annotate import META_SITE
+from bkfx.meta import META_SITE
 
 
 def rewrite(gm: GraphModule) -> GraphModule:

@@ -3,7 +3,7 @@
 A node is *sample-dependent* when its value depends on the data of a batched input
 (shape-only uses such as `sym_size`, and value-free ops such as `zeros_like`, do not
 count). For every tensor node with a dimension whose size involves the batch symbol B,
-the pass records its `SampleLayout` under `node.meta["bkfx.layout"]`.
+the pass records its `SampleLayout` under `node.meta[META_LAYOUT]`.
 
 Fail closed: a sample-dependent node is accepted only when a *sample rule* proves how its
 op maps the sample dimension, the way `torch.func.vmap` needs a batching rule per op.
@@ -42,52 +42,12 @@ from torch.fx import GraphModule, Node
 
 from bkfx.errors import SampleMixingError, node_error
 from bkfx.layout import SampleLayout
-from passes.capture import META_BATCH, META_BATCH_DIMS
-
-META_DEPENDENT = "bkfx.sample_dependent"
-META_LAYOUT = "bkfx.layout"
-META_IDENTITY = "bkfx.sample_identity"  # the value is its own sample index along its sample dimension
-META_PROBE = "bkfx.probe"  # no sample rule: checked numerically at capture (passes.probe)
+from bkfx.meta import META_BATCH, META_BATCH_DIMS, META_DEPENDENT, META_IDENTITY, META_LAYOUT, META_PROBE
+from bkfx.node import arguments, op_name, shape_of, sym
 
 aten = torch.ops.aten
 
 DimMap = Callable[[int], "int | None"]  # input dimension -> output dimension, None when the op works along it
-
-
-def sym(x) -> sympy.Expr:
-    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
-
-
-def shape_of(node: Node) -> list[sympy.Expr] | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return [sym(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
-
-
-def op_name(node: Node) -> str:
-    return target_name(node.target)
-
-
-def target_name(target) -> str:
-    """An ATen op's name without overload or in-place suffix: `aten.add_.Tensor` -> "add"."""
-    packet = getattr(target, "overloadpacket", None)
-    name = packet.__name__ if packet is not None else getattr(target, "__name__", str(target))
-    return name if name.startswith("__") else name.rstrip("_")
-
-
-def arguments(node: Node) -> dict:
-    """The node's arguments by schema name, defaults filled in."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return {}
-    out = {}
-    for i, a in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
-    return out
 
 
 def sample_dim(gm: GraphModule) -> GraphModule:

@@ -9,6 +9,7 @@ from torch import nn
 
 import bkfx
 from bkfx.explain import plan_records, plan_totals, seconds
+from bkfx.meta import META_BUDGET
 from passes.cost_model import DEVICES
 
 # keys that other tests and programs read: they stay
@@ -153,7 +154,7 @@ def test_explain_table_shows_sizes_sources_formulas_and_totals():
     assert f"norm time = {100 * totals['time_ratio']:.0f}% of the non-private" in text
     assert fc1["mem_norm_value"] <= fc1["mem_explicit_value"]
     # the device, its constants and the budget; the estimates in seconds, per row and in total
-    budget = dp._last.graph_module.meta["bkfx.budget"]
+    budget = dp._last.graph_module.meta[META_BUDGET]
     assert lines[1].startswith("device: cpu, compute float32; cost constants: 50G multiply-adds/s")
     assert lines[2].startswith(f"memory budget: {bkfx.explain.human(budget.total)}B (50% of available RAM")
     assert f"activations ~{bkfx.explain.human(budget.activation_bytes)}B per sample" in lines[2]
@@ -171,7 +172,7 @@ def test_a_budget_too_small_for_explicit_says_so_and_the_batch_it_allows():
     w = record(records, "weight")
     assert (w["mode"], w["decided_by"]) == ("explicit", "fastest within budget")
     assert w["est_explicit_s"] < w["est_ghost_s"] and f"explicit up to B={w['explicit_up_to']}" in w["why"]
-    budget = dp._last.graph_module.meta["bkfx.budget"]
+    budget = dp._last.graph_module.meta[META_BUDGET]
     per_sample = budget.activation_bytes + budget.fixed_bytes + w["explicit_bytes"] // 4
     dp, records = planned(model, x, memory_budget=10 * per_sample)  # explicit for up to 10 samples
     w = record(records, "weight")

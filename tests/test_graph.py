@@ -15,6 +15,7 @@ from bkfx.graph import (
     MODE_COLOURS, RenderError, available_engine, layered_positions, render, site_mode, tied_links, to_dot,
     to_networkx, write_dot,
 )
+from bkfx.meta import META_SITE
 
 # pydot's parser uses pyparsing's old names
 pytestmark = pytest.mark.filterwarnings("ignore:'[a-zA-Z]+' deprecated - use:DeprecationWarning")
@@ -66,7 +67,7 @@ def test_one_node_per_fx_node_with_the_plans_facts(dp):
     (idx,) = [n for n in nodes if n.op == "placeholder"]
     assert graph.nodes[idx.name]["shape"] == "[B, 6]" and graph.nodes[idx.name]["sample_dim"] == "dim 0"
     assert graph.nodes["emb_weight"]["op"] == "get_attr" and graph.nodes["emb_weight"]["params"] == "emb.weight"
-    assert all(graph.nodes[n.name]["site"] is None for n in nodes if "bkfx.site" not in n.meta)
+    assert all(graph.nodes[n.name]["site"] is None for n in nodes if META_SITE not in n.meta)
 
 
 def test_tied_parameters_are_linked(dp):

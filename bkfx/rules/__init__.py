@@ -20,8 +20,8 @@ import sympy
 import torch
 
 from bkfx.layout import SampleLayout, batch_first
+from bkfx.node import target_name
 from bkfx.plan import Path, PieceSpec
-from passes.sample_dim import target_name
 
 _RULES: dict[str, "Rule"] = {}
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bkfx.factors import Dense, Explicit, Factored
+from bkfx.node import shape_of
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule
-from passes.sample_dim import shape_of
 
 
 def _options(op, args, kwargs, n: int):

@@ -7,9 +7,9 @@ sample i's entries along the dimensions P was broadcast along (explicit).
 from __future__ import annotations
 
 from bkfx.factors import Explicit
+from bkfx.node import shape_of
 from bkfx.plan import get_path
 from bkfx.rules import explicit_spec, rule, sum_to
-from passes.sample_dim import shape_of
 
 
 def _spec(node, path, batch):

@@ -12,9 +12,9 @@ import math
 from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.factors import Dense, Factored, OneHot
 from bkfx.layout import batch_first
+from bkfx.node import arguments, shape_of
 from bkfx.plan import PieceSpec
 from bkfx.rules import numel, rows, rule
-from passes.sample_dim import arguments, shape_of
 
 
 @rule("embedding")

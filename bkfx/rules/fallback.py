@@ -12,9 +12,9 @@ from torch.func import vjp, vmap
 
 from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.factors import Explicit
+from bkfx.node import shape_of
 from bkfx.plan import get_path, set_path
 from bkfx.rules import explicit_spec
-from passes.sample_dim import shape_of
 
 
 class Fallback:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from bkfx.factors import Dense, Explicit, Factored
+from bkfx.node import shape_of
 from bkfx.plan import get_path
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule, sum_to
-from passes.sample_dim import shape_of
 
 
 def _right(node, x_pos, w_pos, batch):

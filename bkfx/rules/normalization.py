@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from bkfx.factors import Explicit
+from bkfx.node import shape_of
 from bkfx.rules import explicit_spec, rows, rule, sum_to
-from passes.sample_dim import shape_of
 
 
 @rule("layer_norm")
