@@ -20,9 +20,9 @@ def _state(model: torch.nn.Module) -> tuple[tuple, tuple]:
         out.append(id(module))
         modes.append(module.training)
         for name, p in module._parameters.items():
-            out.append((name, id(p)) if p is None else (name, id(p), p.requires_grad, p.dtype, p.device))
+            out.append((name, id(p)) if p is None else (name, id(p), p.requires_grad, p.dtype, p.device, p.shape))
         for name, b in module._buffers.items():
-            out.append((name, id(b)) if b is None else (name, id(b), b.dtype, b.device))
+            out.append((name, id(b)) if b is None else (name, id(b), b.dtype, b.device, b.shape))
         out.append(tuple((name, id(m)) for name, m in module._modules.items()))
     return tuple(out), tuple(modes)
 

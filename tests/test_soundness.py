@@ -452,3 +452,15 @@ def test_embedding_max_norm_is_refused_for_its_true_reason():
 
     message = refusal(Emb(), torch.randint(0, 10, (3, 5)))
     assert "max_norm" in message and "in place" in message
+
+
+def test_a_parameter_resized_in_place_recaptures():
+    model = _fresh(11)
+    dp = bkfx.compile(model, max_grad_norm=0.05)
+    dp(torch.randn(3, D, dtype=torch.float64))
+    with torch.no_grad():
+        model[2].weight.data = torch.randn(5, 8, dtype=torch.float64)  # a wider head, same Parameter object
+        model[2].bias.data = torch.randn(5, dtype=torch.float64)
+    x, y = torch.randn(4, D, dtype=torch.float64), torch.randint(0, 5, (4,))
+    assert dp(x).shape == (4, 5)
+    _check_step(dp, model, x, y, 0.05)
