@@ -70,7 +70,7 @@ def _decision(site, operand, batch, size: int) -> tuple[str, str, str]:
     """(mode, decided_by, why) of one operand, `why` a line a person reads."""
     spec = operand.spec
     if spec.kind == "explicit":
-        if operand.rule.name == "Fallback":
+        if operand.rule.fallback:
             name = getattr(site.op, "__name__", str(site.op))
             return "fallback", "fallback", f"fallback: no rule for {name}, per-sample grads by vmap of vjp"
         return "explicit", "explicit rule", f"explicit rule ({operand.rule.name})"
@@ -165,7 +165,7 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
                 "mode_at_batch": _effective_mode(site, symbol, size) if spec.kind == "factored" else mode,
                 "decided_by": decided_by,
                 "reason": site.reason if spec.kind == "factored" else (
-                    "no rule: vmap of vjp" if operand.rule.name == "Fallback"
+                    "no rule: vmap of vjp" if operand.rule.fallback
                     else f"explicit rule ({operand.rule.name})"
                 ),
                 "why": why,

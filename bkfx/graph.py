@@ -49,7 +49,7 @@ class RenderError(BkfxError):
 def site_mode(site) -> str:
     """A site's colour: "fallback" when the vmap fallback computes any of its per-sample
     gradients, "explicit" when every operand is explicit, else the cost model's mode."""
-    if any(o.rule.name == "Fallback" for o in site.operands):
+    if any(o.rule.fallback for o in site.operands):
         return "fallback"
     if all(o.spec.kind == "explicit" for o in site.operands):
         return "explicit"
@@ -57,7 +57,7 @@ def site_mode(site) -> str:
 
 
 def _operand_mode(site, operand) -> str:
-    if operand.rule.name == "Fallback":
+    if operand.rule.fallback:
         return "fallback"
     return site.mode if operand.spec.kind == "factored" else "explicit"
 

@@ -57,7 +57,7 @@ class Operand:
     chain_leaves: tuple = ()  # general: names of the leaf nodes (params, buffers, constants)
     chain_params: tuple[int, ...] = ()  # general: which leaves are the trainable parameters
     spec: PieceSpec | None = None
-    rule: Any = None  # the rule that supplies its piece (bkfx.rules.fallback.Fallback if none knows the op)
+    rule: Any = None  # the rule that supplies its piece (bkfx.rules.FALLBACK if none knows the op)
 
 
 @dataclass

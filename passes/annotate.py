@@ -19,8 +19,7 @@ from bkfx.layout import SampleLayout
 from bkfx.meta import META_BATCH, META_DEPENDENT, META_LAYOUT, META_PARAMS, META_SITE, META_SITES
 from bkfx.node import op_name, shape_of
 from bkfx.plan import Operand, Site
-from bkfx.rules import lookup
-from bkfx.rules.fallback import Fallback
+from bkfx.rules import FALLBACK, lookup
 from bkfx.source import module_path, user_source_line
 
 _TRANSPOSES = {"t", "numpy_T"}
@@ -123,7 +122,7 @@ def _site(gm, node: Node, operands, index: int, batch) -> Site:
         used = rule
         spec = rule.spec(node, path, batch) if rule is not None else None
         if spec is None:
-            used, spec = Fallback, Fallback.spec(node, path, batch, layouts, node.meta[META_LAYOUT])
+            used, spec = FALLBACK, FALLBACK.spec(node, path, batch, layouts, node.meta[META_LAYOUT])
         built.append(_operand(gm, path, operand, spec, used))
     return Site(
         id=index, node=node.name, op=node.target, source=user_source_line(node), module=module_path(node),

@@ -114,7 +114,7 @@ def _decide(site: Site, batch: sympy.Symbol, norm_mode, costs: DeviceCosts, dtyp
     factored = [o for o in site.operands if o.spec.kind == "factored"]
     if not factored:
         site.mode = "explicit"
-        site.reason = "explicit rule" if all(o.rule.name != "Fallback" for o in site.operands) else "fallback (vmap of vjp)"
+        site.reason = "explicit rule" if not any(o.rule.fallback for o in site.operands) else "fallback (vmap of vjp)"
         return False
     times = [mode_times(o.spec, o.rule.name, batch, costs, dtype) for o in factored]
     site.time_ghost_s = sum(t for t, _ in times)

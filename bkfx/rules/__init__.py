@@ -1,18 +1,41 @@
 """Rules: per operation kind, the factors (or explicit per-sample gradients) and their costs.
 
-A rule answers two questions about a parameter operand of a site:
+The contract. A rule is a class of static functions registered with `@rule("op", ...)`
+for the ATen ops it knows (names as `bkfx.node.target_name` gives them: `aten.addmm.default`
+is "addmm"). For a parameter operand of a site, at `path` in the op's arguments:
 
-- `spec(node, path, batch)`: the `PieceSpec` (factored or explicit, with T, m, n and the
-  cost expressions), or None when it does not handle this arrangement (the generic
-  fallback then does);
-- `piece(call, path)`: at backward time, the `Factored` or `Explicit` piece.
+- `spec(node, path, batch) -> PieceSpec | None`, at capture: the operand's piece, factored
+  (`factored_spec(T, m, n, batch)`) or explicit (`explicit_spec(shape, batch)`), with its
+  cost expressions in the batch symbol; None when the rule does not handle this
+  arrangement, and the fallback then does;
+- `piece(call, path) -> Factored | Explicit`, at backward time, from the `SiteCall`
+  (the op's arguments, the output gradient `g`, the sample layouts);
+- `forward(op, args, kwargs) -> (output, saved)`, optional: runs the op in the forward pass
+  keeping what `piece` reuses (it arrives as `call.saved`), e.g. normalisation statistics.
 
 Norms, tied parameters, clipping and the clipped sum are shared code (`bkfx.factors`,
-`bkfx.ledger`); no rule repeats them.
+`bkfx.ledger`); no rule repeats them. The non-private cost of a piece (what the standard
+weight gradient pays) is derived from its spec in `passes.cost_model`.
+
+The fallback (`fallback.Fallback`, registered as `FALLBACK`, the one rule with
+`Rule.fallback` set) takes every parametric op no rule knows or declines: explicit
+per-sample gradients by `vmap` of `vjp`. It is never looked up by op name, and its spec
+takes two more arguments, `spec(node, path, batch, layouts, out_layout)`, since it must
+refuse merged sample dimensions and arguments that name the batch size.
+
+Adding a rule for a new ATen op: write a module here (or a class in the module of its
+family) whose class is decorated with `@rule("the_op")` and supplies `spec` and `piece`,
+the formula of the per-sample gradient in its docstring. Every module of this package is
+imported when the package is, so there is no list to add it to, and `tests/test_rule_registry.py`
+checks that each registers a rule. Test it against the vmap reference
+(`bkfx.testing.assert_matches_reference`) with a model that uses the op, in both norm
+modes when the piece is factored, and that `dp_model.plan()` names the rule, not the fallback.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +45,7 @@ import torch
 from bkfx.layout import SampleLayout, batch_first
 from bkfx.node import target_name
 from bkfx.plan import Path, PieceSpec
+from bkfx.precision import accumulation_dtype
 
 _RULES: dict[str, "Rule"] = {}
 
@@ -42,10 +66,13 @@ class SiteCall:
 
 @dataclass
 class Rule:
+    """A registered rule: its class's name and functions (see the module docstring)."""
+
     name: str
     spec: Callable
     piece: Callable
     forward: Callable | None = None  # (op, args, kwargs) -> (output, saved): the op run keeping what piece reuses
+    fallback: bool = False  # the generic fallback (FALLBACK), whose spec takes (node, path, batch, layouts, out_layout)
 
 
 def rule(*op_names: str):
@@ -78,9 +105,13 @@ def runner(op) -> Callable:
 
 
 def lookup(op_name: str) -> Rule | None:
-    from bkfx.rules import conv, elementwise, embedding, linear, normalization  # noqa: F401  (registration)
-
+    """The rule registered for this ATen op name, or None (the fallback then takes the op)."""
     return _RULES.get(op_name)
+
+
+def registered() -> dict[str, Rule]:
+    """Every registered rule, by ATen op name (the fallback is not among them)."""
+    return dict(_RULES)
 
 
 # ---- shared helpers for rules ----------------------------------------------------------
@@ -99,17 +130,19 @@ def sum_to(t: torch.Tensor, layout: SampleLayout, shape) -> torch.Tensor:
     """Per-sample gradient of an operand of `shape` broadcast to `t`'s shape: `[B, *shape]`.
 
     `t` is the elementwise gradient (output-shaped); each sample's part is summed over the
-    dimensions the operand was broadcast along.
+    dimensions the operand was broadcast along, into float32 when `t` is bf16/fp16 (the
+    sum stays unrounded for the norm, on every device and autocast state alike).
     """
     shape = tuple(shape)
     padded = (1,) * (t.dim() - len(shape)) + shape
     d = layout.dim
     reduce = [i for i in range(t.dim()) if padded[i] == 1 and t.shape[i] != 1 and i != d]
+    acc = accumulation_dtype(t.dtype)
     if reduce:
-        t = t.sum(reduce, keepdim=True)
+        t = t.sum(reduce, keepdim=True, dtype=acc)
     moved = batch_first(t, layout)
     if layout.merged:
-        moved = moved.sum((d + 1, d + 2))
+        moved = moved.sum((d + 1, d + 2), dtype=acc)
     return moved.reshape(moved.shape[0], *shape)
 
 
@@ -141,3 +174,13 @@ def explicit_spec(shape, batch, work=None) -> PieceSpec:
         "explicit", sympy.Integer(1), size, sympy.Integer(1),
         time_explicit=batch * (work if work is not None else size), mem_explicit=batch * size,
     )
+
+
+# ---- registration: every module of this package, so none can be left out ---------------------
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from bkfx.rules.fallback import Fallback  # noqa: E402
+
+FALLBACK = Rule(Fallback.name, Fallback.spec, Fallback.piece, fallback=True)
