@@ -33,11 +33,21 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-def _check_run(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+def check_noise_multiplier(noise_multiplier: float) -> None:
+    """σ >= 0 (σ = 0 adds no noise: no privacy)."""
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    if not 0 <= sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
+
+
+def check_sample_rate(sample_rate: float, allow_zero: bool = False) -> None:
+    """q in (0, 1] where batches are drawn; an accounted step may have q = 0 (`allow_zero`)."""
+    if not (0 <= sample_rate <= 1 if allow_zero else 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in {'[0, 1]' if allow_zero else '(0, 1]'}, got {sample_rate}")
+
+
+def _check_run(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    check_noise_multiplier(noise_multiplier)
+    check_sample_rate(sample_rate, allow_zero=True)
     if steps < 0 or int(steps) != steps:
         raise ValueError(f"steps must be a non-negative integer, got {steps}")
 

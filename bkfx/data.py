@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from bkfx.accounting import check_sample_rate
+
 
 class PoissonSampler(Sampler):
     """Batch sampler over `range(num_samples)`: each step's batch holds each index with probability q.
@@ -33,8 +35,7 @@ class PoissonSampler(Sampler):
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        check_sample_rate(sample_rate)
         if generator is not None and seed is not None:
             raise ValueError("pass either generator= or seed=, not both")
         self.num_samples = num_samples
@@ -150,6 +151,11 @@ def _rows(batch, start: int, stop: int):
     return batch
 
 
+def check_physical_batch_size(max_physical_batch_size: int) -> None:
+    if max_physical_batch_size <= 0:
+        raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+
+
 def split_physical_batches(batch, max_physical_batch_size: int) -> Iterator:
     """A logical batch of B examples as `max(1, ceil(B / M))` physical batches of at most M examples.
 
@@ -157,8 +163,7 @@ def split_physical_batches(batch, max_physical_batch_size: int) -> Iterator:
     copies); the empty batch is one empty physical batch, so a loop over the physical
     batches of every logical batch always runs at least once.
     """
-    if max_physical_batch_size <= 0:
-        raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+    check_physical_batch_size(max_physical_batch_size)
     size = batch_size_of(batch)
     for start in range(0, max(size, 1), max_physical_batch_size):
         yield _rows(batch, start, min(start + max_physical_batch_size, size))
@@ -178,8 +183,7 @@ class PhysicalBatches:
     """
 
     def __init__(self, loader, max_physical_batch_size: int, optimizer):
-        if max_physical_batch_size <= 0:
-            raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+        check_physical_batch_size(max_physical_batch_size)
         self.loader = loader
         self.max_physical_batch_size = max_physical_batch_size
         self.optimizer = optimizer

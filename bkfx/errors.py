@@ -31,5 +31,11 @@ def node_error(cls: type[BkfxError], node, problem: str, advice: str) -> BkfxErr
     from bkfx.source import user_source_line
 
     op = getattr(node.target, "__name__", str(node.target))
-    where = user_source_line(node) or "no source line recorded"
-    return cls(f"{problem}\n  node: {node.name}\n  operation: {op}\n  source: {where}\n  what to do: {advice}")
+    return located_error(cls, problem, node.name, op, user_source_line(node), advice)
+
+
+def located_error(cls: type[BkfxError], problem: str, node: str, op: str, source: str | None, advice: str) -> BkfxError:
+    """The one format of every error that names where it happened: problem, node, operation,
+    the user's source line, and what to do instead (also for sites at run time, by name)."""
+    where = source or "no source line recorded"
+    return cls(f"{problem}\n  node: {node}\n  operation: {op}\n  source: {where}\n  what to do: {advice}")

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from bkfx.accounting import check_noise_multiplier, check_sample_rate
 from bkfx.errors import BkfxError
 
 NOISE_CHUNK = 1 << 20  # entries per independently seeded draw of the noise
@@ -57,14 +58,13 @@ class DPOptimizer:
     ):
         if expected_batch_size <= 0:
             raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        check_noise_multiplier(noise_multiplier)
         if generator is not None and seed is not None:
             raise ValueError("pass either generator= or seed=, not both")
         if accountant is not None and sample_rate is None:
             raise ValueError("an accountant needs the sample_rate of every step: pass sample_rate=")
-        if sample_rate is not None and not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if sample_rate is not None:
+            check_sample_rate(sample_rate)
         self.optimizer = optimizer
         model = model if model is not None else _compiled_model_of(optimizer)
         self._model = model

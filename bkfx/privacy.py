@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from bkfx.accounting import METHODS, Accountant, noise_multiplier_for
+from bkfx.accounting import METHODS, Accountant, check_noise_multiplier, check_sample_rate, noise_multiplier_for
 from bkfx.compile import DPModel, compile
-from bkfx.data import PhysicalBatches, poisson_loader
+from bkfx.data import PhysicalBatches, check_physical_batch_size, poisson_loader
 from bkfx.optimizer import DPOptimizer
 
 
@@ -77,10 +77,10 @@ def make_private(
             raise ValueError("target_epsilon needs target_delta= and epochs= to calibrate the noise")
         if not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
-    elif noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    if max_physical_batch_size is not None and max_physical_batch_size <= 0:
-        raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+    else:
+        check_noise_multiplier(noise_multiplier)
+    if max_physical_batch_size is not None:
+        check_physical_batch_size(max_physical_batch_size)
     _check_optimizer(model, optimizer)
 
     dataset, loader_options = _dataset_of(data)
@@ -147,6 +147,5 @@ def _sample_rate(num_samples: int, batch_size: int | None, sample_rate: float | 
         if not 0 < batch_size <= num_samples:
             raise ValueError(f"batch_size must be in [1, {num_samples}] (the dataset's size), got {batch_size}")
         return batch_size / num_samples
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    check_sample_rate(sample_rate)
     return float(sample_rate)
