@@ -16,8 +16,8 @@ every rule:
 
 Under autocast the two factors of a piece may differ in dtype (a float32 activation, a
 bf16 output gradient); each product casts them as `bkfx.precision` says (clipped sums in
-the op's low precision, Grams in bf16 or float32, every per-sample inner product
-accumulated in at least float32).
+the op's low precision, Grams written in float32 where the device's GEMM can (else bf16
+or float32), every per-sample inner product accumulated in at least float32).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bkfx.precision import accumulation_dtype, as_dtype, compute_dtype, gram_dtype
+from bkfx.precision import accumulation_dtype, as_dtype, compute_dtype, gram_dtype, gram_matmul
 
 
 @dataclass
@@ -67,12 +67,12 @@ def canonical_matrix(shape: torch.Size) -> tuple[int, int]:
 
 
 def gram(a: Factor, b: Factor) -> torch.Tensor:
-    """`A_i B_iᵀ` for every sample: `[B, T_a, T_b]`, in `gram_dtype` of the factors' dtype."""
+    """`A_i B_iᵀ` for every sample: `[B, T_a, T_b]`, by `gram_matmul` in the factors' `compute_dtype`."""
     if isinstance(a, Dense) and isinstance(b, Dense):
-        dtype = gram_dtype(compute_dtype(a.t.dtype, b.t.dtype))
+        dtype = compute_dtype(a.t.dtype, b.t.dtype)
         left = as_dtype(a.t, dtype)
         right = left if b is a else as_dtype(b.t, dtype)
-        return torch.bmm(left, right.transpose(1, 2))
+        return gram_matmul(left, right.transpose(1, 2))
     if isinstance(a, OneHot) and isinstance(b, OneHot):
         return _apply_masks(a.idx[:, :, None] == b.idx[:, None, :], a, b)  # bool; promotes when multiplied
     if isinstance(a, Dense):
@@ -166,10 +166,10 @@ class ScaledCache:
 
 def left_apply(L: Factor, G: torch.Tensor) -> torch.Tensor:
     """`L_i G_i` for every sample, with `G: [B, m, n]`: `[B, T, n]` (a product of two
-    gradient-like factors: in `gram_dtype`)."""
+    gradient-like factors: by `gram_matmul`)."""
     if isinstance(L, Dense):
-        dtype = gram_dtype(compute_dtype(L.t.dtype, G.dtype))
-        return torch.bmm(as_dtype(L.t, dtype), as_dtype(G, dtype))
+        dtype = compute_dtype(L.t.dtype, G.dtype)
+        return gram_matmul(as_dtype(L.t, dtype), as_dtype(G, dtype))
     out = torch.gather(G, 1, L.idx[:, :, None].expand(-1, -1, G.shape[2]))
     return out if L.mask is None else out * L.mask[:, :, None]
 
@@ -214,9 +214,9 @@ class GramCache:
 
 def gram_blocks(x: Dense, n: int) -> list[torch.Tensor]:
     """The lower triangle of `x_i x_iᵀ` in `n × n` blocks of positions: `x_j x_kᵀ` for j >= k,
-    row by row (a symmetric Gram in `(n+1)/2n` of the work), in `gram_dtype`."""
-    parts = as_dtype(x.t, gram_dtype(x.t.dtype)).tensor_split(n, dim=1)
-    return [torch.bmm(parts[j], parts[k].transpose(1, 2)) for j in range(n) for k in range(j + 1)]
+    row by row (a symmetric Gram in `(n+1)/2n` of the work), by `gram_matmul`."""
+    parts = x.t.tensor_split(n, dim=1)
+    return [gram_matmul(parts[j], parts[k].transpose(1, 2)) for j in range(n) for k in range(j + 1)]
 
 
 def gram_block_count(T: int, device: torch.device) -> int:

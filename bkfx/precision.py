@@ -9,10 +9,14 @@ factors of one piece can differ in dtype. bkfx's rule:
   factors' precisions — the dtype autocast ran the op in, so the clipped sum has the
   precision of autocast's own weight gradient (GEMMs accumulate in float32 and round once).
 - **Norm computations** (Gram matrices `L Lᵀ`, `R Rᵀ`, `L_i G_i`) multiply two gradient-like
-  factors. bf16 has float32's range, so its Grams stay bf16 (one rounding per entry, errors
-  independent across the `T²` entries) and only their inner product is accumulated in
-  float32. fp16 does not: with a `GradScaler` the output gradients carry the loss scale S,
-  their Grams S², which overflows fp16's 65504 — fp16 Grams are computed in float32.
+  factors. Where the device has a GEMM of bf16/fp16 inputs with a float32 output (CUDA:
+  `torch.bmm(..., out_dtype=torch.float32)`, torch >= 2.8), a Gram runs at the factors'
+  precision and is written in float32: nothing is rounded to 8 or 11 bits, fp16's range
+  cannot overflow, and the inner product reads it without an upcast copy (`gram_matmul`).
+  Elsewhere (the CPU) bf16 Grams stay bf16 (float32's range; one rounding per entry, errors
+  independent across the `T²` entries), and fp16 Grams are computed in float32: with a
+  `GradScaler` the output gradients carry the loss scale S, their Grams S², which
+  overflows fp16's 65504.
 - **Every per-sample inner product, norm and clip factor** is accumulated in at least
   float32 (`accumulation_dtype`); `.grad` is written in the parameter's dtype.
 
@@ -46,6 +50,25 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of a Gram (product of two gradient-like factors): float32 for fp16 (range), else `dtype`."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()  # torch >= 2.8
+_NO_FLOAT32_OUTPUT = {"cpu"}  # device types without a float32-output bf16/fp16 bmm
+
+
+def gram_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`x @ y` (batched) for a norm computation, `x` and `y` of one dtype: a bf16/fp16 GEMM with
+    a float32 output where the device has one (float32 accumulation, entries not rounded),
+    else in `gram_dtype`."""
+    if _BMM_OUT_DTYPE and x.dtype in LOW_PRECISION and x.device.type not in _NO_FLOAT32_OUTPUT:
+        try:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:  # no such kernel on this device (NotImplementedError is a RuntimeError)
+            _NO_FLOAT32_OUTPUT.add(x.device.type)
+    dtype = gram_dtype(x.dtype)
+    return torch.bmm(as_dtype(x, dtype), as_dtype(y, dtype))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

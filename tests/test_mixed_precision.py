@@ -7,9 +7,12 @@ how far a model's gradients under autocast are from its exact ones depends on th
 (depth, conditioning: a GroupNorm net loses far more than an MLP). So each test measures a
 yardstick on the same model and batch: the error of ordinary, non-private autocast — the
 mean loss's gradient for `.grad`, and the norms of per-sample gradients computed one sample
-at a time under autocast for `per_sample_norms`. bkfx computes the same products (plus the
-clip factors, accumulated in float32), so its errors must be of the same order: at most
-`FACTOR` times the yardstick. Errors are relative to each parameter's largest reference
+at a time under autocast for `per_sample_norms`, each sample's loss weighted 1/B as the
+batch's mean loss weighs it (the bf16 output gradients carry that factor and round with it;
+an unweighted loss rounds them differently, an independent draw of the same error that
+alone differs from the batch's by up to 3.7x over seeds). bkfx computes the same products
+(plus the clip factors, accumulated in float32), so its errors must be of the same order:
+at most `FACTOR` times the yardstick. Errors are relative to each parameter's largest reference
 entry (the worst parameter counts), and to the largest norm.
 """
 from __future__ import annotations
@@ -108,13 +111,13 @@ def errors_under_autocast(build, device, dtype, *, max_grad_norm, scaler=None, *
     _backward(loss, scaler)
     plain_error = _relative(_grads(model, scaler), {n: g.mean(0) for n, g in grads.items()})
 
-    one_at_a_time = []
+    one_at_a_time, weight = [], 1.0 / x.shape[0]  # sample i's weight in the batch's mean loss
     for i in range(x.shape[0]):
         model.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype):
-            loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+            loss = loss_fn(model(x[i : i + 1]), y[i : i + 1]) * weight
         _backward(loss, scaler)
-        one_at_a_time.append(torch.cat([g.double().flatten() for g in _grads(model, scaler).values()]).norm())
+        one_at_a_time.append(torch.cat([g.double().flatten() for g in _grads(model, scaler).values()]).norm() / weight)
     plain_norm_error = ((torch.stack(one_at_a_time) - norms).abs().max() / norms.max()).item()
 
     model.zero_grad(set_to_none=True)
@@ -224,14 +227,33 @@ def test_inner_products_of_bf16_pieces_accumulate_in_float32():
     torch.testing.assert_close(got.double(), want, rtol=4e-3, atol=0)
 
 
-def test_fp16_grams_do_not_overflow():
+def test_bf16_grams_are_written_in_float32_where_the_gemm_can(device):
+    """On CUDA a Gram of bf16 factors is one bf16 GEMM with a float32 output (`bmm`'s
+    `out_dtype`): no entry is rounded, so the ghost norm is the bf16 factors' exact norm to
+    float32 accuracy. On the CPU (no such kernel) the Gram stays bf16, one rounding per entry."""
+    from bkfx.factors import Dense, Factored, gram, inner
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(3, 300, 6, generator=g).bfloat16().to(device)
+    R = torch.randn(3, 300, 7, generator=g).bfloat16().to(device)
+    piece = Factored(Dense(L), Dense(R))
+    want = torch.bmm(L.double().transpose(1, 2), R.double()).flatten(1).pow(2).sum(1)
+    got = inner(piece, piece, (6, 7))
+    assert got.dtype == torch.float32
+    unrounded = device == "cuda"
+    assert gram(Dense(L), Dense(L)).dtype == (torch.float32 if unrounded else torch.bfloat16)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if unrounded else 4e-3, atol=0)
+
+
+def test_fp16_grams_do_not_overflow(device):
     """Loss-scaled fp16 output gradients: their Gram entries exceed fp16's 65504, so Grams of
-    fp16 factors are computed in float32."""
+    fp16 factors are written in float32 (a float32-output fp16 GEMM on CUDA, float32 factors
+    on the CPU)."""
     from bkfx.factors import Dense, Factored, inner
 
     g = torch.Generator().manual_seed(0)
-    L = (300 * torch.randn(2, 5, 16, generator=g)).half()  # S·g with S = 2¹⁰ or so
-    R = torch.randn(2, 5, 16, generator=g).half()
+    L = (300 * torch.randn(2, 5, 16, generator=g)).half().to(device)  # S·g with S = 2¹⁰ or so
+    R = torch.randn(2, 5, 16, generator=g).half().to(device)
     piece = Factored(Dense(L), Dense(R))
     want = torch.bmm(L.double().transpose(1, 2), R.double()).flatten(1).pow(2).sum(1)
     got = inner(piece, piece, (16, 16))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bkfx.factors import Dense, Explicit, Factored
+from bkfx.precision import accumulation_dtype
 from bkfx.node import shape_of
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule
 
@@ -81,7 +82,7 @@ class Conv:
     def piece(call, path):
         x, w = call.args[0], call.args[1]
         if path == (2,):
-            return Explicit(rows(call.g, call.out_layout, 1).sum(1))
+            return Explicit(rows(call.g, call.out_layout, 1).sum(1, dtype=accumulation_dtype(call.g.dtype)))
         n = w.dim() - 2
         stride, padding, dilation, groups = _options(call.op, call.args, call.kwargs, n)
         U = unfold(x, w.shape[2:], stride, padding, dilation)  # [B, T, C_in * K]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bkfx.factors import Explicit
+from bkfx.precision import accumulation_dtype
 from bkfx.node import shape_of
 from bkfx.rules import explicit_spec, rows, rule, sum_to
 
@@ -39,8 +40,9 @@ class LayerNorm:
 
 
 def _per_channel(call, t):
-    """`[B, C]`: `t` (shaped like the `[B, C, *spatial]` output) summed over each sample's positions."""
-    return rows(t, call.out_layout, 1).sum(1)
+    """`[B, C]`: `t` (shaped like the `[B, C, *spatial]` output) summed over each sample's
+    positions (into float32 when `t` is bf16/fp16, as `sum_to`)."""
+    return rows(t, call.out_layout, 1).sum(1, dtype=accumulation_dtype(t.dtype))
 
 
 @rule("group_norm")
