@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 
 from bkfx.testing.strategies import (
     CNNSpec, FunctionalSpec, MLPSpec, SequenceSpec, architectures, cnns, compile_options, functional_models, mlps,
@@ -15,7 +15,6 @@ from bkfx.testing.strategies import (
 # modest, with every health check on (the suite's profile silences some)
 settings.register_profile("strategies", max_examples=12, deadline=None, suppress_health_check=())
 STRATEGIES = settings.get_profile("strategies")
-assert not STRATEGIES.suppress_health_check and HealthCheck.too_slow not in STRATEGIES.suppress_health_check
 
 FAMILIES = {"mlp": (mlps, MLPSpec), "cnn": (cnns, CNNSpec), "sequence": (sequence_models, SequenceSpec),
             "functional": (functional_models, FunctionalSpec)}
