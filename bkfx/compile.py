@@ -13,7 +13,7 @@ from bkfx.clipping import CLIPPINGS, groups_for, thresholds
 from bkfx.errors import BkfxError, NotCapturedError
 from bkfx.guards import ModelGuard
 from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
-from bkfx.meta import META_PROBE
+from bkfx.meta import META_PROBE, META_SITES
 from bkfx.node import op_name
 from bkfx.plan import Site
 from passes.annotate import annotate
@@ -185,7 +185,7 @@ class DPModel(nn.Module):
         gm = probe(gm, *captured.example)
         gm = annotate(gm, self._names)
         gm = cost_model(gm, self.norm_mode, getattr(self, "memory_budget", None))
-        sites = gm.meta["bkfx.sites"]
+        sites = gm.meta[META_SITES]
         _check_norm_mode_keys(self.norm_mode, sites, self._params)
         gm = rewrite(gm)
         example = batch_size(self.batch_dim, args, kwargs, self.module.forward)

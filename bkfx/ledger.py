@@ -33,7 +33,7 @@ import torch
 from torch.func import vjp, vmap
 
 from bkfx.clipping import clip_factor
-from bkfx.errors import BkfxError, InPlaceModificationError
+from bkfx.errors import BkfxError, InPlaceModificationError, located_error
 from bkfx.factors import Dense, Explicit, Factored, GramCache, ScaledCache, inner, weighted_sum
 from bkfx.plan import Site, get_path
 from bkfx.precision import NO_AUTOCAST, AutocastState, loss_scale
@@ -263,11 +263,12 @@ class Record:
             )
         for path, version in self.versions.items():
             if get_path(self.args, path)._version != version:
-                raise InPlaceModificationError(
-                    "an input this site saved for its per-sample gradients was modified in place after the forward pass\n"
-                    f"  node: {site.node}\n  operation: {site.op}\n  source: {site.source}\n"
-                    "  what to do: avoid in-place operations (x += y, x.mul_(...)) on activations that feed parameters; "
-                    "use the out-of-place form"
+                raise located_error(
+                    InPlaceModificationError,
+                    "an input this site saved for its per-sample gradients was modified in place after the forward pass",
+                    site.node, site.op, site.source,
+                    "avoid in-place operations (x += y, x.mul_(...)) on activations that feed parameters; "
+                    "use the out-of-place form",
                 )
         call = SiteCall(site.op, self.args, self.kwargs, g, site.layouts, site.out_layout, tape.batch, self.saved)
         with self.autocast.apply():
