@@ -24,7 +24,7 @@ import bkfx  # noqa: E402,F401
 from models import workload  # noqa: E402
 from run import Trainer  # noqa: E402
 
-SIZES = {"vit-b16": (32, 0, 0), "gpt2-124m": (16, 512, 50257), "wrn16-4": (256, 0, 0),
+SIZES = {"vit-b16": (32, 0, 0), "gpt2-124m": (16, 512, 50257), "wrn16-4": (256, 0, 0), "gpt2": (16, 256, 512),
          "vit-tiny": (4, 0, 0), "gpt2-tiny": (4, 32, 512), "wrn16-1": (4, 0, 0)}
 
 
@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--python", action="store_true", help="also cProfile bkfx's steps (Python time per function)")
     args = parser.parse_args(argv)
     amp = None if args.amp == "none" else getattr(torch, args.amp)
     for name in args.models:
@@ -74,6 +75,18 @@ def main(argv=None) -> None:
             trainer = Trainer(method, factory, x, y, loss_fn, args.device, amp)
             wall, busy, count, events = measure(trainer, args.device, args.steps)
             print(f"{method}: wall {wall:.1f} ms/step, kernels busy {busy:.1f} ms/step, {count:.0f} kernels/step", flush=True)
+            if method == "bkfx" and args.python:
+                import cProfile
+                import pstats
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(args.steps):
+                    trainer.step()
+                sync(args.device)
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("cumtime").print_stats("bkfx|passes", args.top)
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
             if method == "bkfx":
                 sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
                 print(events.table(sort_by=sort, row_limit=args.top, max_name_column_width=60))

@@ -25,6 +25,7 @@ asks for sums).
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 import weakref
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from bkfx.clipping import clip_factor
 from bkfx.errors import BkfxError, InPlaceModificationError, located_error
 from bkfx.factors import Dense, Explicit, Factored, GramCache, ScaledCache, inner, weighted_sum
 from bkfx.plan import Site, get_path
-from bkfx.precision import NO_AUTOCAST, AutocastState, loss_scale
+from bkfx.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
 from bkfx.rules import SiteCall
 
 _current: contextvars.ContextVar["Tape | None"] = contextvars.ContextVar("bkfx_tape", default=None)
@@ -89,6 +90,7 @@ class Tape:
     def __post_init__(self):
         self._group_of = {n: g for g, names in enumerate(self.config.groups) for n in names}
         self.grams = GramCache()
+        self._small: dict[int, _SmallExplicit] = {}  # group -> its small explicit per-sample gradients
         self._live = weakref.WeakSet()  # this tape's Records; the autograd graph holds them while it lives
 
     def awaiting_backward(self) -> bool:
@@ -127,8 +129,14 @@ class Tape:
             if name in self.tied or name not in self._group_of:
                 self.pieces.setdefault(name, []).extend(pieces)
                 continue
-            squared = _squared_norm(pieces, self.params[name].shape, self.grams)
             g = self._group_of[name]
+            if all(isinstance(p, Explicit) for p in pieces) and self.params[name].numel() <= SMALL_EXPLICIT:
+                # biases, norm weights: their norms and clipped sums are taken together at the
+                # group's end (`_SmallExplicit`), a few kernels for all instead of several each
+                G = pieces[0].G if len(pieces) == 1 else sum(p.G for p in pieces)
+                self._small.setdefault(g, _SmallExplicit()).add(name, G)
+                continue
+            squared = _squared_norm(pieces, self.params[name].shape, self.grams)
             self._partial[g] = squared if g not in self._partial else self._partial[g] + squared
             self.pieces[name] = pieces
         if not self._queued:
@@ -152,6 +160,10 @@ class Tape:
         """Clip factors of group g from its parameters' per-sample norms; clipped sums into .grad."""
         names = [n for n in self.config.groups[g] if n in self.pieces]
         squared = self._partial.pop(g, None)
+        small = self._small.pop(g, None)
+        if small is not None:
+            term = small.squared_norms()
+            squared = term if squared is None else squared + term
         for n in names:
             if n in self.tied:
                 term = _squared_norm(self.pieces[n], self.params[n].shape, self.grams)
@@ -166,6 +178,13 @@ class Tape:
             c = c * scale
         scaled = ScaledCache()
         with torch.no_grad():
+            if small is not None:
+                for name, grad in small.clipped_sums(c, self.params):
+                    p = self.params[name]
+                    if p.grad is None:
+                        p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+                    else:
+                        p.grad.add_(grad)
             for name in names:
                 p, pieces = self.params[name], self.pieces.pop(name)
                 while pieces:  # each factor is released as soon as its part of the sum is written
@@ -211,6 +230,46 @@ def _keeping_graph() -> bool:
     """Whether the running backward pass was asked to keep its graph (retain_graph=True)."""
     keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return True if keep is None else keep()
+
+
+SMALL_EXPLICIT = 1 << 16  # parameters of at most this many entries are clipped together (_SmallExplicit)
+
+
+class _SmallExplicit:
+    """One group's small explicit per-sample gradients (biases, norm weights), side by side as
+    `[B, Σ p_k]`: their squared norms are one `‖·‖²` per row and their clipped sums one
+    `cᵀ G`, split back to the parameters; written once for every such parameter."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.G: list[torch.Tensor] = []
+        self._flat: torch.Tensor | None = None
+
+    def add(self, name: str, G: torch.Tensor) -> None:
+        self.names.append(name)
+        self.G.append(G)
+
+    def _joined(self) -> torch.Tensor:
+        """`[B, Σ p_k]` in the accumulation dtype (made once; the pieces are then released)."""
+        if self.G:
+            dtype = accumulation_dtype(self.G[0].dtype)
+            for G in self.G[1:]:
+                dtype = torch.promote_types(dtype, accumulation_dtype(G.dtype))
+            self._flat = torch.cat([G.reshape(G.shape[0], math.prod(G.shape[1:])).to(dtype) for G in self.G], 1)
+            self.G = []
+        return self._flat
+
+    def squared_norms(self) -> torch.Tensor:
+        flat = self._joined()
+        return torch.linalg.vecdot(flat, flat)
+
+    def clipped_sums(self, c: torch.Tensor, params: dict):
+        """`(name, Σ_i c_i G_i)` for each parameter, shaped like it."""
+        flat = self._joined()
+        total = c.to(flat.dtype) @ flat
+        self._flat = None
+        sizes = [params[n].numel() for n in self.names]
+        return [(n, part.view(params[n].shape)) for n, part in zip(self.names, total.split(sizes))]
 
 
 def tied_parameters(sites: list[Site]) -> frozenset:

@@ -33,11 +33,20 @@ def site(op, site_id: int, *args, _chain=None, **kwargs):
         return op(*call_args, **kwargs)
     record = tape.record(plan, call_args, kwargs, _chain or {})
     run = runner(op)
-    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in torch.utils._pytree.tree_leaves(call_args)):
+    if any(a.requires_grad for a in _tensors(call_args)):
         out, record.saved = run(call_args, kwargs)
         out.register_hook(record.backward)
         return out
     return _Seed.apply(record, run, call_args, kwargs, *params)
+
+
+def _tensors(args):
+    """The tensors among an op's arguments, also inside lists (cat, index): ATen arguments nest no deeper."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (x for x in a if isinstance(x, torch.Tensor))
 
 
 class _Seed(torch.autograd.Function):
