@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 
-def _state(model: torch.nn.Module) -> tuple[tuple, tuple]:
-    """(the tree, parameters and buffers; every module's training flag)."""
+def _state(modules: list) -> tuple[tuple, tuple]:
+    """(the tree, parameters and buffers; every module's training flag) of the snapshot's
+    modules: a module added or replaced anywhere shows in its parent's `_modules`."""
     out, modes = [], []
-    for module in model.modules():
-        out.append(id(module))
+    for module in modules:
         modes.append(module.training)
         for name, p in module._parameters.items():
             out.append((name, id(p)) if p is None else (name, id(p), p.requires_grad, p.dtype, p.device, p.shape))
@@ -36,12 +36,13 @@ class ModelGuard:
         self._held = [*model.modules(), *model.parameters(), *model.buffers()]
         self._params = dict(model.named_parameters())
         self._flags = {n: p.requires_grad for n, p in self._params.items()}
-        self._state, _ = _state(model)
+        self._modules = list(model.modules())
+        self._state, _ = _state(self._modules)
 
     def check(self) -> tuple | None:
         """None when the model's tree, parameters or buffers changed; else every module's
         training flag (a capture is made per combination of modes, like per input signature)."""
-        state, modes = _state(self.model)
+        state, modes = _state(self._modules)
         return modes if state == self._state else None
 
     def describe_change(self) -> str:
