@@ -294,7 +294,7 @@ _ELEMENTWISE = {
     "clone", "_to_copy", "to", "type_as", "detach", "alias", "contiguous", "lift_fresh_copy", "dropout",
     "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "__and__", "__or__", "__xor__",
     "__lshift__", "__rshift__", "masked_fill", "copy", "fill", "hardswish", "hardsigmoid", "tril", "triu",
-    "_native_batch_norm_legit_no_training", "positive", "real", "imag", "view_as_real", "view_as_complex",
+    "_native_batch_norm_legit_no_training", "positive", "real", "imag",
     "_conj", "resolve_conj", "resolve_neg",
 }
 
@@ -434,6 +434,13 @@ def _repeat(node):
 def _same_rank(node):
     # slices and pads along a dimension keep every sample's entries in place; along the
     # sample dimension they change its size, which the shared check refuses
+    x = node.args[0]
+    return [(x, _identity)]
+
+
+@sample_rule("view_as_real", "view_as_complex")
+def _complex_views(node):
+    # a trailing dimension of 2 (real, imaginary) is added or removed; the others stay in place
     x = node.args[0]
     return [(x, _identity)]
 
