@@ -34,7 +34,6 @@ import torch
 
 from bkfx.meta import META_BUDGET, META_PROBE
 from bkfx.node import op_name
-from passes.cost_model import nonprivate_time
 
 B = sympy.Symbol("B")
 _COSTS = ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit")
@@ -177,7 +176,7 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
             ghost = rec["mode_at_batch"] == "ghost"
             costs["time_norm"] = costs["time_ghost"] if ghost else costs["time_explicit"]
             costs["mem_norm"] = costs["mem_ghost"] if ghost else costs["mem_explicit"]
-            costs["time_nonprivate"] = _in_B(nonprivate_time(spec, operand.rule.name, symbol), symbol)
+            costs["time_nonprivate"] = _in_B(operand.rule.nonprivate_time(spec, symbol), symbol)
             costs["mem_nonprivate"] = _in_B(spec.m * spec.n, symbol)
             for key, expr in costs.items():
                 rec[key] = None if expr is None else str(expr)

@@ -61,7 +61,6 @@ DEVICES = {
 }
 BUDGET_FRACTION = {"cuda": 0.9, "cpu": 0.5}  # of the free memory when the model is captured
 PASSES = 3  # over a materialised Gram or per-sample gradient: written, read for the norm, read again
-_ONE_HOT_LEFT = {"Embedding"}  # rules whose left factor is a gather, never a dense matmul
 
 
 def cost_model(gm: GraphModule, norm_mode="auto", memory_budget: int | float | None = None) -> GraphModule:
@@ -79,21 +78,12 @@ def cost_model(gm: GraphModule, norm_mode="auto", memory_budget: int | float | N
     return gm
 
 
-def nonprivate_time(spec, rule_name: str, batch) -> sympy.Expr:
-    """The standard weight gradient's work for one operand (what non-private training pays)."""
-    if spec.kind == "explicit":
-        return spec.time_explicit
-    if rule_name in _ONE_HOT_LEFT:
-        return batch * spec.T * spec.n
-    return batch * spec.T * spec.m * spec.n
-
-
-def mode_times(spec, rule_name: str, batch, costs: DeviceCosts, dtype: torch.dtype) -> tuple[sympy.Expr, sympy.Expr]:
-    """Estimated extra seconds `(t_ghost, t_explicit)` of one factored operand."""
+def mode_times(spec, rule, batch, costs: DeviceCosts, dtype: torch.dtype) -> tuple[sympy.Expr, sympy.Expr]:
+    """Estimated extra seconds `(t_ghost, t_explicit)` of one factored operand supplied by `rule`."""
     rate = costs.macs_per_s * (costs.low_precision_speedup if dtype in (torch.bfloat16, torch.float16) else 1.0)
     traffic = PASSES * dtype.itemsize / costs.bytes_per_s
     ghost = spec.time_ghost / (rate * costs.gram_efficiency) + traffic * spec.mem_ghost
-    per_sample_matmuls = 0 if rule_name in _ONE_HOT_LEFT else costs.rows_half * batch * spec.m * spec.n / rate
+    per_sample_matmuls = 0 if rule.one_hot_left else costs.rows_half * batch * spec.m * spec.n / rate
     explicit = spec.time_explicit / rate + per_sample_matmuls + traffic * spec.mem_explicit
     return ghost, explicit
 
@@ -116,7 +106,7 @@ def _decide(site: Site, batch: sympy.Symbol, norm_mode, costs: DeviceCosts, dtyp
         site.mode = "explicit"
         site.reason = "explicit rule" if not any(o.rule.fallback for o in site.operands) else "fallback (vmap of vjp)"
         return False
-    times = [mode_times(o.spec, o.rule.name, batch, costs, dtype) for o in factored]
+    times = [mode_times(o.spec, o.rule, batch, costs, dtype) for o in factored]
     site.time_ghost_s = sum(t for t, _ in times)
     site.time_explicit_s = sum(t for _, t in times)
     site.bytes_explicit = sum(o.spec.mem_explicit * _itemsize(o, itemsize) for o in factored)

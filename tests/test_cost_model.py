@@ -12,19 +12,15 @@ from bkfx.layout import SampleLayout
 from bkfx.ledger import Record
 from bkfx.meta import META_BUDGET
 from bkfx.plan import Budget, Operand, Site
-from bkfx.rules import factored_spec
+from bkfx.rules import factored_spec, lookup
 from passes.cost_model import DEVICES, _decide, _fit, mode_times
 
 B, T = sympy.symbols("B T", positive=True, integer=True)
 CPU, GPU = DEVICES["cpu"], DEVICES["cuda"]
 
 
-class _Rule:
-    name = "Linear"
-
-
 def _site(spec, sid=0) -> Site:
-    operand = Operand((1,), (f"w{sid}",), "identity", spec=spec, rule=_Rule())
+    operand = Operand((1,), (f"w{sid}",), "identity", spec=spec, rule=lookup("linear"))
     return Site(sid, f"linear{sid}", None, None, "", [operand], {}, SampleLayout(0))
 
 
@@ -45,7 +41,7 @@ def test_estimated_seconds_follow_the_documented_formulas():
     spec = factored_spec(512, 768, 768, B)
     for costs in (CPU, GPU):
         for dtype in (torch.float32, torch.bfloat16):
-            ghost, explicit = mode_times(spec, "Linear", B, costs, dtype)
+            ghost, explicit = mode_times(spec, lookup("linear"), B, costs, dtype)
             want_g, want_e = _per_sample_seconds(512, 768, 768, costs, dtype)
             assert abs(float(ghost / B) - want_g) < 1e-12 * want_g and abs(float(explicit / B) - want_e) < 1e-12 * want_e
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import sympy
+
 import bkfx.rules
-from bkfx.rules import FALLBACK, lookup, registered
+from bkfx.rules import FALLBACK, RuleClass, explicit_spec, factored_spec, lookup, registered
 
 
 def test_every_rule_module_registers_a_rule():
@@ -27,3 +29,20 @@ def test_rule_classes_are_registered():
 def test_fallback_is_not_looked_up_by_name():
     assert FALLBACK.fallback and not any(r.fallback for r in registered().values())
     assert lookup("Fallback") is None and lookup("no_such_op") is None
+
+
+def test_registered_classes_meet_the_rule_contract():
+    for m in pkgutil.iter_modules(bkfx.rules.__path__):
+        module = importlib.import_module(f"bkfx.rules.{m.name}")
+        for r in registered().values():
+            if r.spec.__module__ == module.__name__:
+                assert isinstance(getattr(module, r.name), RuleClass), f"{module.__name__}.{r.name}"
+
+
+def test_nonprivate_cost_follows_the_one_hot_attribute_not_the_rule_name():
+    B, T, m, n = sympy.symbols("B T m n", positive=True)
+    spec = factored_spec(T, m, n, B)
+    assert lookup("embedding").one_hot_left and not lookup("linear").one_hot_left
+    assert lookup("embedding").nonprivate_time(spec, B) == B * T * n  # a scatter-add of T rows
+    assert lookup("linear").nonprivate_time(spec, B) == B * T * m * n  # gᵀa
+    assert lookup("linear").nonprivate_time(explicit_spec((m,), B), B) == B * m

@@ -11,11 +11,14 @@ is "addmm"). For a parameter operand of a site, at `path` in the op's arguments:
 - `piece(call, path) -> Factored | Explicit`, at backward time, from the `SiteCall`
   (the op's arguments, the output gradient `g`, the sample layouts);
 - `forward(op, args, kwargs) -> (output, saved)`, optional: runs the op in the forward pass
-  keeping what `piece` reuses (it arrives as `call.saved`), e.g. normalisation statistics.
+  keeping what `piece` reuses (it arrives as `call.saved`), e.g. normalisation statistics;
+- `one_hot_left = True`, optional: the left factor is a gather (`OneHot`), so the standard
+  weight gradient is a scatter-add and per-sample gradients need no per-sample matmul.
 
+`RuleClass` states this contract as a `typing.Protocol`; `Rule` is what `@rule` registers.
 Norms, tied parameters, clipping and the clipped sum are shared code (`bkfx.factors`,
 `bkfx.ledger`); no rule repeats them. The non-private cost of a piece (what the standard
-weight gradient pays) is derived from its spec in `passes.cost_model`.
+weight gradient pays, `Rule.nonprivate_time`) follows from its spec and `one_hot_left`.
 
 The fallback (`fallback.Fallback`, registered as `FALLBACK`, the one rule with
 `Rule.fallback` set) takes every parametric op no rule knows or declines: explicit
@@ -23,13 +26,9 @@ per-sample gradients by `vmap` of `vjp`. It is never looked up by op name, and i
 takes two more arguments, `spec(node, path, batch, layouts, out_layout)`, since it must
 refuse merged sample dimensions and arguments that name the batch size.
 
-Adding a rule for a new ATen op: write a module here (or a class in the module of its
-family) whose class is decorated with `@rule("the_op")` and supplies `spec` and `piece`,
-the formula of the per-sample gradient in its docstring. Every module of this package is
-imported when the package is, so there is no list to add it to, and `tests/test_rule_registry.py`
-checks that each registers a rule. Test it against the vmap reference
-(`bkfx.testing.assert_matches_reference`) with a model that uses the op, in both norm
-modes when the piece is factored, and that `dp_model.plan()` names the rule, not the fallback.
+Adding a rule for a new ATen op: see `README.md` in this folder (a worked example and the
+tests to add). Every module of this package is imported when the package is, so there is no
+list to add it to, and `tests/test_rule_registry.py` checks that each registers a rule.
 """
 from __future__ import annotations
 
@@ -37,11 +36,12 @@ import importlib
 import math
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import sympy
 import torch
 
+from bkfx.factors import Explicit, Factored
 from bkfx.layout import SampleLayout, batch_first
 from bkfx.node import target_name
 from bkfx.plan import Path, PieceSpec
@@ -64,22 +64,52 @@ class SiteCall:
     saved: Any = None  # what the rule's `forward` kept from the forward pass (None without one)
 
 
+@runtime_checkable
+class RuleClass(Protocol):
+    """The class `@rule` registers: its functions are called on the class, without an instance.
+
+    Optional members, read with defaults: `forward(op, args, kwargs) -> (output, saved)`
+    (default: the op itself, nothing saved) and `one_hot_left: bool` (default False).
+    """
+
+    @staticmethod
+    def spec(node: Any, path: Path, batch: Any) -> PieceSpec | None:
+        """The operand's piece at capture, with its costs in the batch symbol; None to decline."""
+
+    @staticmethod
+    def piece(call: SiteCall, path: Path) -> Factored | Explicit:
+        """The operand's factors (or explicit per-sample gradients) at backward time."""
+
+
 @dataclass
 class Rule:
-    """A registered rule: its class's name and functions (see the module docstring)."""
+    """A registered rule: its class's name and functions (see `RuleClass` and the module docstring)."""
 
     name: str
     spec: Callable
     piece: Callable
     forward: Callable | None = None  # (op, args, kwargs) -> (output, saved): the op run keeping what piece reuses
     fallback: bool = False  # the generic fallback (FALLBACK), whose spec takes (node, path, batch, layouts, out_layout)
+    one_hot_left: bool = False  # the left factor is a gather: weight gradient a scatter-add, no per-sample matmul
+
+    def nonprivate_time(self, spec: PieceSpec, batch) -> sympy.Expr:
+        """The standard weight gradient's work for one operand (what non-private training pays):
+        `B·T·m·n` for dense factors (`gᵀa`), `B·T·n` for a one-hot left factor (a scatter-add of
+        T rows), and the rule's own work for an explicit piece (the same per-position products,
+        summed over the batch instead of kept per sample)."""
+        if spec.kind == "explicit":
+            return spec.time_explicit
+        if self.one_hot_left:
+            return batch * spec.T * spec.n
+        return batch * spec.T * spec.m * spec.n
 
 
 def rule(*op_names: str):
-    """Register `spec` and `piece` functions of a module-level rule class for these ATen ops."""
+    """Register a module-level rule class (`RuleClass`) for these ATen ops."""
 
-    def register(cls):
-        r = Rule(cls.__name__, cls.spec, cls.piece, getattr(cls, "forward", None))
+    def register(cls: type[RuleClass]):
+        r = Rule(cls.__name__, cls.spec, cls.piece, getattr(cls, "forward", None),
+                 one_hot_left=getattr(cls, "one_hot_left", False))
         for name in op_names:
             _RULES[name] = r
         return cls

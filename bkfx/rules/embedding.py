@@ -19,6 +19,8 @@ from bkfx.rules import numel, rows, rule
 
 @rule("embedding")
 class Embedding:
+    one_hot_left = True  # L is a gather: the weight gradient is a scatter-add of T rows
+
     def spec(node, path, batch):
         if path != (0,):
             return None
