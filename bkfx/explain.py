@@ -7,10 +7,12 @@ size (the capture's example batch unless another is given).
 Costs, for an operand with `T` rows per sample, parameter matrix `p × d` (`m × n` in the
 rule's `PieceSpec`):
 
-- the *norm cost* is what the chosen mode spends on per-sample norms, from the cost
-  model: ghost `B·T²·(p+d)` time and `B·T²` memory, explicit `B·T·p·d` time and `B·p·d`
-  memory (for dense factors; each rule states its own, e.g. an embedding's one-hot
-  factor is a gather);
+- the *norm cost* is what the chosen mode spends on per-sample norms beyond the weight
+  gradient, as the rule's `PieceSpec` states it: for dense factors ghost `B·T²·(p+d+1)`
+  time (the Grams `L Lᵀ`, `R Rᵀ` and their inner product) and `2·B·T²` memory, explicit
+  `2·B·p·d` time (each `L_iᵀ R_i` replacing the weight-gradient matmul, then its norm and
+  the weighted sum) and `B·p·d` memory; each rule may state its own (an embedding's
+  one-hot factor: ghost `B·T²·(d+2)`), and an explicit piece's time is its rule's work;
 - the *non-private cost* is the standard weight gradient's work, which training without
   privacy pays too: `B·T·p·d` for a dense factored operand (`gᵀa`), `B·T·d` for a
   one-hot factor (a scatter-add of `T` rows), and the rule's own work for an explicit
@@ -34,6 +36,7 @@ import torch
 
 from bkfx.meta import META_BUDGET, META_PROBE
 from bkfx.node import op_name
+from bkfx.plan import EXPLICIT_RULE, FALLBACK, GUARD, OVER_BUDGET, USER_OVERRIDE, WITHIN_BUDGET
 
 B = sympy.Symbol("B")
 _COSTS = ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit")
@@ -54,41 +57,23 @@ def _at(expr: sympy.Expr | None, size: int):
     return str(value)
 
 
-def _effective_mode(site, batch, size: int) -> str:
-    """The site's mode at batch size `size` (the budget's batch limit applied; a run-time guard
-    evaluated there when it can be)."""
-    if site.mode == "guard":
-        value = _in_B(site.guard, batch).subs(B, size)
-        return ("ghost" if value >= 0 else "explicit") if value.is_number else "guard"
-    if site.mode in ("ghost", "explicit") and site.time_ghost_s is not None:
-        return "ghost" if site.ghost_at(size) else "explicit"
-    return site.mode
-
-
-def _decision(site, operand, batch, size: int) -> tuple[str, str, str]:
-    """(mode, decided_by, why) of one operand, `why` a line a person reads."""
-    spec = operand.spec
-    if spec.kind == "explicit":
-        if operand.rule.fallback:
-            name = getattr(site.op, "__name__", str(site.op))
-            return "fallback", "fallback", f"fallback: no rule for {name}, per-sample grads by vmap of vjp"
-        return "explicit", "explicit rule", f"explicit rule ({operand.rule.name})"
-    if site.mode == "guard":
-        margin = _in_B(site.guard, batch)
-        return site.mode, "run-time guard", (
-            f"run-time guard: ghost iff {margin} >= 0 ({_effective_mode(site, batch, size)} at B={size})"
-        )
+def _why(site, decision, batch, size: int) -> str:
+    """The plan's decision of one operand (`Site.decision`) as a line a person reads."""
+    if decision.decided_by == FALLBACK:
+        return f"fallback: no rule for {getattr(site.op, '__name__', str(site.op))}, per-sample grads by vmap of vjp"
+    if decision.decided_by == EXPLICIT_RULE:
+        return decision.reason
+    if decision.decided_by == GUARD:
+        return f"run-time guard: ghost iff {_in_B(site.guard, batch)} >= 0 ({site.mode_at(size)} at B={size})"
     ghost, explicit = (_at(_in_B(t, batch), size) for t in (site.time_ghost_s, site.time_explicit_s))
     times = f"est. ghost {seconds(ghost)}, explicit {seconds(explicit)}"
-    if site.reason == "user override":
-        return site.mode, "user override", f"user override: norm_mode={site.mode!r} ({times})"
-    up_to = site.explicit_up_to
-    if site.reason == "ghost is faster":
-        return site.mode, "ghost is faster", f"ghost is faster: {times}"
-    if up_to is not None and size <= up_to:
-        return "explicit", "fastest within budget", f"fastest within budget: {times}; explicit up to B={up_to}"
-    return "ghost", "explicit would exceed budget", (
-        f"explicit would exceed budget at B={size} (explicit up to B={up_to}): {times}")
+    if decision.decided_by == USER_OVERRIDE:
+        return f"user override: norm_mode={site.mode!r} ({times})"
+    if decision.decided_by == WITHIN_BUDGET:
+        return f"fastest within budget: {times}; explicit up to B={site.explicit_up_to}"
+    if decision.decided_by == OVER_BUDGET:
+        return f"explicit would exceed budget at B={size} (explicit up to B={site.explicit_up_to}): {times}"
+    return f"{decision.decided_by}: {times}"
 
 
 def seconds(value) -> str:
@@ -122,9 +107,11 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
     Keys: site, node, op, source, module, params, param_shapes, operand, chain, kind, rule,
     sample_dim (of the output), input_sample_dims, out_shape, tied_sites (other sites using
     one of the operand's parameters); T, p, d (numbers at `batch`) and T_expr, p_expr, d_expr
-    (in B); mode (the plan's: ghost, explicit, guard, fallback), mode_at_batch, decided_by
-    ("cost model", "user override", "run-time guard", "explicit rule", "fallback"), reason
-    (the compiler's words), why (a line a person reads); time_ghost, mem_ghost,
+    (in B); mode, decided_by and reason from the plan's `Site.decision` at `batch` (mode:
+    ghost, explicit, guard, fallback; decided_by: one of `bkfx.plan`'s "explicit rule",
+    "fallback", "user override", "run-time guard", "ghost is faster", "fastest within
+    budget", "explicit would exceed budget"), mode_at_batch (a factored operand's site
+    mode at `batch`), why (a line a person reads); time_ghost, mem_ghost,
     time_explicit, mem_explicit (text in B, None where the mode does not apply) and their
     `*_value` numbers at `batch`; time_norm, mem_norm (the chosen mode's), time_nonprivate,
     mem_nonprivate (the standard weight gradient's), each with its `*_value`; batch.
@@ -142,7 +129,7 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
         node = nodes.get(site.node)
         for operand in site.operands:
             spec = operand.spec
-            mode, decided_by, why = _decision(site, operand, symbol, size)
+            decision = site.decision(operand, size)
             rec = {
                 "site": site.id,
                 "node": site.node,
@@ -160,14 +147,11 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
                 "out_shape": shape_in_B(node.meta.get("val") if node is not None else None, symbol),
                 "tied_sites": sorted({s for n in operand.params for s in users[n]} - {site.id}),
                 "batch": size,
-                "mode": mode,
-                "mode_at_batch": _effective_mode(site, symbol, size) if spec.kind == "factored" else mode,
-                "decided_by": decided_by,
-                "reason": site.reason if spec.kind == "factored" else (
-                    "no rule: vmap of vjp" if operand.rule.fallback
-                    else f"explicit rule ({operand.rule.name})"
-                ),
-                "why": why,
+                "mode": decision.mode,
+                "mode_at_batch": site.mode_at(size) if spec.kind == "factored" else decision.mode,
+                "decided_by": decision.decided_by,
+                "reason": decision.reason,
+                "why": _why(site, decision, symbol, size),
             }
             for key, expr in (("T", spec.T), ("p", spec.m), ("d", spec.n)):
                 rec[key + "_expr"] = str(_in_B(expr, symbol))

@@ -1,13 +1,14 @@
 """The compiler's plan: parametric sites, their parameter operands, costs and modes.
 
 `annotate` creates a `Site` for every node where a trainable parameter meets a
-sample-dependent tensor; `cost_model` fills in the mode; `rewrite` turns the node into a
-call of `bkfx.ops.site` carrying the site's id; the runtime reads the plan back.
+sample-dependent tensor; `cost_model` fills in the mode, who decided it and why; `rewrite`
+turns the node into a call of `bkfx.ops.site` carrying the site's id; the runtime (the
+ledger, through `Site.ghost_at`) and `explain` (through `Site.decision`) read the plan back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import sympy
 
@@ -60,6 +61,24 @@ class Operand:
     rule: Any = None  # the rule that supplies its piece (bkfx.rules.FALLBACK if none knows the op)
 
 
+# who decided a mode (`Site.decided_by`, `Decision.decided_by`)
+EXPLICIT_RULE = "explicit rule"  # the rule's piece is explicit: no choice
+FALLBACK = "fallback"  # no rule: explicit per-sample gradients by vmap of vjp
+USER_OVERRIDE = "user override"  # norm_mode=
+GUARD = "run-time guard"  # depends on a dynamic size other than the batch
+GHOST_FASTER = "ghost is faster"
+WITHIN_BUDGET = "fastest within budget"  # explicit up to `Site.explicit_up_to`
+OVER_BUDGET = "explicit would exceed budget"  # ghost above `Site.explicit_up_to`
+
+
+class Decision(NamedTuple):
+    """One operand's norm mode at one batch size, who decided it, and the compiler's words."""
+
+    mode: str  # "ghost" | "explicit" | "guard" | "fallback"
+    decided_by: str  # one of the constants above
+    reason: str
+
+
 @dataclass
 class Site:
     id: int
@@ -69,9 +88,11 @@ class Site:
     module: str
     operands: list[Operand]
     layouts: dict[Path, SampleLayout]  # sample-dependent arguments' layouts
-    out_layout: SampleLayout
-    mode: str = "ghost"  # "ghost" | "explicit" | "guard" (decided at run time) | "fallback"
-    reason: str = ""
+    out_layout: SampleLayout  # the output's (with several outputs: the first one's with a sample dimension)
+    out_layouts: tuple | None = None  # with several outputs: each one's SampleLayout, or None
+    mode: str = "ghost"  # "ghost" | "explicit" | "guard" (decided at run time from the actual sizes)
+    decided_by: str = ""  # EXPLICIT_RULE, FALLBACK, USER_OVERRIDE, GUARD, GHOST_FASTER, WITHIN_BUDGET or OVER_BUDGET
+    reason: str = ""  # the cost model's words (a guard's inequality)
     guard: sympy.Expr | None = None  # ghost iff guard >= 0, in the run's sizes
     # set by the cost model: estimated extra seconds of each mode (sympy, in the batch symbol), the
     # explicit mode's bytes held until the clip factors are known, and the budget's batch limit
@@ -96,6 +117,26 @@ class Site:
         if self.explicit_up_to is not None:
             return batch > self.explicit_up_to
         return self.mode == "ghost"
+
+    def mode_at(self, batch: int) -> str:
+        """The site's mode at this batch size, the budget's batch limit applied: "ghost",
+        "explicit", or "guard" (decided at run time from sizes other than the batch)."""
+        if self.mode == "guard":
+            return "guard"
+        return "ghost" if self.ghost_at(batch) else "explicit"
+
+    def decision(self, operand: Operand, batch: int) -> Decision:
+        """One operand's mode at this batch size and who decided it: an explicit piece is its
+        rule's (or the fallback's); a factored one the cost model's, whose budget decision
+        depends on the batch size (explicit up to `explicit_up_to`, ghost above)."""
+        if operand.spec.kind == "explicit":
+            if operand.rule.fallback:
+                return Decision("fallback", FALLBACK, "no rule: vmap of vjp")
+            return Decision("explicit", EXPLICIT_RULE, f"explicit rule ({operand.rule.name})")
+        if self.decided_by in (WITHIN_BUDGET, OVER_BUDGET):
+            within = batch <= self.explicit_up_to
+            return Decision("explicit" if within else "ghost", WITHIN_BUDGET if within else OVER_BUDGET, self.reason)
+        return Decision(self.mode, self.decided_by, self.reason)
 
 
 def _guard_holds(site: "Site", sizes) -> bool:

@@ -49,7 +49,9 @@ import torch
 from torch.fx import GraphModule
 
 from bkfx.meta import META_BATCH, META_BUDGET, META_SITES
-from bkfx.plan import Budget, DeviceCosts, Site
+from bkfx.plan import (
+    EXPLICIT_RULE, FALLBACK, GHOST_FASTER, GUARD, OVER_BUDGET, USER_OVERRIDE, WITHIN_BUDGET, Budget, DeviceCosts, Site,
+)
 
 MODES = ("auto", "ghost", "explicit")
 
@@ -103,8 +105,9 @@ def _decide(site: Site, batch: sympy.Symbol, norm_mode, costs: DeviceCosts, dtyp
     for explicit (estimated faster), which `_fit` decides against the budget."""
     factored = [o for o in site.operands if o.spec.kind == "factored"]
     if not factored:
-        site.mode = "explicit"
-        site.reason = "explicit rule" if not any(o.rule.fallback for o in site.operands) else "fallback (vmap of vjp)"
+        fallback = any(o.rule.fallback for o in site.operands)
+        site.mode, site.decided_by = "explicit", FALLBACK if fallback else EXPLICIT_RULE
+        site.reason = "fallback (vmap of vjp)" if fallback else EXPLICIT_RULE
         return False
     times = [mode_times(o.spec, o.rule, batch, costs, dtype) for o in factored]
     site.time_ghost_s = sum(t for t, _ in times)
@@ -114,15 +117,15 @@ def _decide(site: Site, batch: sympy.Symbol, norm_mode, costs: DeviceCosts, dtyp
     if forced is not None:
         if forced not in ("ghost", "explicit"):
             raise ValueError(f"norm_mode for site {site.node} must be 'ghost' or 'explicit', got {forced!r}")
-        site.mode, site.reason = forced, "user override"
+        site.mode, site.decided_by, site.reason = forced, USER_OVERRIDE, USER_OVERRIDE
         return False
     saving = sympy.simplify((site.time_ghost_s - site.time_explicit_s) / batch)  # seconds per sample
     if saving.free_symbols:
-        site.mode, site.guard = "guard", -saving
+        site.mode, site.guard, site.decided_by = "guard", -saving, GUARD
         site.reason = f"run-time guard: ghost iff {-saving} >= 0"
         return False
     if saving <= 0:
-        site.mode, site.reason = "ghost", "ghost is faster"
+        site.mode, site.decided_by, site.reason = "ghost", GHOST_FASTER, GHOST_FASTER
         return False
     return True
 
@@ -141,9 +144,9 @@ def _fit(candidates: list[Site], batch, budget: Budget) -> None:
         held += per_sample(site, site.bytes_explicit)
         site.explicit_up_to = min(int(budget.total // held), 2**31 - 1) if held > 0 else 2**31 - 1
         if site.explicit_up_to >= 1:
-            site.mode, site.reason = "explicit", "fastest within budget"
+            site.mode, site.decided_by, site.reason = "explicit", WITHIN_BUDGET, WITHIN_BUDGET
         else:
-            site.mode, site.reason = "ghost", "explicit would exceed budget"
+            site.mode, site.decided_by, site.reason = "ghost", OVER_BUDGET, OVER_BUDGET
 
 
 def _itemsize(operand, itemsize: dict | None) -> int:
