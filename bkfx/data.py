@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
@@ -26,7 +27,15 @@ class PoissonSampler(Sampler):
 
     Yields `steps` lists of indices (default `round(1/q)`, one epoch), possibly empty.
     Iterating again draws a new epoch from the same generator, so a seeded sampler
-    gives the same sequence of batches run after run.
+    gives the same sequence of batches run after run. A pass stopped before the end of its
+    epoch is continued by the next one: an epoch is always `steps` batches.
+
+    `state_dict()` is the position in that sequence: the generator's state at the start of
+    the current epoch, the epoch's index (`epoch`) and the batches of it delivered so far
+    (`batches_done`); after `load_state_dict` the next pass redraws the epoch from its start
+    and yields the batches not yet delivered. Batches count as delivered when the sampler
+    yields them, or, under `poisson_loader` (whose workers may draw batches ahead), when the
+    loader yields them to the training loop.
     """
 
     def __init__(
@@ -50,6 +59,10 @@ class PoissonSampler(Sampler):
             else:
                 generator.seed()
         self.generator = generator
+        self.epoch = 0  # the epoch in progress, or the next one
+        self.batches_done = 0  # batches of that epoch delivered
+        self._epoch_start = None  # the generator's state when the epoch in progress began (None: none is)
+        self.counted_by_loader = False  # True under a PoissonLoader, which counts the batches the loop receives
 
     @property
     def expected_batch_size(self) -> float:
@@ -60,9 +73,51 @@ class PoissonSampler(Sampler):
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
+        if self._epoch_start is None:
+            self._epoch_start = self.generator.get_state()
+            self.batches_done = 0
+        else:  # continue the epoch in progress: redraw its delivered batches from its start
+            self.generator.set_state(self._epoch_start)
+        return self._batches(self.batches_done)
+
+    def _batches(self, skip: int) -> Iterator[list[int]]:
+        for k in range(self.steps):
             included = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            if k < skip:
+                continue
+            if not self.counted_by_loader:
+                self.delivered(k + 1)
             yield included.nonzero().flatten().tolist()
+
+    def delivered(self, batches_done: int) -> None:
+        """Record that `batches_done` batches of the current epoch have been delivered; after the
+        last one the epoch is over (the generator has drawn exactly its batches) and the next pass
+        starts the next epoch."""
+        self.batches_done = batches_done
+        if batches_done >= self.steps:
+            self.epoch += 1
+            self.batches_done = 0
+            self._epoch_start = None
+
+    def state_dict(self) -> dict:
+        """The position: the current epoch's starting generator state, `epoch`, `batches_done` (and
+        the sampling's parameters, which a resumed run must share)."""
+        start = self.generator.get_state() if self._epoch_start is None else self._epoch_start
+        return {"generator": start, "epoch": self.epoch, "batches_done": self.batches_done,
+                "num_samples": self.num_samples, "sample_rate": self.sample_rate, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = (state["num_samples"], state["sample_rate"], state["steps"])
+        if saved != (self.num_samples, self.sample_rate, self.steps):
+            raise ValueError(
+                f"the sampler state is of {saved[0]} examples at sample rate {saved[1]} with {saved[2]} steps per epoch, "
+                f"this sampler has {self.num_samples}, {self.sample_rate}, {self.steps}: resume with the same dataset "
+                "and sample rate (the privacy accounting depends on them)"
+            )
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+        self._epoch_start = state["generator"].clone() if self.batches_done else None
 
 
 class EmptyBatchCollate:
@@ -116,7 +171,30 @@ def poisson_loader(
     if fixed:
         raise ValueError(f"poisson_loader draws its own batches; {', '.join(fixed)} cannot be set (use sample_rate)")
     sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=EmptyBatchCollate(dataset, collate_fn), **loader_options)
+    return PoissonLoader(dataset, batch_sampler=sampler, collate_fn=EmptyBatchCollate(dataset, collate_fn), **loader_options)
+
+
+class PoissonLoader(DataLoader):
+    """The DataLoader `poisson_loader` makes: it tells its `PoissonSampler` how many batches the
+    training loop has received (its workers draw batches ahead), so the sampler's `state_dict()`
+    resumes after the last batch the loop got. The workers' base seed of each pass is drawn from
+    the sampler's seed and epoch, not from torch's global generator: a pass started by a resumed
+    run leaves the model's randomness (dropout) and the workers' where the original run had them."""
+
+    def __init__(self, dataset, *, batch_sampler: PoissonSampler, **options):
+        super().__init__(dataset, batch_sampler=batch_sampler, generator=torch.Generator(), **options)
+        batch_sampler.counted_by_loader = True
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        self.generator.manual_seed(int(np.random.SeedSequence([sampler.generator.initial_seed(), sampler.epoch])
+                                       .generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        batches = super().__iter__()  # starts the sampler's pass
+        done = sampler.batches_done
+        for batch in batches:
+            done += 1
+            sampler.delivered(done)
+            yield batch
 
 
 def batch_size_of(batch) -> int:

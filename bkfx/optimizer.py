@@ -18,23 +18,33 @@ An empty logical batch is a noise-only step. With `accountant=` (a
 `bkfx.accounting.Accountant`) and `sample_rate=`, every step is recorded as one Poisson
 subsampled Gaussian step.
 
+`DPOptimizer` is a `torch.optim.Optimizer` whose `param_groups`, `state` and `defaults` are
+the wrapped optimizer's own objects: LR schedulers take it directly
+(`StepLR(dp_optimizer, ...)`), and a group added with `add_param_group` is added to the
+wrapped optimizer (refused when its parameters are not the compiled model's: their gradients
+would not be clipped). `state_dict()` is the wrapped optimizer's, plus a `"bkfx"` entry with
+the step count, every device's noise generator and the accountant.
+
 The noise is drawn on each parameter's device, by one generator per device, with no copy
 between host and device (see `add_gaussian_noise_` for each device's stream). `seed=` seeds
 every device's generator with the same seed; the streams of a CPU and a CUDA generator differ,
 so the same seed gives different (equally distributed) noise on the two.
+
+`secure_mode=True` draws noise that resists the floating-point attacks on naive Gaussian
+samplers (see `add_gaussian_noise_`); it takes no seed (its key comes from the OS).
 
 Mixed precision with a `torch.amp.GradScaler`: compile with `grad_scaler=scaler` (then `.grad`
 holds S times the clipped sum) and step with `scaler.step(dp_optimizer)`: the scaler first
 unscales `.grad` (and checks it for inf/NaN), then calls `step()`, which adds the noise to the
 *unscaled* sum. Calling `step()` on S-scaled gradients would add noise S times too small; with
 `model=` given, `step()` refuses to. Call `scaler.step`/`scaler.update` once per logical batch.
-
-LR schedulers take the wrapped optimizer (`torch.optim.lr_scheduler.StepLR(dp.optimizer, ...)`):
-its `param_groups` are the ones this optimizer steps.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -43,28 +53,45 @@ from bkfx.accounting import check_noise_multiplier, check_sample_rate
 from bkfx.errors import BkfxError
 
 NOISE_CHUNK = 1 << 20  # entries per independently seeded draw of the noise
+SECURE_DRAWS = 4  # secure mode's noise: the sum of 4 standard normal draws, halved (÷√4 is exact)
 
 
-class DPOptimizer:
+class DPOptimizer(torch.optim.Optimizer):
     """Wraps `optimizer`: each `step()` adds N(0, (σR)²) to the summed clipped gradients, divides by
     `expected_batch_size`, then steps. `max_grad_norm` may be omitted when `model=` gives it;
     `seed` or `generator` make the noise reproducible (`generator` serves its own device, the
-    other devices' generators are seeded from it); `accountant` + `sample_rate` record each step."""
+    other devices' generators are seeded from it); `accountant` + `sample_rate` record each step;
+    `secure_mode` draws noise robust to floating-point attacks, keyed from the OS's entropy."""
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm=None,
         expected_batch_size: float, generator: torch.Generator | None = None, seed: int | None = None, model=None,
-        accountant=None, sample_rate: float | None = None,
+        accountant=None, sample_rate: float | None = None, secure_mode: bool = False,
     ):
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("optimizer is already a DPOptimizer (its noise would be added twice); wrap the "
+                             "torch.optim optimizer it wraps (optimizer.optimizer)")
+        if not isinstance(getattr(optimizer, "param_groups", None), list) or not callable(getattr(optimizer, "step", None)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if expected_batch_size <= 0:
             raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
         check_noise_multiplier(noise_multiplier)
         if generator is not None and seed is not None:
             raise ValueError("pass either generator= or seed=, not both")
+        if secure_mode and (generator is not None or seed is not None):
+            raise ValueError("secure_mode draws its noise key from the OS's entropy; a seed or generator would make "
+                             "the noise predictable. Drop seed=/generator= (or secure_mode=True for a reproducible run)")
         if accountant is not None and sample_rate is None:
             raise ValueError("an accountant needs the sample_rate of every step: pass sample_rate=")
         if sample_rate is not None:
             check_sample_rate(sample_rate)
+        # torch.optim.Optimizer's own bookkeeping (step hooks, profiling). Optimizer.__init__ is not
+        # called: param_groups, state and defaults are the wrapped optimizer's (properties below).
+        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                      "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, hooks, OrderedDict())
+        self._patch_step_function()
         self.optimizer = optimizer
         model = model if model is not None else _compiled_model_of(optimizer)
         self._model = model
@@ -83,6 +110,10 @@ class DPOptimizer:
         self._seed = seed  # seeds the generators of the other devices (drawn from `generator` when it was given)
         self._generators = {_device_key(generator.device): generator}
         self._pool = None  # threads drawing the noise's chunks on the CPU
+        self.secure_mode = bool(secure_mode)
+        # secure mode: the key of the seeds (a keyed hash of draw, device, chunk), and the draws so far
+        self._secure_key = secrets.token_bytes(32) if secure_mode else None
+        self._noise_draws = 0
         self.accountant = accountant
         self.sample_rate = sample_rate
         self.steps = 0
@@ -90,22 +121,54 @@ class DPOptimizer:
         # (set by `bkfx.data.PhysicalBatches`): step() and zero_grad() then leave .grad accumulating.
         self.logical_batch_complete = True
 
+    # The wrapped optimizer's own objects, so that schedulers, GradScaler and hooks see one set of groups.
     @property
     def param_groups(self):
         return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.optimizer.param_groups = groups
 
     @property
     def state(self):
         return self.optimizer.state
 
+    @state.setter
+    def state(self, state):
+        self.optimizer.state = state
+
     @property
     def defaults(self):
         return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults):
+        self.optimizer.defaults = defaults
 
     @property
     def noise_std(self) -> float:
         """`σ R`: the standard deviation of the noise added to the clipped sum."""
         return self.noise_multiplier * self.max_grad_norm
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the wrapped optimizer; its parameters must be the compiled model's (when
+        there is one), since only those get clipped sums in `.grad`."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if self._model is not None:
+            own = {id(p) for p in self._model.parameters()}
+            if any(id(p) not in own for p in params):
+                raise ValueError(
+                    "add_param_group: the new group has parameters that are not the compiled model's; their .grad "
+                    "would hold unclipped gradients, which the noise does not cover. Compile a model that owns them"
+                )
+        elif _compiled_model_of_params(params) is not None:
+            raise ValueError(
+                "add_param_group: the new group's parameters belong to a bkfx-compiled model this optimizer was not "
+                "built with; build the DPOptimizer with model= that model instead"
+            )
+        self.optimizer.add_param_group(param_group)
 
     def generator_for(self, device: torch.device) -> torch.Generator:
         """The noise's generator on `device` (made on first use, seeded with the optimizer's seed)."""
@@ -141,7 +204,11 @@ class DPOptimizer:
                     if self._pool is None:
                         self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="bkfx-noise")
                     pool = self._pool
-                add_gaussian_noise_(tensors, std, self.generator_for(torch.device(key)), pool)
+                secure_key = None
+                if self.secure_mode:  # a key per draw and device: resumed runs redraw the same noise
+                    secure_key = hashlib.blake2b(f"{self._noise_draws}/{key}".encode(), key=self._secure_key).digest()
+                add_gaussian_noise_(tensors, std, self.generator_for(torch.device(key)), pool, secure_key=secure_key)
+        self._noise_draws += 1
         torch._foreach_div_(grads, self.expected_batch_size)
 
     def _check_loss_scale(self) -> None:
@@ -168,15 +235,24 @@ class DPOptimizer:
             )
 
     def step(self, closure=None):
-        """Noise, average and step, once per logical batch (nothing while one is still accumulating)."""
+        """Noise, average and step, once per logical batch (nothing while one is still accumulating).
+
+        `closure` (which recomputes the loss and calls backward) runs first, so the noise covers the
+        gradients it leaves; it returns the loss. Optimizers that call a closure several times per
+        step (LBFGS) cannot be made private this way."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         self._check_loss_scale()
         if not self.logical_batch_complete:
-            return None
+            return loss
         self.add_noise()
         self.steps += 1
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return self.optimizer.step(closure)
+        self.optimizer.step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not self.logical_batch_complete:
@@ -184,34 +260,63 @@ class DPOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        state = {
-            "optimizer": self.optimizer.state_dict(), "steps": self.steps, "generator": self.generator.get_state(),
-            "seed": self._seed, "generators": {key: g.get_state() for key, g in self._generators.items()},
+        """The wrapped optimizer's state dict plus `"bkfx"`: steps, every device's noise generator
+        (and secure mode's key), and the accountant. Whoever holds it can recompute the noise of
+        the steps that follow: keep it as private as the training data."""
+        dp = {
+            "steps": self.steps, "generator": self.generator.get_state(), "seed": self._seed,
+            "generators": {key: g.get_state() for key, g in self._generators.items()},
+            "noise_draws": self._noise_draws, "secure_key": None if self._secure_key is None else self._secure_key.hex(),
         }
         if self.accountant is not None:
-            state["accountant"] = self.accountant.state_dict()
-        return state
+            dp["accountant"] = self.accountant.state_dict()
+        return {**self.optimizer.state_dict(), "bkfx": dp}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps = state["steps"]
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
-        self._seed = state.get("seed", self._seed)
-        for key, generator_state in state.get("generators", {}).items():
+        if "bkfx" in state:
+            dp = state["bkfx"]
+            inner = {k: v for k, v in state.items() if k != "bkfx"}
+        elif "optimizer" in state and "steps" in state:  # the format of bkfx 0.1.0
+            dp, inner = state, state["optimizer"]
+        else:
+            raise ValueError("not a DPOptimizer state dict (it has no 'bkfx' entry); a plain optimizer's state "
+                             "loads with dp_optimizer.optimizer.load_state_dict(state)")
+        secure_key = dp.get("secure_key")
+        if (secure_key is not None) != self.secure_mode:
+            saved = "secure_mode=True" if secure_key is not None else "secure_mode=False"
+            raise ValueError(f"the state was saved by a DPOptimizer with {saved}; build this one the same way "
+                             "(a resumed run must redraw the noise of the steps it repeats)")
+        self.optimizer.load_state_dict(inner)
+        self.steps = dp["steps"]
+        self._noise_draws = dp.get("noise_draws", self.steps)
+        if secure_key is not None:
+            self._secure_key = bytes.fromhex(secure_key)
+        if "generator" in dp:
+            self.generator.set_state(dp["generator"])
+        self._seed = dp.get("seed", self._seed)
+        for key, generator_state in dp.get("generators", {}).items():
             device = torch.device(key)
             if device.type == "cpu" or (torch.get_device_module(device.type).is_available()
                                         and device.index < torch.get_device_module(device.type).device_count()):
                 self.generator_for(device).set_state(generator_state)  # a device this machine lacks has no noise to draw
-        if self.accountant is not None and "accountant" in state:
-            self.accountant.load_state_dict(state["accountant"])
+        if self.accountant is not None and "accountant" in dp:
+            self.accountant.load_state_dict(dp["accountant"])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # threads do not pickle; a copy makes its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier:g}, max_grad_norm={self.max_grad_norm:g}, "
-                f"expected_batch_size={self.expected_batch_size:g}, steps={self.steps}, optimizer={self.optimizer!r})")
+                f"expected_batch_size={self.expected_batch_size:g}, steps={self.steps}"
+                f"{', secure_mode=True' if self.secure_mode else ''}, optimizer={self.optimizer!r})")
 
 
-def add_gaussian_noise_(tensors: list[torch.Tensor], std: float, generator: torch.Generator, pool=None) -> None:
+def add_gaussian_noise_(
+    tensors: list[torch.Tensor], std: float, generator: torch.Generator, pool=None, *, secure_key: bytes | None = None,
+) -> None:
     """`t += std · N(0, I)` for each (contiguous) tensor, in place, drawn on the tensors' device
     (which must be `generator`'s): no copy between host and device.
 
@@ -223,31 +328,61 @@ def add_gaussian_noise_(tensors: list[torch.Tensor], std: float, generator: torc
 
     A GPU's stream: `torch.randn(t.shape, generator=generator)` for each tensor in order (one
     kernel per tensor; the device's generator is already parallel).
+
+    Secure mode (`secure_key`: bytes never used for another call): on every device, the chunks
+    as above; chunk k's seed is the first 8 bytes of `BLAKE2b(str(k), key=secure_key)` (less
+    its top bit), and its noise `(z_1 + z_2 + z_3 + z_4) / 2` with the `z_j` consecutive float64
+    `torch.randn` draws from a generator seeded with it (a new CPU generator, or `generator`
+    reseeded on a GPU): exactly N(0, 1), since ÷√4 = ÷2 is exact. A naive sampler's outputs
+    (Box-Muller in float32) miss most floats near any value, and which ones it misses leaks the
+    value noised (Mironov 2012 for Laplace; Jin et al., "Are We There Yet? Timing and
+    Floating-Point Attacks on Differential Privacy Systems", S&P 2022, for Gaussians). A sum of
+    several Gaussian draws fills those gaps (Holohan & Braghin, "Secure Random Sampling in
+    Differential Privacy", ESORICS 2021 — the idea Opacus's secure mode uses), float64 draws
+    leave no gap at the gradients' float32 resolution, and seeds from a keyed hash cannot be
+    predicted from earlier noise the way a generator's state can.
     """
     device = generator.device
     for t in tensors:
         if _device_key(t.device) != _device_key(device):
             raise ValueError(f"noise for a tensor on {t.device} requested from a generator on {device}")
-    if device.type != "cpu":
+    if secure_key is None and device.type != "cpu":
         for t in tensors:
             t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device), alpha=std)
         return
     chunks = [(t, start, min(start + NOISE_CHUNK, t.numel())) for t in tensors for start in range(0, t.numel(), NOISE_CHUNK)]
     if not chunks:
         return
-    seeds = torch.randint(0, 2**63 - 1, (len(chunks),), generator=generator).tolist()
+    if secure_key is None:
+        seeds = torch.randint(0, 2**63 - 1, (len(chunks),), generator=generator).tolist()
+    else:
+        seeds = [int.from_bytes(hashlib.blake2b(str(k).encode(), key=secure_key, digest_size=8).digest(), "little") >> 1
+                 for k in range(len(chunks))]
 
     def draw(k: int) -> None:
         t, start, stop = chunks[k]
-        g = torch.Generator()
+        g = torch.Generator() if device.type == "cpu" else generator
         g.manual_seed(seeds[k])
-        t.view(-1)[start:stop].add_(torch.randn(stop - start, generator=g, dtype=t.dtype), alpha=std)
+        part = t.view(-1)[start:stop]
+        if secure_key is None:
+            part.add_(torch.randn(stop - start, generator=g, dtype=t.dtype), alpha=std)
+        else:
+            part.add_(secure_standard_normal(stop - start, g), alpha=std)
 
-    if pool is None or len(chunks) == 1:
+    if pool is None or len(chunks) == 1 or device.type != "cpu":
         for k in range(len(chunks)):
             draw(k)
     else:
         list(pool.map(draw, range(len(chunks))))
+
+
+def secure_standard_normal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """`(z_1 + ... + z_4) / 2`, the z_j consecutive float64 `randn(n)` draws from `generator`: N(0, 1)."""
+    z = torch.randn(n, generator=generator, dtype=torch.float64, device=generator.device)
+    draw = torch.empty_like(z)
+    for _ in range(SECURE_DRAWS - 1):
+        z.add_(torch.randn(n, generator=generator, dtype=torch.float64, device=generator.device, out=draw))
+    return z.mul_(0.5)
 
 
 def _device_key(device: torch.device) -> str:
@@ -261,9 +396,12 @@ def _device_key(device: torch.device) -> str:
 def _compiled_model_of(optimizer: torch.optim.Optimizer):
     """The bkfx-compiled model whose parameters `optimizer` steps, when `model=` is not given: its
     `.grad` must hold sums (a mean-reduced model would otherwise be divided by B twice)."""
+    return _compiled_model_of_params([p for group in optimizer.param_groups for p in group["params"]])
+
+
+def _compiled_model_of_params(params):
     from bkfx.compile import compiled_models_of
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     models = compiled_models_of(params)
     if len(models) > 1:
         raise ValueError(
