@@ -6,6 +6,7 @@ from bkfx.accounting import Accountant, epsilon, noise_multiplier_for
 from bkfx.data import PhysicalBatches, PoissonSampler, poisson_loader, split_physical_batches
 from bkfx.privacy import PrivateTraining, make_private
 from bkfx.checkpoint import load_checkpoint, save_checkpoint
+from bkfx.report import PrivacyReport, privacy_report
 from bkfx.errors import (
     BkfxError,
     CaptureError,
@@ -17,7 +18,7 @@ from bkfx.errors import (
 
 __all__ = [
     "compile", "DPModel", "DPOptimizer", "make_private", "PrivateTraining", "Accountant", "epsilon",
-    "noise_multiplier_for", "PoissonSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
+    "noise_multiplier_for", "privacy_report", "PrivacyReport", "PoissonSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
     "save_checkpoint", "load_checkpoint",
     "replace_batchnorm", "BkfxError", "CaptureError", "InPlaceModificationError",
     "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",

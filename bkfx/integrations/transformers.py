@@ -1,0 +1,367 @@
+"""DP-SGD with the Hugging Face `Trainer`: `DPTrainer`, a `transformers.Trainer` that trains privately.
+
+    from bkfx.integrations.transformers import DPTrainer, PrivacyArguments
+
+    args = TrainingArguments("out", per_device_train_batch_size=64,     # expected logical batch size
+                             num_train_epochs=3, max_grad_norm=0, ...)  # max_grad_norm=0: see below
+    trainer = DPTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                        privacy_args=PrivacyArguments(target_epsilon=3.0, target_delta=1e-5,
+                                                      per_sample_max_grad_norm=1.0, max_physical_batch_size=16))
+    trainer.train()                      # logs ε with the loss
+    trainer.evaluate()                   # the plain model: no clipping, no noise, eval mode
+    print(trainer.privacy_report())      # ε by RDP and PLD, σ, q, steps
+
+What each part of DP-SGD becomes in the Trainer:
+
+- **Poisson sampling.** Each optimizer step's logical batch holds each training example with
+  probability q = per_device_train_batch_size / N (`bkfx.poisson_loader`, seeded from
+  `PrivacyArguments.seed`, default `TrainingArguments.seed`); an epoch is round(1/q) steps.
+  The Trainer's samplers (shuffling, `group_by_length`) are not used.
+- **Clipping.** The model is compiled with `bkfx.compile(loss_reduction="sum")` (`trainer.dp_model`;
+  a peft model's base model, where its adapters live), so backward leaves the sum of clipped
+  per-sample gradients in `.grad`. The loss is computed per sample (`per_sample_loss`): sample i's
+  loss is the loss the model's head computes on sample i alone (a causal LM's shifted token mean
+  over its own tokens, a classifier's cross-entropy, ...); pass `per_sample_loss=` for other heads.
+- **Physical batches.** A logical batch is split into physical batches of at most
+  `max_physical_batch_size` examples inside one `training_step` (gradient accumulation of one
+  logical batch); the Trainer's `gradient_accumulation_steps` must stay 1, since Poisson
+  batches have no fixed number of parts.
+- **Noise.** The Trainer's optimizer is wrapped in a `bkfx.DPOptimizer`: N(0, σ²R²) added once per
+  step, the sum divided by the expected batch size q N. σ is `noise_multiplier`, or the smallest
+  that keeps the planned steps (`max_steps`, or `num_train_epochs` × round(1/q)) within
+  (target_epsilon, target_delta). The LR scheduler steps the wrapped optimizer's param_groups.
+- **Accounting.** Every step is recorded in `trainer.accountant`; ε at target_delta is logged
+  with the loss (`epsilon`) and `trainer.privacy_report()` prints RDP and PLD side by side.
+- **Evaluation** runs the Trainer's own loop on the original model (eval mode, no_grad): no
+  clipping, no noise, parameters and `.grad` untouched, no privacy spent.
+
+Refused, because they would silently change the mechanism: `TrainingArguments.max_grad_norm > 0`
+(it clips the batch's summed gradient before the noise; the per-sample threshold is
+`per_sample_max_grad_norm`), `gradient_accumulation_steps != 1`, `fp16` (use bf16 or float32),
+several processes or GPUs, `auto_find_batch_size`, `group_by_length`, `dataloader_drop_last`,
+`model_init` and `compute_loss_func`. The Trainer's `grad_norm` log entry is not written: it
+is the norm of the un-noised clipped sum, a statistic of the private batch. The logged training
+loss is not privatised either (as in Opacus); it is for monitoring.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from bkfx.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
+from bkfx.compile import compile as bkfx_compile
+from bkfx.data import PoissonSampler, batch_size_of, check_physical_batch_size, poisson_loader, split_physical_batches
+from bkfx.errors import BkfxError
+from bkfx.optimizer import DPOptimizer
+from bkfx.report import PrivacyReport, privacy_report
+
+IGNORE_INDEX = -100  # the label Hugging Face's token losses skip
+
+__all__ = ["DPTrainer", "PrivacyArguments", "per_sample_loss"]
+
+
+@dataclass
+class PrivacyArguments:
+    """The DP side of a `DPTrainer` run; the rest is `TrainingArguments`.
+
+    target_delta: δ, for calibrating σ and for the ε that is logged and reported.
+    target_epsilon | noise_multiplier: exactly one; target_epsilon calibrates σ to the planned steps.
+    per_sample_max_grad_norm, clipping, style: `bkfx.compile`'s max_grad_norm, clipping, style.
+    max_physical_batch_size: bound on the examples per forward/backward (None: the whole logical batch).
+    accountant: "rdp" or "pld", for the calibration and the logged ε.
+    seed: seeds the Poisson sampling and the noise (two independent streams, as `bkfx.make_private`);
+        None takes `TrainingArguments.seed`.
+    compile_options: more `bkfx.compile` options (norm_mode, memory_budget, batch_dim, ...).
+    """
+
+    target_delta: float
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    per_sample_max_grad_norm: float = 1.0
+    clipping: str = "abadi"
+    style: object = "all-layer"
+    max_physical_batch_size: int | None = None
+    accountant: str = "rdp"
+    seed: int | None = None
+    compile_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not 0 < self.target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {self.target_delta}")
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("pass exactly one of target_epsilon= (σ is then calibrated) and noise_multiplier=")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be positive, got {self.target_epsilon}")
+        if self.noise_multiplier is not None:
+            check_noise_multiplier(self.noise_multiplier)
+        if self.max_physical_batch_size is not None:
+            check_physical_batch_size(self.max_physical_batch_size)
+        if self.accountant not in METHODS:
+            raise ValueError(f"accountant must be one of {METHODS}, got {self.accountant!r}")
+        reserved = {"max_grad_norm", "clipping", "style", "loss_reduction"} & set(self.compile_options)
+        if reserved:
+            raise ValueError(f"compile_options cannot set {sorted(reserved)}: they are fields of PrivacyArguments "
+                             "(the loss is always summed over samples)")
+
+
+# ---- per-sample losses of Hugging Face heads ---------------------------------------------------
+
+_HEADS = {  # model.loss_type (or the class name's suffix) -> the loss of one sample
+    "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForMaskedLM": "token", "ForTokenClassification": "token",
+    "ForSequenceClassification": "sequence",
+}
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself: a peft model's base model (its adapters are injected there)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _head(model: nn.Module) -> str:
+    model = _base_model(model)
+    kind = getattr(model, "loss_type", None)
+    if kind in _HEADS:
+        return _HEADS[kind]
+    name = type(model).__name__
+    for suffix, head in _HEADS.items():
+        if name.endswith(suffix):
+            return head
+    raise BkfxError(
+        f"DPTrainer does not know the per-sample loss of {name}\n"
+        "  what to do: pass per_sample_loss=fn to DPTrainer, fn(outputs, labels) returning a [B] tensor whose entry i "
+        "is the loss of sample i alone"
+    )
+
+
+def _token_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample, the mean cross-entropy over its own tokens whose label is not -100 (0 if none)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # as Hugging Face's losses
+    tokens = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    counts = (labels != IGNORE_INDEX).flatten(1).sum(1)
+    return tokens.view(labels.shape[0], -1).sum(1) / counts.clamp(min=1)
+
+
+def per_sample_loss(model: nn.Module, outputs, labels: torch.Tensor) -> torch.Tensor:
+    """`[B]`: entry i is the loss `model`'s head computes with `labels` on sample i alone.
+
+    causal LM: logits at t predict label t + 1, mean over the sample's labels that are not -100;
+    masked LM, token classification: the same without the shift; sequence classification, by
+    `config.problem_type` as Hugging Face decides it: mean squared error (regression),
+    cross-entropy (single label), binary cross-entropy with logits averaged over the labels
+    (multi-label).
+    """
+    head = _head(model)
+    logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs[0]
+    if head == "causal-lm":
+        return _token_mean(logits[:, :-1], labels[:, 1:])
+    if head == "token":
+        return _token_mean(logits, labels)
+    config = _base_model(model).config
+    num_labels = config.num_labels
+    problem = config.problem_type or (
+        "regression" if num_labels == 1
+        else "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+    )
+    if problem == "regression":
+        target = labels.to(logits.dtype).reshape(logits.shape)
+        return (logits - target).pow(2).flatten(1).mean(1)
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), reduction="none")
+    losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    return losses.flatten(1).mean(1)
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+
+class DPTrainer(Trainer):
+    """A `transformers.Trainer` that trains with DP-SGD (see the module docstring).
+
+    per_sample_loss: fn(outputs, labels) -> [B] losses, one per sample; default the head's own
+    loss per sample (`bkfx.integrations.transformers.per_sample_loss`).
+    Attributes: `dp_model` (the compiled model), `accountant`, `noise_multiplier`, `sample_rate`,
+    `expected_batch_size`, `planned_steps`; `dp_optimizer` once training has created the optimizer.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args=None, *, privacy_args: PrivacyArguments,
+                 per_sample_loss: Callable | None = None, **trainer_options):
+        if not isinstance(privacy_args, PrivacyArguments):
+            raise TypeError(f"privacy_args must be a PrivacyArguments, got {type(privacy_args).__name__}")
+        if trainer_options.get("model_init") is not None:
+            raise ValueError("DPTrainer compiles one model: pass model=, not model_init=")
+        if trainer_options.get("compute_loss_func") is not None:
+            raise ValueError("DP-SGD needs the loss of each sample: pass per_sample_loss=fn (fn(outputs, labels) -> [B]) "
+                             "instead of compute_loss_func=")
+        if model is None:
+            raise ValueError("DPTrainer needs model=")
+        super().__init__(model=model, args=args, **trainer_options)
+        self.privacy_args = privacy_args
+        self._check_training_arguments()
+        self._per_sample_loss = per_sample_loss
+        if per_sample_loss is None:
+            _head(self.model)  # unknown heads are refused now, not at the first step
+
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+            raise ValueError("DPTrainer needs a map-style train_dataset (with __len__): Poisson sampling draws from all N examples")
+        num_samples = len(dataset)
+        batch = self.args.per_device_train_batch_size
+        if not 0 < batch <= num_samples:
+            raise ValueError(f"per_device_train_batch_size (the expected logical batch size) must be in [1, {num_samples}], "
+                             f"got {batch}")
+        self.expected_batch_size = batch
+        self.sample_rate = batch / num_samples
+        steps_per_epoch = PoissonSampler(num_samples, self.sample_rate, seed=0).steps
+        self.planned_steps = (self.args.max_steps if self.args.max_steps > 0
+                              else math.ceil(self.args.num_train_epochs * steps_per_epoch))
+        if privacy_args.noise_multiplier is not None:
+            self.noise_multiplier = float(privacy_args.noise_multiplier)
+        else:
+            self.noise_multiplier = noise_multiplier_for(
+                privacy_args.target_epsilon, self.sample_rate, self.planned_steps, privacy_args.target_delta,
+                privacy_args.accountant,
+            )
+        seed = privacy_args.seed if privacy_args.seed is not None else self.args.seed
+        sampling_seed, noise_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))  # as make_private
+        self._sampling_generator = torch.Generator().manual_seed(sampling_seed)  # one stream over every epoch and train()
+        self._noise_seed = noise_seed
+        self.accountant = Accountant(privacy_args.accountant)
+        trainable = _base_model(self.model)
+        self.dp_model = bkfx_compile(
+            trainable, max_grad_norm=privacy_args.per_sample_max_grad_norm, clipping=privacy_args.clipping,
+            style=privacy_args.style, loss_reduction="sum", **privacy_args.compile_options,
+        )
+        self._forward_options = {"use_cache": False} if "use_cache" in inspect.signature(trainable.forward).parameters else {}
+        if len(self.label_names) != 1:
+            raise ValueError(f"DPTrainer needs exactly one label field, got label_names={self.label_names}")
+
+    def _check_training_arguments(self) -> None:
+        args = self.args
+        refusals = [
+            (args.max_grad_norm not in (None, 0),
+             f"TrainingArguments.max_grad_norm={args.max_grad_norm} clips the batch's summed gradient before the noise, "
+             "which is not DP-SGD: set max_grad_norm=0 (the per-sample threshold is PrivacyArguments.per_sample_max_grad_norm)"),
+            (args.gradient_accumulation_steps != 1,
+             "Poisson-sampled logical batches have no fixed number of parts: keep gradient_accumulation_steps=1, set "
+             "per_device_train_batch_size to the expected logical batch size and bound memory with "
+             "PrivacyArguments.max_physical_batch_size"),
+            (args.fp16, "fp16 needs a GradScaler in the DP step; train in bf16 (bf16=True) or float32"),
+            (args.world_size > 1 or args.n_gpu > 1, "DPTrainer trains on one process and one device"),
+            (getattr(args, "auto_find_batch_size", False), "auto_find_batch_size would change the sample rate; use max_physical_batch_size"),
+            (getattr(args, "group_by_length", False), "group_by_length does not apply: batches are Poisson samples"),
+            (getattr(args, "dataloader_drop_last", False), "dataloader_drop_last does not apply: batches are Poisson samples"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ValueError(f"DPTrainer: {why}")
+
+    # -- the optimizer: DPOptimizer around the Trainer's -----------------------------------
+    @property
+    def dp_optimizer(self) -> DPOptimizer | None:
+        """The DPOptimizer the Trainer steps (inside accelerate's wrapper, if any)."""
+        optimizer = self.optimizer
+        while optimizer is not None and not isinstance(optimizer, DPOptimizer):
+            optimizer = getattr(optimizer, "optimizer", None)
+        return optimizer
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.dp_optimizer is not None:
+            return self.optimizer
+        optimizer = super().create_optimizer(*args, **kwargs)
+        trainable = {id(p) for p in self.dp_model.parameters() if p.requires_grad}
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not stepped <= {id(p) for p in self.dp_model.parameters()}:
+            raise ValueError("the optimizer updates parameters that are not the model's")
+        if trainable - stepped:
+            raise ValueError("the optimizer leaves some trainable parameters out: their clipped gradients would be "
+                             "computed and not used; freeze them (requires_grad=False) or give them to the optimizer")
+        self.optimizer = DPOptimizer(
+            optimizer, noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
+            seed=self._noise_seed, model=self.dp_model, accountant=self.accountant, sample_rate=self.sample_rate,
+        )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if optimizer is None and self.dp_optimizer is not None:
+            dp = self.dp_optimizer
+            # the scheduler sets the learning rates of the param_groups the DPOptimizer steps
+            optimizer = dp if isinstance(dp, torch.optim.Optimizer) else dp.optimizer
+        return super().create_scheduler(num_training_steps, optimizer=optimizer)
+
+    # -- data: Poisson-sampled logical batches ----------------------------------------------
+    def get_train_dataloader(self):
+        dataset, collate_fn = self.train_dataset, self.data_collator
+        if _is_hf_dataset(dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collate_fn = self._get_collator_with_removed_columns(collate_fn, description="training")
+        return poisson_loader(
+            dataset, self.sample_rate, generator=self._sampling_generator, collate_fn=collate_fn,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    # -- one DP step's gradients: every physical batch of a logical batch -----------------------
+    def per_sample_losses(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        """`[B]` losses of one physical batch: `per_sample_loss=`, or the model head's own loss per sample."""
+        if self._per_sample_loss is not None:
+            return self._per_sample_loss(outputs, labels)
+        return per_sample_loss(self.model, outputs, labels)
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """Forward and backward of each physical batch of the logical batch `inputs` through the
+        compiled model, the per-sample losses summed: `.grad` ends with the sum of clipped
+        per-sample gradients of the whole logical batch. Returns the mean loss of its samples."""
+        model.train()
+        inputs = dict(self._prepare_inputs(inputs))
+        label_name = self.label_names[0]
+        if label_name not in inputs:
+            raise ValueError(f"the training batch has no {label_name!r} field (the labels); it has {sorted(inputs)}")
+        labels = inputs.pop(label_name)
+        size = batch_size_of((inputs, labels))
+        total = torch.zeros((), device=self.args.device)
+        # an empty logical batch contributes nothing: its step is noise only
+        parts = split_physical_batches((inputs, labels), self.privacy_args.max_physical_batch_size or size) if size else []
+        for part, part_labels in parts:
+            with self.compute_loss_context_manager():
+                outputs = self.dp_model(**part, **self._forward_options)
+                losses = self.per_sample_losses(outputs, part_labels)
+            if losses.shape != (part_labels.shape[0],):
+                raise BkfxError(f"the per-sample loss must have shape [B] = [{part_labels.shape[0]}], one loss per "
+                                f"sample, got {list(losses.shape)}")
+            losses.sum().backward()
+            total += losses.detach().sum().to(total.dtype)
+        return total / max(size, 1)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None  # the norm of the un-noised clipped sum is a statistic of the private batch: not logged
+
+    # -- privacy spent -------------------------------------------------------------------------
+    def epsilon(self) -> float:
+        """ε at target_delta of the steps taken so far, by the accountant of PrivacyArguments."""
+        with _quiet_absl():
+            return self.accountant.epsilon(self.privacy_args.target_delta)
+
+    def privacy_report(self) -> PrivacyReport:
+        """ε at target_delta by RDP and by PLD, σ, q and the steps taken so far."""
+        return privacy_report(self.accountant, delta=self.privacy_args.target_delta)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs or "train_loss" in logs:
+            logs["epsilon"] = self.epsilon()
+        super().log(logs, *args, **kwargs)
+
+
+def _is_hf_dataset(dataset) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.Dataset)

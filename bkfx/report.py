@@ -1,0 +1,88 @@
+"""`bkfx.privacy_report`: the privacy a training run spent, by both accountants, side by side.
+
+    print(bkfx.privacy_report(accountant, delta=1e-5))
+
+    privacy spent (Poisson subsampled Gaussian, add/remove one example)
+      steps            150
+      sample rate q    0.19
+      noise σ          1.09
+      δ                1e-05
+      ε (RDP)          2.981
+      ε (PLD)          2.512
+
+RDP (Rényi DP, converted to (ε, δ)) is the classical bound; PLD (privacy loss distribution)
+composes numerically and is tighter. Both bound the same run; report the one the noise was
+calibrated with, or the smaller (PLD) when the analysis allows it. See `bkfx.accounting`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bkfx.accounting import METHODS, Accountant, _quiet_absl
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """ε at δ of a run by RDP and by PLD, with the run's σ, q and number of steps.
+
+    `runs` lists `(σ, q, steps)` for each stretch of steps with the same σ and q; `noise_multiplier`
+    and `sample_rate` are those of the run when there is one stretch, else None (see `runs`).
+    """
+
+    delta: float
+    epsilon_rdp: float
+    epsilon_pld: float
+    steps: int
+    noise_multiplier: float | None
+    sample_rate: float | None
+    runs: tuple[tuple[float, float, int], ...]
+
+    def epsilon(self, accountant: str) -> float:
+        """ε by `accountant` ("rdp" or "pld")."""
+        if accountant not in METHODS:
+            raise ValueError(f"accountant must be one of {METHODS}, got {accountant!r}")
+        return self.epsilon_rdp if accountant == "rdp" else self.epsilon_pld
+
+    def __str__(self) -> str:
+        rows = [("steps", f"{self.steps}")]
+        if len(self.runs) <= 1:
+            rows += [("sample rate q", _num(self.sample_rate)), ("noise σ", _num(self.noise_multiplier))]
+        else:
+            rows += [(f"run {k}: σ, q, steps", f"{_num(s)}, {_num(q)}, {n}") for k, (s, q, n) in enumerate(self.runs)]
+        rows += [("δ", f"{self.delta:g}"), ("ε (RDP)", f"{self.epsilon_rdp:.4g}"), ("ε (PLD)", f"{self.epsilon_pld:.4g}")]
+        width = max(len(name) for name, _ in rows)
+        lines = ["privacy spent (Poisson subsampled Gaussian, add/remove one example)"]
+        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def privacy_report(accountant: Accountant | None = None, *, delta: float, noise_multiplier: float | None = None,
+                   sample_rate: float | None = None, steps: int | None = None) -> PrivacyReport:
+    """The privacy spent by `accountant`'s history (or by `steps` steps at σ = noise_multiplier,
+    q = sample_rate), as ε at `delta` by both RDP and PLD."""
+    given = (noise_multiplier, sample_rate, steps)
+    if accountant is None:
+        if any(v is None for v in given):
+            raise ValueError("pass an Accountant, or noise_multiplier=, sample_rate= and steps=")
+        accountant = Accountant("rdp")
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, count=steps)
+    elif any(v is not None for v in given):
+        raise ValueError("pass either an Accountant or noise_multiplier=, sample_rate= and steps=, not both")
+    state = accountant.state_dict()
+    epsilons = {}
+    with _quiet_absl():  # RDP orders whose series does not converge are dropped, which only raises ε
+        for method in METHODS:
+            other = Accountant(method)
+            other.load_state_dict({**state, "method": method})
+            epsilons[method] = other.epsilon(delta)
+    runs = tuple((float(s), float(q), int(n)) for s, q, n in state["history"] if n > 0)
+    one = runs[0] if len(runs) == 1 else None
+    return PrivacyReport(
+        delta=float(delta), epsilon_rdp=epsilons["rdp"], epsilon_pld=epsilons["pld"],
+        steps=sum(n for _, _, n in runs), noise_multiplier=one[0] if one else None,
+        sample_rate=one[1] if one else None, runs=runs,
+    )
