@@ -168,7 +168,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "add_param_group: the new group's parameters belong to a bkfx-compiled model this optimizer was not "
                 "built with; build the DPOptimizer with model= that model instead"
             )
-        self.optimizer.add_param_group(param_group)
+        self.optimizer.add_param_group({**param_group, "params": params})  # a generator given is now consumed
 
     def generator_for(self, device: torch.device) -> torch.Generator:
         """The noise's generator on `device` (made on first use, seeded with the optimizer's seed)."""
@@ -378,10 +378,10 @@ def add_gaussian_noise_(
 
 def secure_standard_normal(n: int, generator: torch.Generator) -> torch.Tensor:
     """`(z_1 + ... + z_4) / 2`, the z_j consecutive float64 `randn(n)` draws from `generator`: N(0, 1)."""
-    z = torch.randn(n, generator=generator, dtype=torch.float64, device=generator.device)
+    z = torch.empty(n, dtype=torch.float64, device=generator.device).normal_(generator=generator)  # = randn's draws
     draw = torch.empty_like(z)
     for _ in range(SECURE_DRAWS - 1):
-        z.add_(torch.randn(n, generator=generator, dtype=torch.float64, device=generator.device, out=draw))
+        z.add_(draw.normal_(generator=generator))
     return z.mul_(0.5)
 
 
