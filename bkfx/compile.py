@@ -239,6 +239,12 @@ class DPModel(nn.Module):
         return list(self._clip.thresholds)
 
     @property
+    def capture_count(self) -> int:
+        """How many captures this model holds: one per input signature and mode it was called
+        with since it was compiled or last changed (a change to the model starts over)."""
+        return len(self._captures)
+
+    @property
     def per_group_norms(self) -> list | None:
         return None if self._last_tape is None else self._last_tape.group_norms
 

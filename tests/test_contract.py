@@ -21,7 +21,7 @@ def reference(model, loss_fn, inputs, targets, *, max_grad_norm=1.0, clipping="a
     grads = per_sample_gradients(model, loss_fn, inputs, targets)
     groups = None
     if style != "all-layer":
-        groups = bkfx.compile(model, style=style)._clip.groups
+        groups = bkfx.compile(model, style=style).clip_groups
     return clipped_sum_reference(
         grads, max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction, groups=groups
     )
@@ -96,13 +96,13 @@ def test_one_capture_serves_every_batch_size(device):
         out = dp(x)
         assert out.shape == (n, 3)
         assert torch.equal(out, model(x))
-    assert len(dp._captures) == 1
+    assert dp.capture_count == 1
     # a backward on a batch of one, through the capture made on three samples
     x1, y1 = batch(1, seed=11, device=device)
     expected, norms = reference(model, ce(), x1, y1, max_grad_norm=0.1)
     model.zero_grad(set_to_none=True)
     ce()(dp(x1), y1).backward()
-    assert len(dp._captures) == 1
+    assert dp.capture_count == 1
     assert_grads(model, expected)
     assert_close(dp.per_sample_norms, norms, "per-sample norms")
 
@@ -118,7 +118,7 @@ def test_first_call_on_one_sample_serves_larger_batches():
     x5, y5 = batch(5, seed=5)
     ce("sum")(dp(x5), y5).backward()
     expected, norms = reference(model, ce("sum"), x5, y5, max_grad_norm=0.1, loss_reduction="sum")
-    assert len(dp._captures) == 1
+    assert dp.capture_count == 1
     assert_grads(model, expected)
     assert_close(dp.per_sample_norms, norms, "per-sample norms")
 
@@ -130,7 +130,7 @@ def test_empty_batch_forward():
     x0 = torch.empty(0, 4, dtype=f64)
     out = dp(x0)
     assert out.shape == (0, 3) and out.dtype == f64
-    assert len(dp._captures) == 1
+    assert dp.capture_count == 1
 
 
 def test_empty_batch_backward_with_sum_leaves_zero_gradients():
@@ -204,10 +204,10 @@ def test_train_eval_switch_recaptures():
     dp = bkfx.compile(model, max_grad_norm=0.5)
     x, y = batch(6)
     dp(x)  # training mode: dropout active
-    assert len(dp._captures) == 1
+    assert dp.capture_count == 1
     model.eval()
     out = dp(x)
-    assert len(dp._captures) == 2
+    assert dp.capture_count == 2
     assert torch.equal(out, model(x))
     expected, norms = reference(model, ce(), x, y, max_grad_norm=0.5)
     model.zero_grad(set_to_none=True)
@@ -217,10 +217,10 @@ def test_train_eval_switch_recaptures():
     dp.train()  # switches the model too, back to the first capture
     assert model.training and model.drop.training
     dp(x)
-    assert len(dp._captures) == 2
+    assert dp.capture_count == 2
     dp.eval()
     assert not model.training and not model.drop.training
-    assert torch.equal(dp(x), model(x)) and len(dp._captures) == 2
+    assert torch.equal(dp(x), model(x)) and dp.capture_count == 2
 
 
 def test_per_sample_norms_are_the_reference_norms(device):
@@ -258,7 +258,7 @@ def test_clipping_styles_match_the_reference(style, n_groups, device):
     model = mlp(device=device)
     x, y = batch(6, device=device)
     dp, _ = assert_matches_reference(model, ce(), x, y, max_grad_norm=0.1, style=style)
-    assert len(dp._clip.groups) == n_groups
+    assert len(dp.clip_groups) == n_groups
 
 
 class WithUnused(nn.Module):

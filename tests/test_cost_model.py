@@ -124,12 +124,12 @@ def test_memory_budget_option_reaches_the_plan_and_both_modes_stay_exact():
     x, y = torch.randn(8, 3, 64, dtype=torch.float64), torch.randint(0, 3, (8,))
     loss_fn = nn.functional.cross_entropy
     roomy, _ = assert_matches_reference(model, loss_fn, x, y)
-    budget = roomy._last.graph_module.meta[META_BUDGET]
+    budget = roomy.graph_module.meta[META_BUDGET]
     assert budget.total > 0 and budget.source.startswith("50% of") and budget.activation_bytes > 0
     conv = next(s for s in roomy.sites if s.node.startswith("conv"))
     assert (conv.mode, conv.reason) == ("explicit", "fastest within budget") and not conv.ghost_at(8)
     tight, _ = assert_matches_reference(model, loss_fn, x, y, memory_budget=1)
-    assert tight._last.graph_module.meta[META_BUDGET].total == 1
+    assert tight.graph_module.meta[META_BUDGET].total == 1
     conv = next(s for s in tight.sites if s.node.startswith("conv"))
     assert (conv.mode, conv.reason, conv.explicit_up_to) == ("ghost", "explicit would exceed budget", 0)
     assert conv.ghost_at(8)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkfx
-from bkfx.explain import plan_records, plan_totals, seconds
+from bkfx.explain import plan_totals, seconds
 from bkfx.meta import META_BUDGET
 from passes.cost_model import DEVICES
 
@@ -154,7 +154,7 @@ def test_explain_table_shows_sizes_sources_formulas_and_totals():
     assert f"norm time = {100 * totals['time_ratio']:.0f}% of the non-private" in text
     assert fc1["mem_norm_value"] <= fc1["mem_explicit_value"]
     # the device, its constants and the budget; the estimates in seconds, per row and in total
-    budget = dp._last.graph_module.meta[META_BUDGET]
+    budget = dp.graph_module.meta[META_BUDGET]
     assert lines[1].startswith("device: cpu, compute float32; cost constants: 50G multiply-adds/s")
     assert lines[2].startswith(f"memory budget: {bkfx.explain.human(budget.total)}B (50% of available RAM")
     assert f"activations ~{bkfx.explain.human(budget.activation_bytes)}B per sample" in lines[2]
@@ -172,12 +172,12 @@ def test_a_budget_too_small_for_explicit_says_so_and_the_batch_it_allows():
     w = record(records, "weight")
     assert (w["mode"], w["decided_by"]) == ("explicit", "fastest within budget")
     assert w["est_explicit_s"] < w["est_ghost_s"] and f"explicit up to B={w['explicit_up_to']}" in w["why"]
-    budget = dp._last.graph_module.meta[META_BUDGET]
+    budget = dp.graph_module.meta[META_BUDGET]
     per_sample = budget.activation_bytes + budget.fixed_bytes + w["explicit_bytes"] // 4
     dp, records = planned(model, x, memory_budget=10 * per_sample)  # explicit for up to 10 samples
     w = record(records, "weight")
     assert w["explicit_up_to"] == 10 and (w["mode"], w["decided_by"]) == ("explicit", "fastest within budget")
-    at16 = next(r for r in plan_records(dp._last, batch=16) if r["params"] == ["weight"])
+    at16 = next(r for r in dp.plan(batch=16) if r["params"] == ["weight"])
     assert (at16["mode"], at16["mode_at_batch"], at16["decided_by"]) == ("ghost", "ghost", "explicit would exceed budget")
     assert at16["why"].startswith("explicit would exceed budget at B=16 (explicit up to B=10)")
     assert f"memory budget: {bkfx.explain.human(10 * per_sample)}B (memory_budget=)" in dp.explain()
@@ -185,7 +185,7 @@ def test_a_budget_too_small_for_explicit_says_so_and_the_batch_it_allows():
 
 def test_numbers_at_another_batch_size():
     dp, _ = planned(nn.Linear(3, 2), torch.randn(4, 3))
-    at16 = plan_records(dp._last, batch=16)
+    at16 = dp.plan(batch=16)
     assert {r["batch"] for r in at16} == {16}
     w = next(r for r in at16 if r["params"] == ["weight"])
     assert w["time_explicit_value"] == 2 * 16 * 3 * 2 and w["time_explicit"] == "12*B"

@@ -235,7 +235,7 @@ def test_empty_and_single_batches_through_model_and_optimizer():
     F.cross_entropy(dp(x[:1]), y[:1]).backward()
     opt.step()
     assert_params(model, {n: before[n] - 0.2 * expected[n] / 4 for n in before})
-    assert len(dp._captures) == 1
+    assert dp.capture_count == 1
 
 
 # -- gradient accumulation --------------------------------------------------------------

@@ -18,10 +18,14 @@ Families: `mlps` (depth, widths, activations, residuals, frozen layers, [B, d] o
 [B, T, d] inputs), `cnns` (Conv2d with stride, padding and groups, GroupNorm,
 residuals, global average pooling, a linear head), `sequence_models` (token embedding
 with padding index, learned positions, pre-LayerNorm blocks with causal self-attention
-and an MLP, a final LayerNorm, an output head tied to the embedding or not) and
-`functional_models` (raw parameters used in plain functional code: `F.linear`, `x @ W`,
-`einsum`, elementwise scales and shifts, an RMS-norm written by hand). `architectures()`
-draws from any of them. `Architecture.loss_fn` is cross entropy for classifiers and
+and an MLP, a final LayerNorm, an output head tied to the embedding or not; options:
+frozen parts, position tables of rank 2 or 3, a minimum width), `functional_models` (raw
+parameters used in plain functional code: `F.linear`, `x @ W`, `x @ Wᵀ`, `addmm` over
+merged `[B·T, d]` rows with alpha and beta, `einsum`, a vector product, elementwise
+scales and shifts of any broadcasting shape, an RMS-norm written by hand) and
+`tied_models` (one layer applied several times, one parameter used in several ways).
+`architectures()` draws from any of them. Every strategy takes `dtype` (float64 by
+default; `torch.float32` is checked at `bkfx.testing`'s float32 tolerance). `Architecture.loss_fn` is cross entropy for classifiers and
 language models and mean squared error otherwise, with the architecture's
 `loss_reduction`.
 """
@@ -30,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +46,7 @@ from bkfx.testing import assert_matches_reference
 ACTIVATIONS: dict[str, Callable] = {
     "relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid, "identity": lambda x: x,
 }
-FAMILIES = ("mlp", "cnn", "sequence", "functional")
+FAMILIES = ("mlp", "cnn", "sequence", "functional", "tied")
 _SEEDS = st.integers(0, 2**31 - 1)
 _ACTIVATION = st.sampled_from(sorted(ACTIVATIONS))
 
@@ -261,10 +265,18 @@ class SequenceSpec:
     batch: int
     seq: int
     seed: int
+    position_rank: int = 2  # 2: position [max_len, d] sliced [:T]; 3: [1, max_len, d] sliced [:, :T]
+    frozen: tuple[str, ...] = ()  # of "embedding", "position", "norms", "head": requires_grad_(False)
 
     def build(self, loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
-        idx = lambda: (torch.randint(0, self.vocab, (self.batch, self.seq)),)  # noqa: E731
-        return _built(self, lambda: SequenceModel(self), idx, "ce", loss_reduction, dtype)
+        return _built(self, lambda: SequenceModel(self), self._tokens, "ce", loss_reduction, dtype)
+
+    def _tokens(self) -> tuple[torch.Tensor]:
+        idx = torch.randint(0, self.vocab, (self.batch, self.seq))
+        if self.padding_idx is not None:  # some padding tokens, one at least
+            idx[torch.rand(idx.shape) < 0.3] = self.padding_idx
+            idx[0, 0] = self.padding_idx
+        return (idx,)
 
 
 class SelfAttention(nn.Module):
@@ -308,13 +320,22 @@ class SequenceModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.embedding = nn.Embedding(spec.vocab, spec.d, padding_idx=spec.padding_idx)
-        self.position = nn.Parameter(0.1 * torch.randn(spec.max_len, spec.d))
+        shape = (spec.max_len, spec.d) if spec.position_rank == 2 else (1, spec.max_len, spec.d)
+        self.position = nn.Parameter(0.1 * torch.randn(shape))
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.blocks))
         self.ln_f = nn.LayerNorm(spec.d) if spec.final_norm else nn.Identity()
         self.head = None if spec.tied else nn.Linear(spec.d, spec.vocab)
+        parts = {"embedding": [self.embedding], "position": [self.position], "head": [self.head],
+                 "norms": [m for m in self.modules() if isinstance(m, nn.LayerNorm)]}
+        for part in spec.frozen:
+            for p in parts[part]:
+                if p is not None:
+                    p.requires_grad_(False)
 
     def forward(self, idx):
-        h = self.embedding(idx) + self.position[: idx.shape[1]]
+        T = idx.shape[1]
+        position = self.position[:T] if self.spec.position_rank == 2 else self.position[:, :T]
+        h = self.embedding(idx) + position
         for block in self.blocks:
             h = block(h)
         h = self.ln_f(h)
@@ -322,30 +343,49 @@ class SequenceModel(nn.Module):
 
 
 @st.composite
-def sequence_models(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
-    """Language models on token ids `[B, T]` with a token-level cross-entropy loss."""
+def sequence_models(draw, batch=st.integers(1, 4), loss_reduction: str = "mean", dtype=torch.float64,
+                    frozen: bool = False, position_ranks=(2,), min_width: int = 1) -> Architecture:
+    """Language models on token ids `[B, T]` with a token-level cross-entropy loss.
+
+    `frozen`: also draw which parts are frozen (embedding, position, norms, head);
+    `position_ranks`: the position table's ranks to draw from (2: `[L, d]`, 3: `[1, L, d]`);
+    `min_width`: the smallest model width (LayerNorm over 1 or 2 features is rounding noise
+    in float32).
+    """
     heads = draw(st.integers(1, 2))
     vocab = draw(st.integers(2, 12))
     seq = draw(st.integers(1, 8))
-    d = heads * draw(st.integers(1, 4))
+    d = heads * draw(st.integers(max(1, -(-min_width // heads)), max(4, -(-min_width // heads))))
     spec = SequenceSpec(
         vocab=vocab, d=d, heads=heads, hidden=draw(st.integers(1, 12)),
         blocks=draw(st.integers(1, 2)), attention=draw(st.booleans()), activation=draw(_ACTIVATION),
         padding_idx=draw(st.none() | st.integers(0, vocab - 1)), tied=draw(st.booleans()),
         final_norm=draw(st.booleans()), max_len=seq + draw(st.integers(0, 4)), batch=draw(batch), seq=seq,
-        seed=draw(_SEEDS),
+        seed=draw(_SEEDS), position_rank=draw(st.sampled_from(list(position_ranks))),
+        frozen=tuple(sorted(draw(st.sets(st.sampled_from(["embedding", "position", "norms", "head"]))))) if frozen else (),
     )
     return spec.build(loss_reduction, dtype)
 
 
 # -- custom functional code on raw parameters -------------------------------------------------------
-FUNCTIONAL_OPS = ("linear", "matmul", "einsum", "scale", "shift", "rms_norm")
+FUNCTIONAL_OPS = ("linear", "matmul", "matmul_t", "addmm", "einsum", "vector", "scale", "shift", "rms_norm")
+_DENSE = {"linear": "pd", "matmul_t": "pd", "matmul": "dp", "addmm": "dp", "einsum": "dp"}  # weight [p, d] or [d, p]
+
+
+class FunctionalOp(NamedTuple):
+    kind: str  # one of FUNCTIONAL_OPS
+    width: int  # output width
+    activation: str
+    shape: tuple[int, ...] | None = None  # scale, shift: the parameter's shape, broadcast against a sample
+    bias: bool = False  # linear, addmm
+    alpha: float = 1.0  # addmm: beta * b + alpha * x @ W
+    beta: float = 1.0
 
 
 @dataclass(frozen=True)
 class FunctionalSpec:
     d_in: int
-    ops: tuple[tuple[str, int, str], ...]  # (kind, output width, activation)
+    ops: tuple[FunctionalOp, ...]
     batch: int
     seq: int | None
     seed: int
@@ -356,58 +396,155 @@ class FunctionalSpec:
 
 
 class Functional(nn.Module):
-    """Parameters `w0, w1, ...` used by plain functional code, one op each."""
+    """Parameters `w0, w1, ...` (and biases `b0, ...`) used by plain functional code, one op each."""
 
     def __init__(self, spec: FunctionalSpec):
         super().__init__()
         self.spec = spec
         d = spec.d_in
-        for i, (kind, width, _) in enumerate(spec.ops):
-            shape = {"linear": (width, d), "matmul": (d, width), "einsum": (d, width)}.get(kind, (d,))
-            dense = kind in ("linear", "matmul", "einsum")
-            init = torch.randn(shape) / math.sqrt(d) if dense else 1 + 0.3 * torch.randn(shape)
+        for i, op in enumerate(spec.ops):
+            if op.kind in _DENSE:
+                shape = (op.width, d) if _DENSE[op.kind] == "pd" else (d, op.width)
+                init = torch.randn(shape) / math.sqrt(d)
+            elif op.kind == "vector":
+                init = torch.randn(d) / math.sqrt(d)
+            else:
+                init = 1 + 0.3 * torch.randn(op.shape if op.shape is not None else (d,))
             self.register_parameter(f"w{i}", nn.Parameter(init))
-            d = width
+            if op.bias:
+                self.register_parameter(f"b{i}", nn.Parameter(0.1 * torch.randn(op.width)))
+            d = op.width
 
     def forward(self, x):
-        for i, (kind, _, activation) in enumerate(self.spec.ops):
-            w = getattr(self, f"w{i}")
-            if kind == "linear":
-                x = F.linear(x, w)
-            elif kind == "matmul":
+        for i, op in enumerate(self.spec.ops):
+            w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}", None)
+            if op.kind == "linear":
+                x = F.linear(x, w, b)
+            elif op.kind == "matmul":
                 x = x @ w
-            elif kind == "einsum":
+            elif op.kind == "matmul_t":
+                x = torch.matmul(x, w.t())
+            elif op.kind == "addmm":  # [B·T, d] rows for [B, T, d]: a merged sample dimension
+                flat = x.reshape(-1, w.shape[0])
+                out = torch.addmm(b, flat, w, beta=op.beta, alpha=op.alpha) if b is not None else op.alpha * (flat @ w)
+                x = out.reshape(*x.shape[:-1], w.shape[1])
+            elif op.kind == "einsum":
                 x = torch.einsum("btd,de->bte" if x.dim() == 3 else "bd,de->be", x, w)
-            elif kind == "scale":
+            elif op.kind == "vector":
+                x = (x @ w).unsqueeze(-1)
+            elif op.kind == "scale":
                 x = x * w
-            elif kind == "shift":
+            elif op.kind == "shift":
                 x = x + w
-            elif kind == "rms_norm":
+            elif op.kind == "rms_norm":
                 x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-            x = ACTIVATIONS[activation](x)
+            x = ACTIVATIONS[op.activation](x)
         return x
 
 
+def broadcast_shapes(seq: int | None, d: int) -> list[tuple[int, ...]]:
+    """Parameter shapes that broadcast against one sample's `[d]` or `[T, d]` without growing it."""
+    shapes = [(), (1,), (d,), (1, d)]
+    if seq is not None:
+        shapes += [(seq, d), (seq, 1), (1, seq, d), (1, 1, d)]
+    return shapes
+
+
 @st.composite
-def functional_models(draw, batch=st.integers(1, 6), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
-    """Functional code on raw parameters, on `[B, d]` or `[B, T, d]` inputs, with an MSE loss."""
+def functional_models(draw, batch=st.integers(1, 6), loss_reduction: str = "mean", dtype=torch.float64,
+                      ops=FUNCTIONAL_OPS) -> Architecture:
+    """Functional code on raw parameters (`ops`: kinds to draw from), on `[B, d]` or `[B, T, d]`
+    inputs, with an MSE loss."""
+    seq = draw(st.none() | st.integers(1, 6))
     d = d_in = draw(st.integers(1, 8))
-    ops = []
+    drawn = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(FUNCTIONAL_OPS))
-        width = draw(st.integers(1, 8)) if kind in ("linear", "matmul", "einsum") else d
-        ops.append((kind, width, draw(_ACTIVATION)))
-        d = width
-    spec = FunctionalSpec(d_in=d_in, ops=tuple(ops), batch=draw(batch), seq=draw(st.none() | st.integers(1, 6)),
-                          seed=draw(_SEEDS))
+        kind = draw(st.sampled_from(list(ops)))
+        op = FunctionalOp(kind, draw(st.integers(1, 8)) if kind in _DENSE else (1 if kind == "vector" else d),
+                          draw(_ACTIVATION))
+        if kind in ("scale", "shift"):
+            op = op._replace(shape=draw(st.sampled_from(broadcast_shapes(seq, d))))
+        elif kind in ("linear", "addmm"):
+            op = op._replace(bias=draw(st.booleans()))
+            if kind == "addmm":
+                op = op._replace(**dict(zip(("alpha", "beta"), draw(st.sampled_from([(1.0, 1.0), (2.0, 0.5)])))))
+        drawn.append(op)
+        d = op.width
+    spec = FunctionalSpec(d_in=d_in, ops=tuple(drawn), batch=draw(batch), seq=seq, seed=draw(_SEEDS))
     return spec.build(loss_reduction, dtype)
 
 
-_FAMILY_STRATEGIES = {"mlp": mlps, "cnn": cnns, "sequence": sequence_models, "functional": functional_models}
+# -- tied sites: one layer applied several times, one parameter used in several ways --------------
+TIED_USES = ("linear", "matmul", "matmul_t", "scale_row", "shift_diagonal", "fc_weight_matmul", "fc_bias_scale")
+
+
+@dataclass(frozen=True)
+class TiedSpec:
+    d: int
+    repeats: int  # the same nn.Linear(d, d) applied this many times in sequence
+    bias: bool
+    activation: str
+    uses: tuple[str, ...]  # then further uses of W [d, d] and of the layer's own parameters (TIED_USES)
+    batch: int
+    seq: int | None
+    seed: int
+
+    def build(self, loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+        shape = (self.batch, self.d) if self.seq is None else (self.batch, self.seq, self.d)
+        return _built(self, lambda: Tied(self), lambda: (torch.randn(shape),), "mse", loss_reduction, dtype)
+
+
+class Tied(nn.Module):
+    def __init__(self, spec: TiedSpec):
+        super().__init__()
+        self.spec = spec
+        self.fc = nn.Linear(spec.d, spec.d, bias=spec.bias)
+        self.W = nn.Parameter(torch.randn(spec.d, spec.d) / math.sqrt(spec.d))
+
+    def forward(self, x):
+        act = ACTIVATIONS[self.spec.activation]
+        h = x
+        for _ in range(self.spec.repeats):
+            h = act(self.fc(h))
+        for use in self.spec.uses:
+            if use == "linear":
+                h = F.linear(h, self.W)
+            elif use == "matmul":
+                h = h @ self.W
+            elif use == "matmul_t":
+                h = torch.matmul(h, self.W.t())
+            elif use == "scale_row":
+                h = h * self.W[0]
+            elif use == "shift_diagonal":
+                h = h + torch.diagonal(self.W)
+            elif use == "fc_weight_matmul":
+                h = h @ self.fc.weight
+            elif use == "fc_bias_scale":
+                h = h * self.fc.bias
+            h = act(h)
+        return h
+
+
+@st.composite
+def tied_models(draw, batch=st.integers(1, 6), loss_reduction: str = "mean", dtype=torch.float64) -> Architecture:
+    """Parameters shared between sites: a layer applied 2-3 times, then a matrix W used as a
+    linear map, transposed, by row and by diagonal, and the layer's own weight and bias reused."""
+    bias = draw(st.booleans())
+    uses = [u for u in TIED_USES if bias or u != "fc_bias_scale"]
+    spec = TiedSpec(
+        d=draw(st.integers(1, 12)), repeats=draw(st.integers(2, 3)), bias=bias, activation=draw(_ACTIVATION),
+        uses=tuple(draw(st.lists(st.sampled_from(uses), max_size=4))), batch=draw(batch),
+        seq=draw(st.none() | st.integers(1, 8)), seed=draw(_SEEDS),
+    )
+    return spec.build(loss_reduction, dtype)
+
+
+_FAMILY_STRATEGIES = {"mlp": mlps, "cnn": cnns, "sequence": sequence_models, "functional": functional_models,
+                      "tied": tied_models}
 
 
 def architectures(families=FAMILIES, loss_reduction: str = "mean", dtype=torch.float64) -> st.SearchStrategy:
-    """Any of the families (`"mlp"`, `"cnn"`, `"sequence"`, `"functional"`), float64 by default."""
+    """Any of the families (`"mlp"`, `"cnn"`, `"sequence"`, `"functional"`, `"tied"`), float64 by default."""
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown architecture families {sorted(unknown)}; choose from {FAMILIES}")
