@@ -10,7 +10,7 @@ backward leaves clipped per-sample gradient sums in `.grad`, wraps the optimizer
 Gaussian noise once per step, Poisson-samples the training set, and calibrates the noise
 multiplier so that the whole run is (ε, δ)-DP. The loop below is the non-private one.
 Each epoch prints ε spent so far and test accuracy; a plot of accuracy against ε goes to
-examples/results/.
+examples/results/, and the run ends with the privacy report (ε by RDP and by PLD, σ, q, steps).
 """
 from __future__ import annotations
 
@@ -135,6 +135,7 @@ def main(argv=None):
                       f"δ {args.delta:g}")
     print(f"done in {time.perf_counter() - start:.1f}s: test accuracy {curve[-1][1]:.3f} at ε {curve[-1][0]:.3f} "
           f"(δ {args.delta:g}, σ {optimizer.noise_multiplier:.3f}, R {args.max_grad_norm}); plot: {path}")
+    print(bkfx.privacy_report(accountant, delta=args.delta))
 
 
 if __name__ == "__main__":
