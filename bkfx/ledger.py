@@ -329,7 +329,11 @@ class Record:
                     "avoid in-place operations (x += y, x.mul_(...)) on activations that feed parameters; "
                     "use the out-of-place form",
                 )
-        call = SiteCall(site.op, self.args, self.kwargs, g, site.layouts, site.out_layout, tape.batch, self.saved)
+        call = SiteCall(
+            site.op, self.args, self.kwargs, g, site.layouts,
+            site.out_layout if site.out_layouts is None else site.out_layouts, tape.batch, self.saved,
+            fallback_paths=tuple(o.path for o in site.operands if o.rule.fallback),
+        )
         with self.autocast.apply():
             pieces = [(operand, operand.rule.piece(call, operand.path)) for operand in site.operands]
         with NO_AUTOCAST.apply():

@@ -104,11 +104,11 @@ def _layouts(node: Node) -> dict[tuple, SampleLayout]:
 
 
 def _site(gm, node: Node, operands, index: int, batch) -> Site:
-    if not isinstance(node.meta.get(META_LAYOUT), SampleLayout):
-        raise node_error(
-            UnsupportedOperationError, node, "a parametric operation with several outputs is not supported yet",
-            "write the operation with single-output functions",
-        )
+    """With several outputs (an RNN, an embedding bag), `out_layouts` holds each one's layout and
+    `out_layout` the first one's with a sample dimension; the rules get a tuple of output gradients."""
+    out_layouts = node.meta[META_LAYOUT]
+    several = isinstance(out_layouts, tuple)
+    out_layout = next(lo for lo in out_layouts if isinstance(lo, SampleLayout)) if several else out_layouts
     layouts = _layouts(node)
     rule = lookup(op_name(node))
     built = []
@@ -122,11 +122,11 @@ def _site(gm, node: Node, operands, index: int, batch) -> Site:
         used = rule
         spec = rule.spec(node, path, batch) if rule is not None else None
         if spec is None:
-            used, spec = FALLBACK, FALLBACK.spec(node, path, batch, layouts, node.meta[META_LAYOUT])
+            used, spec = FALLBACK, FALLBACK.spec(node, path, batch, layouts, out_layouts)
         built.append(_operand(gm, path, operand, spec, used))
     return Site(
         id=index, node=node.name, op=node.target, source=user_source_line(node), module=module_path(node),
-        operands=built, layouts=layouts, out_layout=node.meta[META_LAYOUT],
+        operands=built, layouts=layouts, out_layout=out_layout, out_layouts=out_layouts if several else None,
     )
 
 

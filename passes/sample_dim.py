@@ -26,6 +26,10 @@ dimension to keep its size. Rules:
   identity `arange(B)` (how Hugging Face builds masks from a padding attention_mask):
   `META_IDENTITY` marks values proven to equal their own sample index.
 
+Ops with several outputs whose samples lie in different places (an RNN's output and its final
+hidden states, an embedding bag's bags and its flat ids) have a *layout rule* instead, which
+proves separability and gives each output's layout (`layout_rule`).
+
 A sample-dependent op with no rule is marked `META_PROBE`: `passes.probe` checks it
 numerically at capture (perturb one sample, every other sample's output must stay
 bit-identical) and refuses it if it mixes. Whatever mixes is refused with
@@ -40,7 +44,7 @@ import sympy
 import torch
 from torch.fx import GraphModule, Node
 
-from bkfx.errors import SampleMixingError, node_error
+from bkfx.errors import SampleMixingError, UnsupportedOperationError, node_error
 from bkfx.layout import SampleLayout
 from bkfx.meta import META_BATCH, META_BATCH_DIMS, META_DEPENDENT, META_IDENTITY, META_LAYOUT, META_PROBE
 from bkfx.node import arguments, op_name, shape_of, sym
@@ -142,6 +146,8 @@ def _dependent_layouts(node: Node, outputs: list, batch) -> list:
                 f"the result has the sample dimension twice (dims {dims}), so it pairs different samples",
                 "keep each sample's computation separate: no products or comparisons between samples",
             )
+    if name in _LAYOUT_RULES:
+        return _LAYOUT_RULES[name](node, shapes, batch)
     if name in _RESHAPES:
         dep = [n for n in node.all_input_nodes if n.meta.get(META_DEPENDENT)]
         src = node.args[0] if node.args[0] in dep else dep[0]
@@ -307,6 +313,22 @@ def sample_rule(*names: str):
     def register(fn):
         for name in names:
             _RULES[name] = fn
+        return fn
+
+    return register
+
+
+# ops with several outputs that lay out samples differently from each other: `rule(node, shapes,
+# batch) -> [SampleLayout | None per output]`, proving separability itself
+_LAYOUT_RULES: dict[str, Callable[[Node, list, sympy.Symbol], list]] = {}
+
+
+def layout_rule(*names: str):
+    """Register a layout rule (an RNN's output and hidden states, an embedding bag's bags and flat ids)."""
+
+    def register(fn):
+        for name in names:
+            _LAYOUT_RULES[name] = fn
         return fn
 
     return register
@@ -749,7 +771,7 @@ def _attention(node):
     return out
 
 
-@sample_rule("embedding", "_embedding_bag")
+@sample_rule("embedding")
 def _embedding(node):
     weight, indices = node.args[:2]
     return [(weight, lambda j: None), (indices, _identity)]
@@ -809,3 +831,101 @@ def _index(node):
         if isinstance(i, Node):
             out.append((i, lambda j, rank_i=_rank(i): start + j + R - rank_i))
     return out
+
+
+# ---- layout rules: several outputs, samples laid out differently ---------------------------------
+
+
+def _expect_layouts(node: Node, shapes, expected: list, batch) -> list:
+    """`expected` (a layout or None per output) after checking each output's shape against it."""
+    for shape, lo in zip(shapes, expected):
+        dims = [i for i, s in enumerate(shape or []) if s.has(batch)]
+        want = [] if lo is None else [lo.dim]
+        if dims != want or (lo is not None and shape[lo.dim] != lo.before * batch * lo.after):
+            raise node_error(
+                SampleMixingError, node,
+                f"{op_name(node)} returns an output of shape {shape} whose sample dimension is not where its inputs' "
+                f"samples map ({lo.describe() if lo is not None else 'none'})",
+                "operate on each sample separately",
+            )
+    return expected
+
+
+_RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+
+
+@layout_rule(*_RECURRENT)
+def _recurrent(node, shapes, batch):
+    """`output, h_n[, c_n] = rnn(x, hx, params, ..., batch_first)`: the recurrence runs along time
+    within each sequence, so x's batch dimension (0 if batch_first, else 1) maps to the output's and
+    the initial states' dimension 1 to the final states'; the parameters are not per-sample."""
+    args = arguments(node)
+    if "batch_sizes" in args:
+        raise node_error(
+            UnsupportedOperationError, node,
+            "a packed sequence (nn.utils.rnn.pack_padded_sequence) interleaves the samples' time steps in one "
+            "flat tensor, so bkfx cannot split it per sample",
+            "pass the padded [B, T, d] batch to the RNN and select each sample's last valid step (or mask the "
+            "padded steps) after it",
+        )
+    x, hx = args["input"], args["hx"]
+    bdim = (0 if args["batch_first"] else 1) if _rank(x) == 3 else None  # an unbatched [T, d] input
+    maps = [(x, {bdim: bdim}.get if bdim is not None else (lambda k: None))]
+    maps += [(h, {1: bdim}.get) for h in (hx if isinstance(hx, (list, tuple)) else [hx]) if isinstance(h, Node)]
+    _, before, after = _mapped(node, maps, op_name(node))
+    expected = [SampleLayout(bdim, before, after)] + [SampleLayout(1, before, after)] * (len(shapes) - 1)
+    return _expect_layouts(node, shapes, expected, batch)
+
+
+@layout_rule("embedding_bag", "_embedding_bag")
+def _embedding_bag(node, shapes, batch):
+    """`embedding_bag(W, ids, offsets, ...)`: bag k holds the flat ids from `offsets[k]` to the next
+    offset. Bags are samples when each sample's T ids lie contiguously in `ids` (`[B*T]`, as
+    nn.EmbeddingBag flattens a `[B, T]` input; per_sample_weights alike) and offsets is
+    `arange(0, ·, T)` (bag i starts at i*T). Outputs of the bags' size are per sample; outputs of
+    the ids' size (offset2bag) keep the ids' layout."""
+    args = arguments(node)
+    weight, ids, offsets = args["weight"], args["indices"], args["offsets"]
+    weights = args.get("per_sample_weights")
+    if weight.meta.get(META_DEPENDENT):
+        raise node_error(
+            SampleMixingError, node, "the embedding table is computed from samples, so one sample's rows are read by all",
+            "index a table that does not depend on the batch",
+        )
+    lo = ids.meta.get(META_LAYOUT)
+    wlo = weights.meta.get(META_LAYOUT) if isinstance(weights, Node) else None
+    step = _arange_step(offsets, batch)
+    T = lo.after if isinstance(lo, SampleLayout) else None
+    if (
+        not isinstance(lo, SampleLayout) or lo.dim != 0 or lo.before != 1 or step is None or step != T
+        or args.get("include_last_offset") or offsets.meta.get(META_DEPENDENT)
+        or (isinstance(weights, Node) and weights.meta.get(META_DEPENDENT) and wlo != lo)
+    ):
+        raise node_error(
+            SampleMixingError, node,
+            "the bags of this embedding bag are not the samples: bkfx splits them per sample only when the ids are a "
+            "[B, T] batch (flattened by nn.EmbeddingBag, with offsets arange(0, B*T, T)), not flat ids with offsets "
+            "from the data",
+            "pass the ids as a [B, T] tensor (pad bags of different lengths with padding_idx), per_sample_weights "
+            "of the same shape, and no offsets",
+        )
+    expected = []
+    for shape in shapes:
+        dims = [i for i, s in enumerate(shape or []) if s.has(batch)]
+        d = dims[0] if dims else None
+        expected.append(None if d is None else SampleLayout(d) if shape[d] == batch else SampleLayout(d, 1, T))
+    return _expect_layouts(node, shapes, expected, batch)
+
+
+def _arange_step(node, batch) -> int | None:
+    """T when `node` is `arange(0, end, T)` with B entries (an offset every T ids), else None."""
+    if not isinstance(node, Node) or op_name(node) != "arange" or shape_of(node) != [batch]:
+        return None
+    if node.target is aten.arange.default:
+        return 1
+    args = arguments(node)
+    if args.get("start", 0) != 0:
+        return None
+    step = args.get("step", 1)
+    step = step.meta.get("val") if isinstance(step, Node) else step
+    return int(step) if isinstance(step, int) or (isinstance(step, torch.SymInt) and sym(step).is_Integer) else None

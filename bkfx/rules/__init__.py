@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import sympy
@@ -57,11 +57,13 @@ class SiteCall:
     op: Any
     args: tuple  # the op's arguments as called (parameter operands detached)
     kwargs: dict
-    g: torch.Tensor  # gradient of the site's output
+    g: torch.Tensor  # gradient of the site's output; with several outputs a tuple, None where none arrived
     layouts: dict[Path, SampleLayout]  # arguments with a sample dimension
-    out_layout: SampleLayout
+    out_layout: SampleLayout  # with several outputs a tuple (SampleLayout or None per output)
     batch: int
     saved: Any = None  # what the rule's `forward` kept from the forward pass (None without one)
+    fallback_paths: tuple = ()  # the operands the fallback serves: it pulls back to all of them at once
+    cache: dict = field(default_factory=dict)  # pieces computed together for several operands, by path
 
 
 @runtime_checkable

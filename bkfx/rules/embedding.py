@@ -45,3 +45,31 @@ class Embedding:
         flat = moved.reshape(call.batch, math.prod(moved.shape[1:]))
         mask = (flat != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
         return Factored(OneHot(flat, weight.shape[0], mask), Dense(rows(call.g, call.out_layout, -1)))
+
+
+@rule("index_select")
+class IndexSelect:
+    """`index_select(W, 0, ids)` with per-sample ids is `W[ids]`, an embedding: `G_i = onehot(ids_i)ᵀ g_i`
+    with the trailing dimensions of W flattened (other dimensions: the fallback)."""
+
+    one_hot_left = True
+
+    def spec(node, path, batch):
+        weight = node.args[0]
+        if path != (0,) or int(node.args[1]) % len(shape_of(weight)) != 0:
+            return None
+        V, *rest = shape_of(weight)
+        d = numel(rest)
+        T = numel(shape_of(node.args[2])) / batch
+        return PieceSpec(
+            "factored", T, V, d,
+            time_ghost=batch * T**2 * (d + 2), mem_ghost=2 * batch * T**2,
+            time_explicit=2 * batch * V * d, mem_explicit=batch * V * d,
+        )
+
+    def piece(call, path):
+        weight, ids = call.args[0], call.args[2]
+        d = math.prod(weight.shape[1:])
+        flat = batch_first(ids, call.layouts[(2,)]).reshape(call.batch, -1)
+        g = batch_first(call.g, call.out_layout).reshape(call.batch, -1, d)
+        return Factored(OneHot(flat, weight.shape[0]), Dense(g))

@@ -2,8 +2,13 @@
 
 `G_i = vjp(P ↦ op(..., x_i, ..., P), P)(g_i)`, vectorised over samples with
 `torch.func.vmap`: each sample's arguments keep a batch dimension of size 1, so the op
-sees the shapes it expects. Arguments whose sizes name the batch (e.g. a view to
-`[B, ...]`) cannot be split per sample and are refused when the site is planned.
+sees the shapes it expects. Every parameter operand the fallback serves at a site is pulled
+back in the same vjp (an LSTM's weights and biases: one per-sample backward, not one each).
+An op with several outputs (an RNN's output and final states) is pulled back from the
+gradients of those outputs that received one. Arguments whose sizes name the batch (e.g. a
+view to `[B, ...]`) cannot be split per sample and are refused when the site is planned, and
+so is an op that draws random numbers (RNN dropout between layers): re-run per sample, it
+would draw others than the forward pass did.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from torch.func import vjp, vmap
 
 from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.factors import Explicit
-from bkfx.node import shape_of
+from bkfx.node import arguments, shape_of
 from bkfx.plan import get_path, set_path
 from bkfx.rules import explicit_spec
 
@@ -22,8 +27,16 @@ class Fallback:
 
     @staticmethod
     def spec(node, path, batch, layouts, out_layout):
-        for layout in [*layouts.values(), out_layout]:
-            if layout.merged:
+        outs = _float_outputs(node, out_layout)
+        if any(layout is None for layout in outs):
+            raise node_error(
+                UnsupportedOperationError, node,
+                "no rule knows this operation, and one of its outputs has no sample dimension, so the generic "
+                "fallback cannot split its gradient per sample",
+                "compute that output outside the operation, from per-sample values",
+            )
+        for layout in [*layouts.values(), *outs]:
+            if layout is not None and layout.merged:
                 raise node_error(
                     UnsupportedOperationError, node,
                     "no rule knows this operation, and the generic fallback needs a plain sample dimension, "
@@ -36,29 +49,70 @@ class Fallback:
                 "no rule knows this operation, and its arguments name the batch size, so it cannot run per sample",
                 "pass sizes as -1 or compute them from the tensor inside the operation",
             )
+        if _draws_random_numbers(node):
+            raise node_error(
+                UnsupportedOperationError, node,
+                "this operation draws random numbers (dropout between an RNN's layers), and the generic fallback "
+                "re-runs it per sample in backward, where it would draw other numbers than the forward pass",
+                "set dropout=0 and apply nn.Dropout between single-layer RNNs instead (or use eval mode)",
+            )
         return explicit_spec(shape_of(get_path(node.args, path)), batch)
 
     @staticmethod
     def piece(call, path):
-        paths = list(call.layouts)
-        samples = [get_path(call.args, p) for p in paths]
-        dims = [call.layouts[p].dim for p in paths]
-        param = get_path(call.args, path)
-        if call.batch == 0:
-            return Explicit(param.new_zeros(0, *param.shape))
+        if path not in call.cache:
+            paths = call.fallback_paths if path in call.fallback_paths else (path,)
+            call.cache.update(_pull_back(call, paths))
+        return call.cache.pop(path)
 
-        def per_sample(g_i, *xs):
-            def f(p):
-                args = set_path(call.args, path, p)
-                for q, x, d in zip(paths, xs, dims):
-                    args = set_path(args, q, x.unsqueeze(d))
-                return call.op(*args, **call.kwargs)
 
-            _, pullback = vjp(f, param)
-            return pullback(g_i.unsqueeze(call.out_layout.dim))[0]
+def _pull_back(call, paths) -> dict:
+    """`{path: Explicit([B, *param.shape])}` for these parameter operands, in one vmap of one vjp."""
+    several = isinstance(call.g, tuple)
+    gs = call.g if several else (call.g,)
+    out_layouts = call.out_layout if several else (call.out_layout,)
+    used = [k for k, g in enumerate(gs) if g is not None]
+    params = [get_path(call.args, p) for p in paths]
+    if call.batch == 0 or not used:
+        return {p: Explicit(w.new_zeros(call.batch, *w.shape)) for p, w in zip(paths, params)}
+    sample_paths = list(call.layouts)
+    samples = [get_path(call.args, p) for p in sample_paths]
+    dims = [call.layouts[p].dim for p in sample_paths]
+    out_dims = tuple(out_layouts[k].dim for k in used)
 
-        G = vmap(per_sample, in_dims=(call.out_layout.dim, *dims))(call.g, *samples)
-        return Explicit(G)
+    def per_sample(g_i, xs):
+        def f(*ps):
+            args = call.args
+            for p, w in zip(paths, ps):
+                args = set_path(args, p, w)
+            for q, x, d in zip(sample_paths, xs, dims):
+                args = set_path(args, q, x.unsqueeze(d))
+            out = call.op(*args, **call.kwargs)
+            return tuple(out[k] for k in used) if several else out
+
+        _, pullback = vjp(f, *params)
+        cotangents = tuple(g.unsqueeze(d) for g, d in zip(g_i, out_dims))
+        return pullback(cotangents if several else cotangents[0])
+
+    grads = vmap(per_sample, in_dims=(out_dims, dims))(tuple(gs[k] for k in used), samples)
+    return {p: Explicit(G) for p, G in zip(paths, grads)}
+
+
+def _float_outputs(node, out_layout) -> list:
+    """The layouts of the outputs that can carry gradients (floating point ones)."""
+    if not isinstance(out_layout, tuple):
+        return [out_layout]
+    vals = node.meta.get("val")
+    return [lo for lo, v in zip(out_layout, vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def _draws_random_numbers(node) -> bool:
+    """A random op (tagged nondeterministic_seeded) unless its arguments turn the randomness off
+    (an RNN's dropout 0 or train False)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    args = arguments(node)
+    return not (args.get("dropout", None) == 0 or args.get("train", None) is False)
 
 
 def _names_batch(args, batch) -> bool:
