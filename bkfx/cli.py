@@ -37,15 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkfx
-from bkfx.errors import BkfxError
+from bkfx.errors import BkfxError, CommandLineError
 
 TOLERANCE = 1e-6  # float64, as in bkfx.testing.assert_matches_reference
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
-
-
-class CommandLineError(BkfxError):
-    """The command's input is unusable: the file, the factory, the model, the shape or an option."""
 
 
 # -- loading the model and its input -------------------------------------------------------------------

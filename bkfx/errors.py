@@ -26,6 +26,14 @@ class NotCapturedError(BkfxError):
     """The model has not been called yet, so there is no graph to show."""
 
 
+class RenderError(BkfxError):
+    """The graph cannot be drawn: an unknown format, or no drawing engine installed."""
+
+
+class CommandLineError(BkfxError):
+    """The command's input is unusable: the file, the factory, the model, the shape or an option."""
+
+
 def node_error(cls: type[BkfxError], node, problem: str, advice: str) -> BkfxError:
     """An error of class `cls` that names the graph node, its ATen operation and the user's line."""
     from bkfx.source import user_source_line

@@ -128,51 +128,64 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
     for site in compiled.sites:
         node = nodes.get(site.node)
         for operand in site.operands:
-            spec = operand.spec
-            decision = site.decision(operand, size)
-            rec = {
-                "site": site.id,
-                "node": site.node,
-                "op": str(site.op),
-                "source": site.source,
-                "module": site.module,
-                "params": list(operand.params),
-                "param_shapes": {n: shapes.get(n) for n in operand.params},
-                "operand": ",".join(map(str, operand.path)),
-                "chain": operand.chain,
-                "kind": spec.kind,
-                "rule": operand.rule.name,
-                "sample_dim": site.out_layout.describe(),
-                "input_sample_dims": {",".join(map(str, path)): lo.describe() for path, lo in site.layouts.items()},
-                "out_shape": shape_in_B(node.meta.get("val") if node is not None else None, symbol),
-                "tied_sites": sorted({s for n in operand.params for s in users[n]} - {site.id}),
-                "batch": size,
-                "mode": decision.mode,
-                "mode_at_batch": site.mode_at(size) if spec.kind == "factored" else decision.mode,
-                "decided_by": decision.decided_by,
-                "reason": decision.reason,
-                "why": _why(site, decision, symbol, size),
-            }
-            for key, expr in (("T", spec.T), ("p", spec.m), ("d", spec.n)):
-                rec[key + "_expr"] = str(_in_B(expr, symbol))
-                rec[key] = _at(_in_B(expr, symbol), size)
-            costs = {key: _in_B(getattr(spec, key), symbol) for key in _COSTS}
-            ghost = rec["mode_at_batch"] == "ghost"
-            costs["time_norm"] = costs["time_ghost"] if ghost else costs["time_explicit"]
-            costs["mem_norm"] = costs["mem_ghost"] if ghost else costs["mem_explicit"]
-            costs["time_nonprivate"] = _in_B(operand.rule.nonprivate_time(spec, symbol), symbol)
-            costs["mem_nonprivate"] = _in_B(spec.m * spec.n, symbol)
-            for key, expr in costs.items():
-                rec[key] = None if expr is None else str(expr)
-                rec[key + "_value"] = _at(expr, size)
-            # the cost model's estimates, per site (shown on each of its factored operands)
-            factored = spec.kind == "factored" and site.time_ghost_s is not None
-            rec["est_ghost_s"] = _at(_in_B(site.time_ghost_s, symbol), size) if factored else None
-            rec["est_explicit_s"] = _at(_in_B(site.time_explicit_s, symbol), size) if factored else None
-            rec["explicit_bytes"] = _at(_in_B(site.bytes_explicit, symbol), size) if factored else None
-            rec["explicit_up_to"] = site.explicit_up_to if factored else None
+            rec = _record(site, operand, node, symbol, size, shapes, users)
+            rec.update(_costs(site, operand, rec["mode_at_batch"], symbol, size))
             records.append(rec)
     return records
+
+
+def _record(site, operand, node, symbol, size: int, shapes: dict, users: dict) -> dict:
+    """What one operand is, where, and the plan's decision for it at batch size `size`."""
+    spec = operand.spec
+    decision = site.decision(operand, size)
+    return {
+        "site": site.id,
+        "node": site.node,
+        "op": str(site.op),
+        "source": site.source,
+        "module": site.module,
+        "params": list(operand.params),
+        "param_shapes": {n: shapes.get(n) for n in operand.params},
+        "operand": ",".join(map(str, operand.path)),
+        "chain": operand.chain,
+        "kind": spec.kind,
+        "rule": operand.rule.name,
+        "sample_dim": site.out_layout.describe(),
+        "input_sample_dims": {",".join(map(str, path)): lo.describe() for path, lo in site.layouts.items()},
+        "out_shape": shape_in_B(node.meta.get("val") if node is not None else None, symbol),
+        "tied_sites": sorted({s for n in operand.params for s in users[n]} - {site.id}),
+        "batch": size,
+        "mode": decision.mode,
+        "mode_at_batch": site.mode_at(size) if spec.kind == "factored" else decision.mode,
+        "decided_by": decision.decided_by,
+        "reason": decision.reason,
+        "why": _why(site, decision, symbol, size),
+    }
+
+
+def _costs(site, operand, mode_at_batch: str, symbol, size: int) -> dict:
+    """An operand's sizes and costs in B and at `size`: both modes', the chosen one's (norm),
+    the non-private weight gradient's, and the cost model's estimates of its site."""
+    spec, rec = operand.spec, {}
+    for key, expr in (("T", spec.T), ("p", spec.m), ("d", spec.n)):
+        rec[key + "_expr"] = str(_in_B(expr, symbol))
+        rec[key] = _at(_in_B(expr, symbol), size)
+    costs = {key: _in_B(getattr(spec, key), symbol) for key in _COSTS}
+    ghost = mode_at_batch == "ghost"
+    costs["time_norm"] = costs["time_ghost"] if ghost else costs["time_explicit"]
+    costs["mem_norm"] = costs["mem_ghost"] if ghost else costs["mem_explicit"]
+    costs["time_nonprivate"] = _in_B(operand.rule.nonprivate_time(spec, symbol), symbol)
+    costs["mem_nonprivate"] = _in_B(spec.m * spec.n, symbol)
+    for key, expr in costs.items():
+        rec[key] = None if expr is None else str(expr)
+        rec[key + "_value"] = _at(expr, size)
+    # the cost model's estimates, per site (shown on each of its factored operands)
+    factored = spec.kind == "factored" and site.time_ghost_s is not None
+    rec["est_ghost_s"] = _at(_in_B(site.time_ghost_s, symbol), size) if factored else None
+    rec["est_explicit_s"] = _at(_in_B(site.time_explicit_s, symbol), size) if factored else None
+    rec["explicit_bytes"] = _at(_in_B(site.bytes_explicit, symbol), size) if factored else None
+    rec["explicit_up_to"] = site.explicit_up_to if factored else None
+    return rec
 
 
 def plan_totals(records: list[dict]) -> dict:
@@ -255,6 +268,16 @@ def explain(compiled, batch: int | None = None) -> str:
         *budget_lines(compiled.graph_module.meta.get(META_BUDGET), size),
         "",
     ]
+    out += _operand_table(records)
+    out += _sources(records)
+    out += _expressions(records)
+    out += _totals(records, size)
+    out += ["", _sample_analysis(compiled)]
+    return "\n".join(out)
+
+
+def _operand_table(records: list[dict]) -> list[str]:
+    """A row per parameter operand: sizes, mode, both modes' costs and estimates, and why."""
     header = ["site", "op", "parameter", "sample dim", "T", "p", "d", "mode", "ghost time", "mem",
               "explicit time", "mem", "est. ghost", "est. explicit", "norm/non-private", "why"]
     rows, last = [], None
@@ -276,15 +299,24 @@ def explain(compiled, batch: int | None = None) -> str:
             "-" if share is None else f"{100 * share:.0f}%",
             r["why"],
         ])
-    out += _table(header, rows, right={4, 5, 6, 8, 9, 10, 11, 12, 13, 14})
-    out += ["", "sources"]
+    return _table(header, rows, right={4, 5, 6, 8, 9, 10, 11, 12, 13, 14})
+
+
+def _sources(records: list[dict]) -> list[str]:
+    """The user's source line of each site."""
+    out = ["", "sources"]
     seen = set()
     for r in records:
         if r["site"] not in seen:
             seen.add(r["site"])
             module = f" [{r['module']}]" if r["module"] else ""
             out.append(f"  site {r['site']:>3}  {r['node']}{module}: {_where(r['source'])}")
-    out += ["", "in B (expressions of the symbolic batch size)"]
+    return out
+
+
+def _expressions(records: list[dict]) -> list[str]:
+    """Each operand's sizes and both modes' costs as expressions in B."""
+    out = ["", "in B (expressions of the symbolic batch size)"]
     for r in records:
         sizes = f"T={r['T_expr']} p={r['p_expr']} d={r['d_expr']}"
         costs = "; ".join(
@@ -293,8 +325,13 @@ def explain(compiled, batch: int | None = None) -> str:
             if r["time_" + key] is not None
         )
         out.append(f"  site {r['site']:>3}  {','.join(r['params'])}: {sizes}; {costs}")
+    return out
+
+
+def _totals(records: list[dict], size: int) -> list[str]:
+    """Totals at `size` against the non-private weight gradients, and the cost model's estimated seconds."""
     totals = plan_totals(records)
-    out += ["", f"{'totals at B=' + str(size):<38}{'time':>9}  {'memory':>11}"]
+    out = ["", f"{'totals at B=' + str(size):<38}{'time':>9}  {'memory':>11}"]
     ratio = totals["time_ratio"]
     rows = [
         ("non-private weight gradients", totals["time_nonprivate"], totals["mem_nonprivate"], ""),
@@ -311,8 +348,7 @@ def explain(compiled, batch: int | None = None) -> str:
         f"explicit per-sample gradients held: {human(totals['explicit_bytes_plan'])}B "
         f"(all explicit: {human(totals['explicit_bytes_all'])}B)",
     ]
-    out += ["", _sample_analysis(compiled)]
-    return "\n".join(out)
+    return out
 
 
 def _sample_analysis(compiled) -> str:

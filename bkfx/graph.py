@@ -29,7 +29,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from bkfx.errors import BkfxError
+from bkfx.errors import RenderError
 from bkfx.explain import shape_in_B
 from bkfx.layout import SampleLayout
 from bkfx.meta import META_BATCH, META_LAYOUT, META_PARAMS, META_SITE
@@ -40,10 +40,6 @@ TIED_COLOUR = "#7b3294"
 _KIND_COLOURS = {"placeholder": "#d9d9d9", "get_attr": "#ffffff", "output": "#d9d9d9"}
 _FORMATS = ("svg", "png", "pdf")
 ENGINES = ("auto", "graphviz", "matplotlib")
-
-
-class RenderError(BkfxError):
-    """The graph cannot be drawn: an unknown format, or no drawing engine installed."""
 
 
 def site_mode(site) -> str:

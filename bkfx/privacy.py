@@ -62,26 +62,8 @@ def make_private(
     seed: makes the batches and the noise reproducible (two independent streams).
     accountant: "rdp" or "pld", for both the noise calibration and the accountant.
     """
-    if isinstance(model, DPModel):
-        raise ValueError("make_private compiles the model itself: pass the original nn.Module, not a DPModel")
-    if (target_epsilon is None) == (noise_multiplier is None):
-        raise ValueError("pass exactly one of target_epsilon= (σ is then calibrated) and noise_multiplier=")
-    if accountant not in METHODS:
-        raise ValueError(f"accountant must be one of {METHODS}, got {accountant!r}")
-    if target_delta is not None and not 0 < target_delta < 1:
-        raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
-    if epochs is not None and (int(epochs) != epochs or epochs <= 0):
-        raise ValueError(f"epochs must be a positive integer, got {epochs}")
-    if target_epsilon is not None:
-        if target_delta is None or epochs is None:
-            raise ValueError("target_epsilon needs target_delta= and epochs= to calibrate the noise")
-        if not target_epsilon > 0:
-            raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
-    else:
-        check_noise_multiplier(noise_multiplier)
-    if max_physical_batch_size is not None:
-        check_physical_batch_size(max_physical_batch_size)
-    _check_optimizer(model, optimizer)
+    _check_arguments(model, optimizer, target_epsilon, noise_multiplier, target_delta, epochs, accountant,
+                     max_physical_batch_size)
 
     dataset, loader_options = _dataset_of(data)
     if batch_size is None and sample_rate is None and isinstance(data, DataLoader):
@@ -110,6 +92,31 @@ def make_private(
     if max_physical_batch_size is not None:
         loader = PhysicalBatches(loader, max_physical_batch_size, dp_optimizer)
     return PrivateTraining(dp_model, dp_optimizer, loader, account)
+
+
+def _check_arguments(model, optimizer, target_epsilon, noise_multiplier, target_delta, epochs, accountant,
+                     max_physical_batch_size) -> None:
+    """make_private's arguments, each checked before anything is built."""
+    if isinstance(model, DPModel):
+        raise ValueError("make_private compiles the model itself: pass the original nn.Module, not a DPModel")
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ValueError("pass exactly one of target_epsilon= (σ is then calibrated) and noise_multiplier=")
+    if accountant not in METHODS:
+        raise ValueError(f"accountant must be one of {METHODS}, got {accountant!r}")
+    if target_delta is not None and not 0 < target_delta < 1:
+        raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
+    if epochs is not None and (int(epochs) != epochs or epochs <= 0):
+        raise ValueError(f"epochs must be a positive integer, got {epochs}")
+    if target_epsilon is not None:
+        if target_delta is None or epochs is None:
+            raise ValueError("target_epsilon needs target_delta= and epochs= to calibrate the noise")
+        if not target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
+    else:
+        check_noise_multiplier(noise_multiplier)
+    if max_physical_batch_size is not None:
+        check_physical_batch_size(max_physical_batch_size)
+    _check_optimizer(model, optimizer)
 
 
 def _check_optimizer(model: nn.Module, optimizer) -> None:

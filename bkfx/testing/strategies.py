@@ -370,6 +370,9 @@ def sequence_models(draw, batch=st.integers(1, 4), loss_reduction: str = "mean",
 # -- custom functional code on raw parameters -------------------------------------------------------
 FUNCTIONAL_OPS = ("linear", "matmul", "matmul_t", "addmm", "einsum", "vector", "scale", "shift", "rms_norm")
 _DENSE = {"linear": "pd", "matmul_t": "pd", "matmul": "dp", "addmm": "dp", "einsum": "dp"}  # weight [p, d] or [d, p]
+_PRODUCTS: dict[str, Callable] = {  # x times a weight matrix, three ways
+    "linear": lambda x, w: F.linear(x, w), "matmul": lambda x, w: x @ w, "matmul_t": lambda x, w: torch.matmul(x, w.t()),
+}
 
 
 class FunctionalOp(NamedTuple):
@@ -420,10 +423,8 @@ class Functional(nn.Module):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}", None)
             if op.kind == "linear":
                 x = F.linear(x, w, b)
-            elif op.kind == "matmul":
-                x = x @ w
-            elif op.kind == "matmul_t":
-                x = torch.matmul(x, w.t())
+            elif op.kind in _PRODUCTS:
+                x = _PRODUCTS[op.kind](x, w)
             elif op.kind == "addmm":  # [B·T, d] rows for [B, T, d]: a merged sample dimension
                 flat = x.reshape(-1, w.shape[0])
                 out = torch.addmm(b, flat, w, beta=op.beta, alpha=op.alpha) if b is not None else op.alpha * (flat @ w)
@@ -507,12 +508,8 @@ class Tied(nn.Module):
         for _ in range(self.spec.repeats):
             h = act(self.fc(h))
         for use in self.spec.uses:
-            if use == "linear":
-                h = F.linear(h, self.W)
-            elif use == "matmul":
-                h = h @ self.W
-            elif use == "matmul_t":
-                h = torch.matmul(h, self.W.t())
+            if use in _PRODUCTS:
+                h = _PRODUCTS[use](h, self.W)
             elif use == "scale_row":
                 h = h * self.W[0]
             elif use == "shift_diagonal":
