@@ -1,6 +1,9 @@
 """bkfx: differentially private training as a torch.fx graph rewrite (Book-Keeping)."""
+import sys
+
 from bkfx.batchnorm import replace_batchnorm
-from bkfx.compile import DPModel, compile
+from bkfx import dpmodel
+from bkfx.dpmodel import DPModel, compile
 from bkfx.optimizer import DPOptimizer
 from bkfx.accounting import Accountant, epsilon, noise_multiplier_for
 from bkfx.data import PhysicalBatches, PoissonSampler, poisson_loader, split_physical_batches
@@ -24,3 +27,7 @@ __all__ = [
     "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",
 ]
 __version__ = "0.1.0"
+
+# the module's former name, for `from bkfx.compile import ...`; an alias, not a file, so that
+# importing it never rebinds `bkfx.compile`, the function
+sys.modules.setdefault(f"{__name__}.compile", dpmodel)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from bkfx.accounting import METHODS, Accountant, check_noise_multiplier, check_sample_rate, noise_multiplier_for
-from bkfx.compile import DPModel, compile
+from bkfx.dpmodel import DPModel, compile
 from bkfx.data import PhysicalBatches, check_physical_batch_size, poisson_loader
 from bkfx.optimizer import DPOptimizer
 

@@ -1,4 +1,8 @@
-"""`bkfx.compile`: the public entry point and the compiled model."""
+"""`bkfx.compile`, the public entry point, and `DPModel`, the compiled model.
+
+The module is `bkfx.dpmodel`, so the function `bkfx.compile` names one thing; `bkfx.compile`
+as a module name still works for `from bkfx.compile import ...` (an alias set in `bkfx/__init__`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
