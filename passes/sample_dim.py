@@ -136,7 +136,8 @@ def _dependent_layouts(node: Node, outputs: list, batch) -> list:
         if not dims and len(outputs) == 1:
             raise node_error(
                 SampleMixingError, node,
-                "this operation reduces or contracts over the sample dimension, so its result mixes samples",
+                "this operation reduces, contracts or selects along the sample dimension (its result depends on "
+                "samples but has no sample dimension), so it mixes or drops samples",
                 "reduce over other dimensions only; compute the loss outside the model (bkfx applies the "
                 "declared loss_reduction), and use per-sample normalisation (GroupNorm/LayerNorm) instead of batch statistics",
             )
