@@ -145,6 +145,10 @@ class DPModel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- running ------------------------------------------------------------------------
+    # torch.compile of a compiled model runs this forward eagerly (a graph break): its guards,
+    # capture cache and tapes are Python state that dynamo cannot trace; the code around the
+    # model (the loss, the optimizer step) is still compiled. A compiled BK step is issue 13.
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         modes = self._guard.check()
         if modes is None:

@@ -464,3 +464,21 @@ def test_a_parameter_resized_in_place_recaptures():
     x, y = torch.randn(4, D, dtype=torch.float64), torch.randint(0, 5, (4,))
     assert dp(x).shape == (4, 5)
     _check_step(dp, model, x, y, 0.05)
+
+
+def test_torch_compile_of_a_compiled_model_runs_it_eagerly_with_the_same_gradients():
+    model = _fresh(12)
+    x, y = torch.randn(4, D, dtype=torch.float64), torch.randint(0, 3, (4,))
+    dp = bkfx.compile(model, max_grad_norm=0.05)
+    _check_step(dp, model, x, y, 0.05)
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    step = torch.compile(lambda a, b: F.cross_entropy(dp(a), b), dynamic=True, backend="aot_eager")
+    step(x, y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-12, atol=1e-15, msg=name)
+    compiled_model = torch.compile(dp, dynamic=True, backend="aot_eager")  # dynamo, not inductor: CI time
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(compiled_model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-12, atol=1e-15, msg=name)
