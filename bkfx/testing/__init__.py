@@ -30,7 +30,13 @@ def per_sample_gradients(
         return loss_fn(out, y.unsqueeze(0))
 
     if method == "vmap":
-        return vmap(grad(loss_of), in_dims=(None, batch_dim, 0), randomness="same")(params, inputs, targets)
+        try:
+            return vmap(grad(loss_of), in_dims=(None, batch_dim, 0), randomness="same")(params, inputs, targets)
+        except RuntimeError as e:  # modules vmap cannot batch (nn.LSTM/GRU/RNN, data-dependent Python)
+            raise RuntimeError(
+                f"the vmap reference cannot run this model ({str(e).splitlines()[0]}); "
+                "use method='loop' (one ordinary backward per sample)"
+            ) from e
     if method != "loop":
         raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
     rows = []
