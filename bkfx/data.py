@@ -36,17 +36,37 @@ class PoissonSampler(Sampler):
     and yields the batches not yet delivered. Batches count as delivered when the sampler
     yields them, or, under `poisson_loader` (whose workers may draw batches ahead), when the
     loader yields them to the training loop.
+
+    Data parallel: with `rank=` and `world_size=` (and the same `seed=` on every rank), every
+    rank draws the same global batch of the whole dataset, each example with probability q,
+    and yields only its shard, the indices i with `i % world_size == rank` (which may be empty).
+    The union of the ranks' batches is the single-process sampler's batch with that seed, so
+    the accounting is unchanged, and `expected_batch_size` stays the global `q N` that
+    `DPOptimizer` divides the all-reduced sum by.
     """
 
     def __init__(
         self, num_samples: int, sample_rate: float, *, steps: int | None = None,
         generator: torch.Generator | None = None, seed: int | None = None,
+        rank: int | None = None, world_size: int | None = None,
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         check_sample_rate(sample_rate)
         if generator is not None and seed is not None:
             raise ValueError("pass either generator= or seed=, not both")
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank= and world_size= (a sharded sampler), or neither")
+        if world_size is not None:
+            if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size <= 0:
+                raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+                raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+            if world_size > 1 and generator is None and seed is None:
+                raise ValueError("a sharded sampler needs the same seed= (or generator state) on every rank, so that "
+                                 "the ranks draw the same global batch; pass seed=")
+        self.rank = 0 if rank is None else rank
+        self.world_size = 1 if world_size is None else world_size
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
         self.steps = max(1, round(1 / self.sample_rate)) if steps is None else steps
@@ -66,7 +86,8 @@ class PoissonSampler(Sampler):
 
     @property
     def expected_batch_size(self) -> float:
-        """`q N`, the mean batch size (what the DP optimizer divides the noisy sum by)."""
+        """`q N`, the mean batch size (what the DP optimizer divides the noisy sum by); sharded, the
+        global one, over all ranks."""
         return self.sample_rate * self.num_samples
 
     def __len__(self) -> int:
@@ -87,7 +108,10 @@ class PoissonSampler(Sampler):
                 continue
             if not self.counted_by_loader:
                 self.delivered(k + 1)
-            yield included.nonzero().flatten().tolist()
+            indices = included.nonzero().flatten()
+            if self.world_size > 1:
+                indices = indices[indices % self.world_size == self.rank]
+            yield indices.tolist()
 
     def delivered(self, batches_done: int) -> None:
         """Record that `batches_done` batches of the current epoch have been delivered; after the
@@ -158,19 +182,22 @@ def _zero_rows(batch):
 
 def poisson_loader(
     dataset, sample_rate: float, *, steps: int | None = None, generator: torch.Generator | None = None,
-    seed: int | None = None, collate_fn=None, **loader_options,
+    seed: int | None = None, collate_fn=None, rank: int | None = None, world_size: int | None = None,
+    **loader_options,
 ) -> DataLoader:
     """A DataLoader over `dataset` whose batches are Poisson samples at rate `sample_rate`.
 
     One pass is `steps` batches (default `round(1/q)`, one epoch in expectation); batches
     may be empty and come out as 0-row tensors. `loader_options` go to DataLoader
     (num_workers, pin_memory, ...); batch_size, shuffle, sampler and drop_last do not
-    apply to Poisson sampling.
+    apply to Poisson sampling. `rank`/`world_size` (with the same `seed` on every rank) give
+    each rank its shard of the global Poisson batch (see `PoissonSampler`).
     """
     fixed = sorted({"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"} & set(loader_options))
     if fixed:
         raise ValueError(f"poisson_loader draws its own batches; {', '.join(fixed)} cannot be set (use sample_rate)")
-    sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator, seed=seed)
+    sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator, seed=seed,
+                             rank=rank, world_size=world_size)
     return PoissonLoader(dataset, batch_sampler=sampler, collate_fn=EmptyBatchCollate(dataset, collate_fn), **loader_options)
 
 

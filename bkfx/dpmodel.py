@@ -82,6 +82,12 @@ def compile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bkfx.compile takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise BkfxError(
+            "bkfx.compile got a DistributedDataParallel model: bkfx's sites detach the parameters, so DDP's reducer "
+            "would never see a gradient. Drop the wrapper and compile the module itself (ddp.module); DPOptimizer "
+            "sums the clipped gradients over the process group and adds the noise once"
+        )
     if clipping not in CLIPPINGS:
         raise ValueError(f"clipping must be one of {CLIPPINGS}, got {clipping!r}")
     if loss_reduction not in REDUCTIONS:

@@ -30,6 +30,17 @@ between host and device (see `add_gaussian_noise_` for each device's stream). `s
 every device's generator with the same seed; the streams of a CPU and a CUDA generator differ,
 so the same seed gives different (equally distributed) noise on the two.
 
+Data parallel (`torch.distributed`, no wrapper): when a process group is initialised (or
+`process_group=` names one), each rank runs the compiled model on its own samples and `step()`
+all-reduces (SUM) the clipped sums over the group, in flat buckets of at most `ALLREDUCE_BUCKET`
+entries per device and dtype. The noise is added once in total: the group's rank 0 draws it and
+adds it to its own sum before the all-reduce (the other ranks add none and leave their generators
+untouched); every rank then divides by `expected_batch_size`, which must be the GLOBAL one (`q N`
+over the whole dataset), so all ranks hold identical gradients and parameters. Every rank must
+call `step()` once per logical batch (a rank whose batch is empty too: it contributes zeros).
+`process_group=False` keeps a DPOptimizer local although a group is initialised. Do not wrap the
+model in `DistributedDataParallel` (bkfx.compile refuses it).
+
 `secure_mode=True` draws noise that resists the floating-point attacks on naive Gaussian
 samplers (see `add_gaussian_noise_`); it takes no seed (its key comes from the OS).
 
@@ -53,6 +64,7 @@ from bkfx.accounting import check_noise_multiplier, check_sample_rate
 from bkfx.errors import BkfxError
 
 NOISE_CHUNK = 1 << 20  # entries per independently seeded draw of the noise
+ALLREDUCE_BUCKET = 1 << 24  # entries per flattened all-reduce of the clipped sums (data parallel)
 SECURE_DRAWS = 4  # secure mode's noise: the sum of 4 standard normal draws, halved (÷√4 is exact)
 
 
@@ -61,12 +73,14 @@ class DPOptimizer(torch.optim.Optimizer):
     `expected_batch_size`, then steps. `max_grad_norm` may be omitted when `model=` gives it;
     `seed` or `generator` make the noise reproducible (`generator` serves its own device, the
     other devices' generators are seeded from it); `accountant` + `sample_rate` record each step;
-    `secure_mode` draws noise robust to floating-point attacks, keyed from the OS's entropy."""
+    `secure_mode` draws noise robust to floating-point attacks, keyed from the OS's entropy;
+    `process_group` (default: torch.distributed's default group once initialised; False: none)
+    sums the clipped gradients over its ranks, with the noise drawn once, on its rank 0."""
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm=None,
         expected_batch_size: float, generator: torch.Generator | None = None, seed: int | None = None, model=None,
-        accountant=None, sample_rate: float | None = None, secure_mode: bool = False,
+        accountant=None, sample_rate: float | None = None, secure_mode: bool = False, process_group=None,
     ):
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("optimizer is already a DPOptimizer (its noise would be added twice); wrap the "
@@ -116,6 +130,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._noise_draws = 0
         self.accountant = accountant
         self.sample_rate = sample_rate
+        self.process_group = process_group  # None: the default group when torch.distributed is initialised
         self.steps = 0
         # False while more physical batches of the current logical batch are to come
         # (set by `bkfx.data.PhysicalBatches`): step() and zero_grad() then leave .grad accumulating.
@@ -194,7 +209,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 elif not p.grad.is_contiguous():
                     p.grad = p.grad.contiguous()
                 grads.append(p.grad)
-        if std:
+        group = self._group()
+        if std and (group is None or torch.distributed.get_rank(group) == 0):  # data parallel: rank 0's noise only
             by_device: dict[str, list[torch.Tensor]] = {}
             for t in grads:
                 by_device.setdefault(_device_key(t.device), []).append(t)
@@ -209,7 +225,21 @@ class DPOptimizer(torch.optim.Optimizer):
                     secure_key = hashlib.blake2b(f"{self._noise_draws}/{key}".encode(), key=self._secure_key).digest()
                 add_gaussian_noise_(tensors, std, self.generator_for(torch.device(key)), pool, secure_key=secure_key)
         self._noise_draws += 1
+        if group is not None:
+            all_reduce_sum_(grads, group)
         torch._foreach_div_(grads, self.expected_batch_size)
+
+    def _group(self):
+        """The process group to sum over, or None (one process: no group, `process_group=False`,
+        or a group of one rank)."""
+        group = self.process_group
+        if group is False or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            if group not in (None, False):
+                raise BkfxError("DPOptimizer was given a process_group but torch.distributed is not initialised")
+            return None
+        if group is None:
+            group = torch.distributed.group.WORLD
+        return group if torch.distributed.get_world_size(group) > 1 else None
 
     def _check_loss_scale(self) -> None:
         """Refuse to step on gradients that still carry a GradScaler's loss scale (the noise would be
@@ -374,6 +404,33 @@ def add_gaussian_noise_(
             draw(k)
     else:
         list(pool.map(draw, range(len(chunks))))
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], group) -> None:
+    """Sum each tensor over `group`'s ranks, in place: the tensors of one device and dtype are
+    flattened into buckets of at most `ALLREDUCE_BUCKET` entries (a tensor larger than that is its
+    own bucket), one all-reduce each, in the same order on every rank."""
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+    filled: dict[tuple, int] = {}  # entries in each key's last bucket
+    for t in tensors:
+        key = (str(t.device), t.dtype)
+        lists = buckets.setdefault(key, [[]])
+        if lists[-1] and filled[key] + t.numel() > ALLREDUCE_BUCKET:
+            lists.append([])
+            filled[key] = 0
+        lists[-1].append(t)
+        filled[key] = filled.get(key, 0) + t.numel()
+    for key in sorted(buckets, key=str):
+        for bucket in buckets[key]:
+            if len(bucket) == 1:
+                torch.distributed.all_reduce(bucket[0], op=torch.distributed.ReduceOp.SUM, group=group)
+                continue
+            flat = torch.cat([t.view(-1) for t in bucket])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
+            offset = 0
+            for t in bucket:
+                t.view(-1).copy_(flat[offset:offset + t.numel()])
+                offset += t.numel()
 
 
 def secure_standard_normal(n: int, generator: torch.Generator) -> torch.Tensor:
