@@ -1,8 +1,9 @@
 """The generic fallback: explicit per-sample gradients of any sample-separable op.
 
 `G_i = vjp(P ↦ op(..., x_i, ..., P), P)(g_i)`, vectorised over samples with
-`torch.func.vmap`: each sample's arguments keep a batch dimension of size 1, so the op
-sees the shapes it expects. Every parameter operand the fallback serves at a site is pulled
+`torch.func.vmap`: each sample's arguments keep a batch dimension of size 1 (or, where the
+batch is merged with other dimensions, as Swin's windows are, `before * after` entries), so
+the op sees the shapes it expects. Every parameter operand the fallback serves at a site is pulled
 back in the same vjp (an LSTM's weights and biases: one per-sample backward, not one each).
 An op with several outputs (an RNN's output and final states) is pulled back from the
 gradients of those outputs that received one. Arguments whose sizes name the batch (e.g. a
@@ -35,14 +36,6 @@ class Fallback:
                 "fallback cannot split its gradient per sample",
                 "compute that output outside the operation, from per-sample values",
             )
-        for layout in [*layouts.values(), *outs]:
-            if layout is not None and layout.merged:
-                raise node_error(
-                    UnsupportedOperationError, node,
-                    "no rule knows this operation, and the generic fallback needs a plain sample dimension, "
-                    f"not a merged one ({layout.describe()})",
-                    "apply the operation before merging the batch with other dimensions",
-                )
         if _names_batch(node.args, batch) or _names_batch(node.kwargs, batch):
             raise node_error(
                 UnsupportedOperationError, node,
@@ -76,26 +69,47 @@ def _pull_back(call, paths) -> dict:
     if call.batch == 0 or not used:
         return {p: Explicit(w.new_zeros(call.batch, *w.shape)) for p, w in zip(paths, params)}
     sample_paths = list(call.layouts)
-    samples = [get_path(call.args, p) for p in sample_paths]
-    dims = [call.layouts[p].dim for p in sample_paths]
-    out_dims = tuple(out_layouts[k].dim for k in used)
+    in_layouts = [call.layouts[p] for p in sample_paths]
+    samples, dims = zip(*[_split(get_path(call.args, p), lo) for p, lo in zip(sample_paths, in_layouts)]) \
+        if sample_paths else ((), ())
+    used_layouts = [out_layouts[k] for k in used]
+    cotangents_in, out_dims = zip(*[_split(gs[k], lo) for k, lo in zip(used, used_layouts)])
 
     def per_sample(g_i, xs):
         def f(*ps):
             args = call.args
             for p, w in zip(paths, ps):
                 args = set_path(args, p, w)
-            for q, x, d in zip(sample_paths, xs, dims):
-                args = set_path(args, q, x.unsqueeze(d))
+            for q, x, lo in zip(sample_paths, xs, in_layouts):
+                args = set_path(args, q, _join(x, lo))
             out = call.op(*args, **call.kwargs)
             return tuple(out[k] for k in used) if several else out
 
         _, pullback = vjp(f, *params)
-        cotangents = tuple(g.unsqueeze(d) for g, d in zip(g_i, out_dims))
+        cotangents = tuple(_join(g, lo) for g, lo in zip(g_i, used_layouts))
         return pullback(cotangents if several else cotangents[0])
 
-    grads = vmap(per_sample, in_dims=(out_dims, dims))(tuple(gs[k] for k in used), samples)
+    grads = vmap(per_sample, in_dims=(tuple(out_dims), tuple(dims)))(tuple(cotangents_in), tuple(samples))
     return {p: Explicit(G) for p, G in zip(paths, grads)}
+
+
+def _split(t: torch.Tensor, layout):
+    """`t` with its samples along a dimension of their own, and that dimension: a merged sample
+    dimension `before * B * after` (Swin's `B * windows`) is viewed as `(before, B, after)`."""
+    if not layout.merged:
+        return t, layout.dim
+    d = layout.dim
+    batch = t.shape[d] // (layout.before * layout.after)
+    return t.reshape(*t.shape[:d], layout.before, batch, layout.after, *t.shape[d + 1 :]), d + 1
+
+
+def _join(x: torch.Tensor, layout) -> torch.Tensor:
+    """One sample's slice (vmap removed its sample dimension) in the shape the op takes: a batch
+    of one, or for a merged layout its `before * after` entries side by side again."""
+    if not layout.merged:
+        return x.unsqueeze(layout.dim)
+    d = layout.dim
+    return x.reshape(*x.shape[:d], layout.before * layout.after, *x.shape[d + 2 :])
 
 
 def _float_outputs(node, out_layout) -> list:
@@ -108,11 +122,12 @@ def _float_outputs(node, out_layout) -> list:
 
 def _draws_random_numbers(node) -> bool:
     """A random op (tagged nondeterministic_seeded) unless its arguments turn the randomness off
-    (an RNN's dropout 0 or train False)."""
+    (an RNN's dropout 0 or train False, attention's dropout_p 0)."""
     if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
         return False
     args = arguments(node)
-    return not (args.get("dropout", None) == 0 or args.get("train", None) is False)
+    off = any(args.get(name, None) == 0 for name in ("dropout", "dropout_p", "p"))
+    return not (off or args.get("train", None) is False)
 
 
 def _names_batch(args, batch) -> bool:
