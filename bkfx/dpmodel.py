@@ -18,7 +18,7 @@ from bkfx.errors import BkfxError, NotCapturedError
 from bkfx.guards import ModelGuard
 from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
 from bkfx.meta import META_PROBE, META_SITES
-from bkfx.node import op_name
+from bkfx.node import original_op_name
 from bkfx.plan import Site
 from passes.annotate import annotate
 from passes.capture import batch_size, capture, signature
@@ -240,7 +240,7 @@ class DPModel(nn.Module):
         """The ATen operations of the last capture that no sample rule covers: each was checked
         at capture by the numerical separability probe (`passes.probe`) instead of a proof."""
         gm = self._require_capture().graph_module
-        return [op_name(n) for n in gm.graph.nodes if n.meta.get(META_PROBE)]
+        return [original_op_name(n) for n in gm.graph.nodes if n.meta.get(META_PROBE)]
 
     @property
     def clip_groups(self) -> list[list[str]]:

@@ -35,7 +35,7 @@ import sympy
 import torch
 
 from bkfx.meta import META_BUDGET, META_PROBE
-from bkfx.node import op_name
+from bkfx.node import original_op_name
 from bkfx.plan import EXPLICIT_RULE, FALLBACK, GUARD, OVER_BUDGET, USER_OVERRIDE, WITHIN_BUDGET
 
 B = sympy.Symbol("B")
@@ -357,7 +357,7 @@ def _sample_analysis(compiled) -> str:
     probed = [n for n in nodes if n.meta.get(META_PROBE)]
     if not probed:
         return "sample analysis: every sample-dependent operation has a sample rule (no numerical probe needed)"
-    names = ", ".join(f"{op_name(n)} ({n.name})" for n in probed)
+    names = ", ".join(f"{original_op_name(n)} ({n.name})" for n in probed)
     return (f"sample analysis: {len(probed)} operation(s) without a sample rule passed the numerical separability "
             f"probe at capture: {names}")
 

@@ -22,6 +22,13 @@ def op_name(node: Node) -> str:
     return target_name(node.target)
 
 
+def original_op_name(node: Node) -> str:
+    """The op's name, also after the rewrite made the node a call of the BK operation
+    (`bkfx.ops.site(op, ...)`): the op it wraps."""
+    site = node.meta.get("bkfx.site")  # bkfx.meta.META_SITE (node.py imports nothing of bkfx)
+    return target_name(site.op) if site is not None else op_name(node)
+
+
 def target_name(target) -> str:
     """An ATen op's name without overload or in-place suffix: `aten.add_.Tensor` -> "add"."""
     packet = getattr(target, "overloadpacket", None)
