@@ -247,6 +247,12 @@ class DPOptimizer(torch.optim.Optimizer):
         scaler = getattr(self._model, "grad_scaler", None)
         if scaler is None or not scaler.is_enabled():
             return
+        if self._group() is not None:  # refused before any collective: a rank may skip while another reduces
+            raise BkfxError(
+                "a GradScaler with data-parallel DP-SGD is not supported: each rank's inf/NaN check may skip the step "
+                "on its own while the others wait in the all-reduce of the clipped sums. Use bf16 autocast (it needs "
+                "no scaler) or train in one process"
+            )
         from torch.amp.grad_scaler import OptState
 
         stage = scaler._per_optimizer_states[id(self)]["stage"]

@@ -86,6 +86,15 @@ def _worker(rank: int, store: str, out: str) -> None:
         bkfx.DPOptimizer(torch.optim.SGD([local], lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
                          expected_batch_size=1, process_group=False).step()
         result["local"] = local.detach().clone()
+        # a GradScaler under data parallel is refused on every rank before any collective
+        scaled = bkfx.compile(nn.Linear(2, 2).double(), grad_scaler=torch.amp.GradScaler("cpu"))
+        scaled_opt = bkfx.DPOptimizer(torch.optim.SGD(scaled.parameters(), lr=1.0), noise_multiplier=0.0,
+                                      expected_batch_size=2, model=scaled)
+        try:
+            scaled_opt.step()
+            result["scaler_error"] = None
+        except bkfx.BkfxError as e:
+            result["scaler_error"] = str(e)
         # a DistributedDataParallel model is refused
         try:
             bkfx.compile(nn.parallel.DistributedDataParallel(nn.Linear(2, 2).double()))
@@ -163,6 +172,7 @@ def test_process_group_false_and_ddp_refusal(ranks):
         assert torch.equal(r["local"], torch.full((3,), -float(rank + 1), dtype=torch.float64))
         assert r["ddp_error"] is not None and "DistributedDataParallel" in r["ddp_error"]
         assert "ddp.module" in r["ddp_error"]
+        assert r["scaler_error"] is not None and "GradScaler with data-parallel" in r["scaler_error"]
 
 
 def test_sharded_sampler_partitions_the_global_poisson_batch():
