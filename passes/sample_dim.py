@@ -302,7 +302,7 @@ _ELEMENTWISE = {
     "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "__and__", "__or__", "__xor__",
     "__lshift__", "__rshift__", "masked_fill", "copy", "fill", "hardswish", "hardsigmoid", "tril", "triu",
     "_native_batch_norm_legit_no_training", "positive", "real", "imag",
-    "_conj", "resolve_conj", "resolve_neg",
+    "_conj", "resolve_conj", "resolve_neg", "where",
 }
 
 _RULES: dict[str, Callable[[Node], list[tuple[Node, DimMap]]]] = {}
