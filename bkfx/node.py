@@ -38,15 +38,20 @@ def target_name(target) -> str:
 
 def arguments(node: Node) -> dict:
     """The node's arguments by schema name, defaults filled in."""
-    schema = getattr(node.target, "_schema", None)
+    return bind(node.target, node.args, node.kwargs)
+
+
+def bind(op, args, kwargs) -> dict:
+    """An ATen op's arguments by schema name, defaults filled in (`{}` for a target without a schema)."""
+    schema = getattr(op, "_schema", None)
     if schema is None:
         return {}
     out = {}
     for i, a in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
         elif a.has_default_value():
             out[a.name] = a.default_value
     return out

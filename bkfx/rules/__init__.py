@@ -199,6 +199,17 @@ def factored_spec(T, m, n, batch) -> PieceSpec:
     )
 
 
+def one_hot_spec(T, V, d, batch) -> PieceSpec:
+    """Costs of an embedding-like factored site, `L = onehot(ids)` (a gather over V rows) and
+    `R: [T, d]`: the ghost norm's `L Lᵀ` is the index-equality matrix, `B T²` comparisons, so
+    ghost time is `B T² (d + 2)`, memory `2 B T²`; explicit as for `factored_spec` with m = V."""
+    return PieceSpec(
+        "factored", T, V, d,
+        time_ghost=batch * T**2 * (d + 2), mem_ghost=2 * batch * T**2,
+        time_explicit=2 * batch * V * d, mem_explicit=batch * V * d,
+    )
+
+
 def explicit_spec(shape, batch, work=None) -> PieceSpec:
     """An explicit piece `[B, *shape]`: p is the parameter operand's size."""
     size = numel(shape)

@@ -17,15 +17,13 @@ import torch.nn.functional as F
 
 from bkfx.factors import Dense, Explicit, Factored
 from bkfx.precision import accumulation_dtype
-from bkfx.node import shape_of
+from bkfx.node import bind, shape_of
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule
 
 
 def _options(op, args, kwargs, n: int):
     """stride, padding (as (left, right) pairs or None), dilation, groups of a conv call."""
-    names = [a.name for a in op._schema.arguments]
-    values = dict(zip(names, args))
-    values.update(kwargs)
+    values = bind(op, args, kwargs)
     stride = _tuple(values.get("stride", 1), n)
     dilation = _tuple(values.get("dilation", 1), n)
     groups = int(values.get("groups", 1))

@@ -13,8 +13,7 @@ from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.factors import Dense, Factored, OneHot
 from bkfx.layout import batch_first
 from bkfx.node import arguments, shape_of
-from bkfx.plan import PieceSpec
-from bkfx.rules import numel, rows, rule
+from bkfx.rules import numel, one_hot_spec, rows, rule
 
 
 @rule("embedding")
@@ -32,11 +31,7 @@ class Embedding:
             )
         V, d = shape_of(node.args[0])
         T = numel(shape_of(node.args[1])) / batch
-        return PieceSpec(
-            "factored", T, V, d,
-            time_ghost=batch * T**2 * (d + 2), mem_ghost=2 * batch * T**2,
-            time_explicit=2 * batch * V * d, mem_explicit=batch * V * d,
-        )
+        return one_hot_spec(T, V, d, batch)
 
     def piece(call, path):
         weight, idx = call.args[0], call.args[1]
@@ -61,11 +56,7 @@ class IndexSelect:
         V, *rest = shape_of(weight)
         d = numel(rest)
         T = numel(shape_of(node.args[2])) / batch
-        return PieceSpec(
-            "factored", T, V, d,
-            time_ghost=batch * T**2 * (d + 2), mem_ghost=2 * batch * T**2,
-            time_explicit=2 * batch * V * d, mem_explicit=batch * V * d,
-        )
+        return one_hot_spec(T, V, d, batch)
 
     def piece(call, path):
         weight, ids = call.args[0], call.args[2]

@@ -19,9 +19,8 @@ import math
 
 from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.factors import Dense, Factored, OneHot
-from bkfx.node import arguments, shape_of
-from bkfx.plan import PieceSpec
-from bkfx.rules import numel, rule
+from bkfx.node import arguments, bind, shape_of
+from bkfx.rules import numel, one_hot_spec, rule
 
 SUM, MEAN, MAX = 0, 1, 2
 
@@ -43,18 +42,14 @@ class EmbeddingBag:
         V, *rest = shape_of(node.args[0])
         d = numel(rest)
         T = d if args["mode"] == MAX else numel(shape_of(node.args[1])) / batch
-        return PieceSpec(
-            "factored", T, V, d,
-            time_ghost=batch * T**2 * (d + 2), mem_ghost=2 * batch * T**2,
-            time_explicit=2 * batch * V * d, mem_explicit=batch * V * d,
-        )
+        return one_hot_spec(T, V, d, batch)
 
     def forward(op, args, kwargs):
         out = op(*args, **kwargs)
         return out, out[3]  # max_indices: where each column's maximum was (mode max)
 
     def piece(call, path):
-        args = _bound(call)
+        args = bind(call.op, call.args, call.kwargs)
         weight, ids, mode = args["weight"], args["indices"], args["mode"]
         B, d = call.batch, math.prod(weight.shape[1:])
         padding = args.get("padding_idx")
@@ -75,15 +70,3 @@ class EmbeddingBag:
             s = s / n.clamp_min(1)[:, None]  # an empty bag's output is zero: so is its gradient
         return Factored(OneHot(ids, weight.shape[0], mask), Dense(s[:, :, None] * g[:, None, :]))
 
-
-def _bound(call) -> dict:
-    """The op's arguments by schema name, defaults filled in."""
-    out = {}
-    for i, a in enumerate(call.op._schema.arguments):
-        if i < len(call.args):
-            out[a.name] = call.args[i]
-        elif a.name in call.kwargs:
-            out[a.name] = call.kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
-    return out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bkfx.factors import Explicit
 from bkfx.precision import accumulation_dtype
-from bkfx.node import shape_of
+from bkfx.node import bind, shape_of
 from bkfx.rules import explicit_spec, rows, rule, sum_to
 
 
@@ -70,8 +70,7 @@ class InstanceNorm:
     def piece(call, path):
         if path == (2,):
             return Explicit(_per_channel(call, call.g))
-        names = [a.name for a in call.op._schema.arguments]
-        values = dict(zip(names, call.args), **call.kwargs)
+        values = bind(call.op, call.args, call.kwargs)
         xhat = F.instance_norm(
             call.args[0], values.get("running_mean"), values.get("running_var"),
             use_input_stats=values.get("use_input_stats", True), eps=values.get("eps", 1e-5),
