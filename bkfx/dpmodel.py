@@ -21,7 +21,7 @@ from bkfx.meta import META_PROBE, META_SITES
 from bkfx.node import original_op_name
 from bkfx.plan import Site
 from passes.annotate import annotate
-from passes.capture import batch_size, capture, signature
+from passes.capture import batch_dims_of, batch_size, capture, signature
 from passes.cost_model import MODES, cost_model
 from passes.probe import probe
 from passes.rewrite import rewrite
@@ -160,12 +160,13 @@ class DPModel(nn.Module):
         if modes is None:
             self._recapture_after_change()
             modes = self._guard.check()
-        key = (modes, signature(self.module, args, kwargs, self.batch_dim))
+        batched = batch_dims_of(self.batch_dim, args, kwargs, self.module.forward)
+        key = (modes, signature(self.module, args, kwargs, batched))
+        batch = batch_size(batched)
         compiled = self._captures.get(key)
         if compiled is None:
-            compiled = self._captures[key] = self._compile(args, kwargs)
+            compiled = self._captures[key] = self._compile(args, kwargs, batch)
         self._last = compiled
-        batch = batch_size(self.batch_dim, args, kwargs, self.module.forward)
         tape = self._open if self._open is not None and self._open.awaiting_backward() else None
         if tape is not None and tape.batch != batch:
             tape.superseded, tape = True, None  # not the same samples: its backward, if any, is refused
@@ -193,7 +194,7 @@ class DPModel(nn.Module):
                 "  what to do: compile the changed model again with matching style= and max_grad_norm="
             ) from e
 
-    def _compile(self, args, kwargs) -> Compiled:
+    def _compile(self, args, kwargs, batch: int) -> Compiled:
         captured = capture(self.module, args, kwargs, self.batch_dim)
         gm = sample_dim(captured.graph_module)
         gm = probe(gm, *captured.example)
@@ -202,8 +203,7 @@ class DPModel(nn.Module):
         sites = gm.meta[META_SITES]
         _check_norm_mode_keys(self.norm_mode, sites, self._params)
         gm = rewrite(gm)
-        example = batch_size(self.batch_dim, args, kwargs, self.module.forward)
-        return Compiled(gm, sites, captured.batch, max(example, 2), tied_parameters(sites))
+        return Compiled(gm, sites, captured.batch, max(batch, 2), tied_parameters(sites))
 
     def _finalised(self, tape: Tape) -> None:
         self._last_tape = tape

@@ -15,7 +15,6 @@ META_IDENTITY = "bkfx.sample_identity"  # the value is its own sample index alon
 META_PROBE = "bkfx.probe"  # no sample rule: checked numerically at capture (passes.probe)
 
 # passes.probe, on the GraphModule
-META_PROBED = "bkfx.probed"  # names of the nodes the probe checked
 
 # passes.annotate
 META_PARAMS = "bkfx.params"  # on every node: names of the parameters its value is computed from

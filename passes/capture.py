@@ -57,14 +57,8 @@ def batch_dims_of(batch_dim, args, kwargs, forward) -> list[tuple[torch.Tensor, 
     return out
 
 
-def batched_tensors(args, kwargs) -> list[torch.Tensor]:
-    """The tensor inputs of rank >= 1 (batched along dim 0 unless compiled with batch_dim=)."""
-    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
-
-
-def batch_size(batch_dim, args, kwargs, forward) -> int:
-    """The batch size of a call: the size of the inputs' sample dimension."""
-    batched = batch_dims_of(batch_dim, args, kwargs, forward)
+def batch_size(batched: list[tuple[torch.Tensor, int]]) -> int:
+    """The batch size of a call, from its `batch_dims_of`: the size of the sample dimension."""
     return batched[0][0].shape[batched[0][1]] if batched else 0
 
 
@@ -76,9 +70,10 @@ def _bound(forward, args, kwargs) -> dict:
     return dict(bound.arguments)
 
 
-def signature(model: torch.nn.Module, args, kwargs, batch_dim=0) -> tuple:
-    """What a capture depends on: everything about the inputs but the batch size, and the mode."""
-    dims = {id(t): d for t, d in batch_dims_of(batch_dim, args, kwargs, model.forward)}
+def signature(model: torch.nn.Module, args, kwargs, batched: list[tuple[torch.Tensor, int]]) -> tuple:
+    """What a capture depends on: everything about the inputs but the batch size (`batched`: the
+    call's `batch_dims_of`), and the mode."""
+    dims = {id(t): d for t, d in batched}
 
     def key(leaf):
         if isinstance(leaf, torch.Tensor):

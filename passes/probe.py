@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from bkfx.errors import SampleMixingError, node_error
 from bkfx.layout import SampleLayout
-from bkfx.meta import META_DEPENDENT, META_LAYOUT, META_PROBE, META_PROBED
+from bkfx.meta import META_DEPENDENT, META_LAYOUT, META_PROBE
 from bkfx.node import op_name
 
 _SEED = 20231
@@ -53,7 +53,6 @@ def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
             output = next(n for n in gm.graph.nodes if n.op == "output")
             _compare_outputs(output, pytree.tree_leaves(base_again), pytree.tree_leaves(again),
                              _output_layouts(output), sample, whole_model=True)
-    gm.meta[META_PROBED] = [n.name for n in gm.graph.nodes if n.meta.get(META_PROBE)]
     return gm
 
 
