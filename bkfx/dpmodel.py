@@ -5,7 +5,7 @@ as a module name still works for `from bkfx.compile import ...` (an alias set in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torch import nn
 import math
 import weakref
 
+from bkfx import compiled as compiled_step
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
 from bkfx.errors import BkfxError, NotCapturedError
 from bkfx.guards import ModelGuard
@@ -39,6 +40,7 @@ class Compiled:
     batch_symbol: object
     example_batch: int
     tied: frozenset  # parameters more than one site uses
+    programs: dict = field(default_factory=dict)  # compiled steps (`bkfx.compiled`): options -> traces
 
 
 def compile(
@@ -123,6 +125,9 @@ class DPModel(nn.Module):
         self._clip = ClipConfig([], [], clipping, loss_reduction, gamma)
         self._last_tape: Tape | None = None
         self._open: Tape | None = None  # the tape of forward calls still awaiting their backward
+        self._step_options: compiled_step.StepOptions | None = None  # set by `compile()`: the compiled BK step
+        self._pending = None  # weakref to the last compiled call's `_Pending`
+        self._last_program: compiled_step.Program | None = None
         self._track_parameters()
 
     def _track_parameters(self) -> None:
@@ -151,11 +156,25 @@ class DPModel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- running ------------------------------------------------------------------------
-    # torch.compile of a compiled model runs this forward eagerly (a graph break): its guards,
-    # capture cache and tapes are Python state that dynamo cannot trace; the code around the
-    # model (the loss, the optimizer step) is still compiled. A compiled BK step is issue 13.
-    @torch.compiler.disable
+    # Under torch.compile the DP model's forward is a call dynamo does not trace into (its guards,
+    # capture cache and tapes are Python state): it runs the compiled BK step (`bkfx.compiled`),
+    # which bkfx compiles itself, while the code around the model (the loss) is compiled by dynamo.
     def forward(self, *args, **kwargs):
+        return self._forward(args, kwargs, torch.compiler.is_compiling())
+
+    def compile(self, *args, backend="inductor", mode=None, options=None, **ignored) -> None:
+        """Run the BK step compiled (`bkfx.compiled`): the forward and the BK backward (input
+        gradients, per-sample norms, clip factors, clipped sums) each as one program compiled by
+        `torch.compile(backend=, mode=, options=)` with a dynamic batch size. `mode="reduce-overhead"`
+        gives CUDA graphs. `torch.compile(dp_model)` compiles the step with the defaults.
+        The eager BK step stays the reference: `dp_model.compile(backend=None)` returns to it."""
+        if args:
+            raise TypeError("DPModel.compile takes keyword arguments only (backend=, mode=, options=)")
+        self._step_options = None if backend is None else compiled_step.StepOptions(
+            backend, mode, tuple(sorted((options or {}).items())))
+
+    @torch.compiler.disable
+    def _forward(self, args, kwargs, under_torch_compile: bool):
         modes = self._guard.check()
         if modes is None:
             self._recapture_after_change()
@@ -167,6 +186,9 @@ class DPModel(nn.Module):
         if compiled is None:
             compiled = self._captures[key] = self._compile(args, kwargs, batch)
         self._last = compiled
+        options = self._step_options or (compiled_step.StepOptions() if under_torch_compile else None)
+        if options is not None and compiled_step.eager_reason(self, batch) is None and torch.is_grad_enabled():
+            return self._forward_compiled(compiled, options, args, kwargs, batched, batch)
         tape = self._open if self._open is not None and self._open.awaiting_backward() else None
         if tape is not None and tape.batch != batch:
             tape.superseded, tape = True, None  # not the same samples: its backward, if any, is refused
@@ -177,6 +199,27 @@ class DPModel(nn.Module):
         self._open = tape
         with recording(tape):
             return compiled.graph_module(*args, **kwargs)
+
+    def _forward_compiled(self, compiled: Compiled, options, args, kwargs, batched, batch: int):
+        """One call through the compiled BK step: the trace that admits this batch size, or a new one."""
+        key = (options, self._clip.sum_output, tuple(self._clip.thresholds), self._clip.clipping, self._clip.gamma)
+        programs = compiled.programs.setdefault(key, [])
+        program = next((p for p in programs if p.admits(batch)), None)
+        if program is None:
+            program = compiled_step.build(self, compiled, args, kwargs, batched, options)
+            programs.append(program)
+        self._last_program = program
+        if self._open is not None and self._open.awaiting_backward():
+            self._open.superseded = True  # an eager call of another batch size awaits its backward
+        previous = self._pending() if self._pending is not None else None
+        pending, out = compiled_step.run(program, self, args, kwargs)
+        if previous is not None and not previous.done:
+            previous.joined = pending.joined = True
+        self._pending = weakref.ref(pending)
+        return out
+
+    def _compiled_backward_done(self, program, norms) -> None:
+        self._last_tape = compiled_step.StepRecord(program, norms, len(self._clip.groups))
 
     def _recapture_after_change(self) -> None:
         change = self._guard.describe_change()

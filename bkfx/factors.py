@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from bkfx.precision import accumulation_dtype, as_dtype, compute_dtype, gram_dtype, gram_matmul
 
@@ -125,6 +126,16 @@ def clipped_sum(L: Factor, R: Dense, c: torch.Tensor, scaled=None) -> torch.Tens
     return R.t.new_zeros(L.size, n).index_add_(0, L.idx.reshape(-1), scaled_rows.reshape(-1, n))
 
 
+def tensor_key(t: torch.Tensor):
+    """What identifies a tensor's values in a cache key: storage, shape, strides and dtype (views
+    of one tensor made by different sites are the same values). A traced tensor (the compiled
+    step's trace, `bkfx.compiled`) has no storage and may have symbolic sizes: the tensor object
+    itself (views are then different keys; the compiled program's CSE may still merge them)."""
+    if is_fake(t):
+        return "traced", id(t)
+    return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
 class _Recent:
     """The last `capacity` values computed for keys made of tensors' storage, shape and strides.
     Each entry holds the tensors its key names, so their storage cannot be reused (and a key
@@ -155,7 +166,7 @@ class ScaledCache:
 
     @staticmethod
     def _key(t: torch.Tensor):
-        return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
+        return tensor_key(t)
 
     def __contains__(self, t: torch.Tensor) -> bool:
         return self._key(t) in self._recent
@@ -202,8 +213,8 @@ class GramCache:
     @staticmethod
     def _key(f: Factor):
         t = f.t if isinstance(f, Dense) else f.idx
-        return (type(f), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, getattr(f, "size", None),
-                None if not isinstance(f, OneHot) or f.mask is None else f.mask.data_ptr())
+        return (type(f), tensor_key(t), str(getattr(f, "size", None)),
+                None if not isinstance(f, OneHot) or f.mask is None else tensor_key(f.mask))
 
     def __call__(self, a: Factor, b: Factor) -> torch.Tensor:
         return self._recent.get((self._key(a), self._key(b)), lambda: gram(a, b), (a, b))

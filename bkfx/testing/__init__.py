@@ -92,7 +92,7 @@ def _clipped(grads, max_grad_norm, clipping, loss_reduction, groups, gamma):
 
 def assert_matches_reference(
     model, loss_fn, inputs, targets, *, rtol: float | None = None, atol: float | None = None,
-    method: str = "vmap", **compile_options,
+    method: str = "vmap", step: dict | None = None, **compile_options,
 ):
     """Compile `model` with `compile_options`, run one backward, and compare `.grad` and the
     per-sample norms with the reference. Returns the compiled model and the worst relative
@@ -103,7 +103,8 @@ def assert_matches_reference(
     clipped terms cancel (two samples with opposite gradients clipped to the same norm),
     the result is rounding noise. So the denominator is never below 1e-6 (float64) or 1e-3
     (float32) of the largest entry of any one summand. Tolerance: 1e-6 (float64) or 1e-4
-    (float32) unless given.
+    (float32) unless given. `step`: run the compiled BK step, `dp.compile(**step)` (e.g.
+    `{"backend": "inductor"}`), rather than the eager one.
     """
     import bkfx
 
@@ -112,6 +113,8 @@ def assert_matches_reference(
     tol = rtol if rtol is not None else (1e-6 if dtype == torch.float64 else 1e-4)
     reduction = compile_options.get("loss_reduction", "mean")
     dp = bkfx.compile(model, **compile_options)
+    if step is not None:
+        dp.compile(**step)
     with torch.no_grad():
         dp(*inputs_t)  # capture first: a model bkfx refuses raises its bkfx error, not the reference's
     batch_dim = compile_options.get("batch_dim", 0)

@@ -1,0 +1,282 @@
+"""The compiled BK step: one capture's forward and BK backward as two compiled programs.
+
+The eager path (`bkfx.ops` taps, `bkfx.ledger` tapes) is the reference and the fallback:
+it runs Python per site during the backward pass. The compiled path runs that same code
+once, as a trace, and compiles what it did:
+
+1. **Joint trace.** `make_fx` traces `joint(primals, tangents)`: the rewritten GraphModule
+   on the parameters, buffers and inputs, then `torch.autograd.backward(outputs, tangents)`,
+   which runs every site's tap and the ledger (per-sample norms, clip factors, book-kept
+   clipped sums written to `.grad` of the traced parameter leaves). The result is one flat
+   ATen graph of the whole step; its outputs are the model's outputs, the clipped sums, the
+   input gradients and the per-sample norms. It is then functionalised (the ledger's
+   in-place `add_`/`index_add_` become pure ops). Only the batch size is symbolic (one
+   symbol for every batched input); every other size is the capture's. The guards the trace
+   put on the batch size (a site explicit up to some batch, ghost above) are kept and
+   checked on every call: a batch size they do not admit gets a trace of its own.
+2. **Partition.** AOTAutograd's min-cut partitioner splits the joint graph into a forward
+   program (outputs, and the values the backward needs) and a backward program (those
+   values and the output gradients → clipped sums, input gradients, norms).
+3. **Compile.** Each program goes through `torch.compile` with a dynamic batch size
+   (inductor by default; `DPModel.compile(backend=, mode=, options=)` chooses, and
+   `mode="reduce-overhead"` gives CUDA graphs): one compilation serves every batch size.
+4. **Run.** `_Step`, an autograd Function, runs the forward program and saves its values;
+   its backward runs the backward program and returns the clipped sums as the parameters'
+   gradients, which autograd accumulates into `.grad` like any gradient (so gradient
+   accumulation works as it does eagerly).
+
+What stays eager (`eager_reason`): batch sizes 0 and 1 (the trace specialises them) and a
+GradScaler's loss scale. Forward calls joined before one backward (two views of the same
+samples) cannot be clipped together by separate compiled steps: their backward is refused
+with what to do instead.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+from bkfx.errors import BkfxError
+from bkfx.ledger import Tape, recording
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How the step's two programs are compiled: `torch.compile`'s backend, mode and options."""
+
+    backend: object = "inductor"
+    mode: str | None = None
+    options: tuple = ()  # sorted (key, value) pairs of torch.compile's options=
+
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: list):
+        """`gm` (a flat ATen graph) compiled for `example_inputs` (fake, with the symbolic batch
+        size): inductor directly (the graph is already what dynamo and AOTAutograd would hand it),
+        the graph itself for "eager"/"aot_eager", a backend callable as dynamo would call it."""
+        if self.backend in ("eager", "aot_eager"):
+            return gm
+        if self.backend == "inductor":
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            config = {**(list_mode_options(self.mode) if self.mode else {}), **dict(self.options)}
+            with torch._inductor.config.patch(config):
+                return compile_fx(gm, example_inputs)
+        if callable(self.backend):
+            return self.backend(gm, example_inputs)
+        raise BkfxError(
+            f"DPModel.compile(backend={self.backend!r}): the compiled BK step takes backend='inductor', 'aot_eager', "
+            "'eager' or a backend callable (gm, example_inputs) -> callable"
+        )
+
+
+@dataclass
+class Program:
+    """One trace of the step, compiled: its forward and backward programs and their layout."""
+
+    forward: object
+    backward: object
+    forward_graph: torch.fx.GraphModule
+    backward_graph: torch.fx.GraphModule
+    guards: list  # sympy conditions on `batch` that the trace assumed
+    batch: sympy.Symbol
+    n_outputs: int  # the model's tensor outputs: the first outputs of `forward`
+    out_spec: object
+    out_constants: dict  # flat output position -> a non-tensor output
+    differentiable: list[int]  # the tensor outputs that take a gradient (a tangent each)
+    grad_primals: list[int]  # the primals (parameters, then inputs) the backward returns gradients for
+    norms: list  # what follows the gradients: "total", then group indices
+    n_primals: int
+    state: list  # the parameters and buffers, in primal order (the guard recaptures if any is replaced)
+    saved_order: list[int]  # the backward's inputs (before the tangents) as positions in the forward's saved values
+    _admits: dict = field(default_factory=dict)
+
+    def admits(self, batch: int) -> bool:
+        """Whether the trace's assumptions about the batch size hold at `batch`."""
+        hit = self._admits.get(batch)
+        if hit is None:
+            hit = self._admits[batch] = batch >= 2 and all(bool(g.subs(self.batch, batch)) for g in self.guards)
+        return hit
+
+
+def eager_reason(dp_model, batch: int) -> str | None:
+    """Why this call runs the eager BK step rather than the compiled one (None: compiled)."""
+    if batch < 2:
+        return "batch size below 2 (the compiled step's trace specialises 0 and 1)"
+    scaler = dp_model.grad_scaler
+    if scaler is not None and scaler.is_enabled():
+        return "a GradScaler's loss scale"
+    return None
+
+
+def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Program:
+    """Trace one BK step of the capture `compiled` on these inputs, partition it, compile it."""
+    gm = compiled.graph_module
+    flat, in_spec = pytree.tree_flatten((args, kwargs))
+    dims = {id(t): d for t, d in batched}
+    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    names = list(state)
+    model_name = {id(p): n for n, p in dp_model._params.items()}  # the ledger's names are the model's
+    trainable = {n for n in names if id(state[n]) in model_name}
+    positions = [k for k, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+    wants_grad = [flat[k].requires_grad and flat[k].is_floating_point() for k in positions]
+    first_batched = next(j for j, k in enumerate(positions) if id(flat[k]) in dims)
+
+    shape_env = ShapeEnv()
+    fake_mode = FakeTensorMode(shape_env=shape_env)
+
+    def fake(t: torch.Tensor, dim):
+        sizes = [DimDynamic.DYNAMIC if k == dim else DimDynamic.STATIC for k in range(t.dim())]
+        return fake_mode.from_tensor(t.detach(), symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions]
+    n_state = len(names)
+    layout: dict = {}
+
+    def call(values_state, inputs):
+        values = list(flat)
+        for k, x in zip(positions, inputs):
+            values[k] = x
+        call_args, call_kwargs = pytree.tree_unflatten(values, in_spec)
+        return torch.func.functional_call(gm, dict(zip(names, values_state)), call_args, call_kwargs, strict=False)
+
+    def joint(primals, tangents):
+        leaves = [p.detach().requires_grad_() if n in trainable else p for n, p in zip(names, primals[:n_state])]
+        inputs = [x.detach().requires_grad_() if w else x for x, w in zip(primals[n_state:], wants_grad)]
+        params = {model_name[id(state[n])]: leaf for n, leaf in zip(names, leaves) if n in trainable}
+        batch = inputs[first_batched].shape[dims[id(flat[positions[first_batched]])]]
+        tape = Tape(compiled.sites, params, dp_model._clip, batch, compiled.tied)
+        with recording(tape):
+            out = call(leaves, inputs)
+        outs, out_spec = pytree.tree_flatten(out)
+        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+        differentiable = [k for k, o in enumerate(tensors) if o.requires_grad]
+        if differentiable:
+            torch.autograd.backward([tensors[k] for k in differentiable], [tangents[k] for k in differentiable])
+        grads = [(j, leaf.grad) for j, leaf in enumerate(leaves + inputs) if isinstance(leaf, torch.Tensor)
+                 and leaf.requires_grad and leaf.grad is not None]
+        norms, keys = [], []
+        if tape.per_sample_norms is not None:
+            norms, keys = [tape.per_sample_norms], ["total"]
+            for g, v in enumerate(tape.group_norms or []):
+                if v is not None:
+                    norms.append(v)
+                    keys.append(g)
+        layout.update(out_spec=out_spec, n_outputs=len(tensors), differentiable=differentiable, norms=keys,
+                      out_constants={k: o for k, o in enumerate(outs) if not isinstance(o, torch.Tensor)},
+                      grad_primals=[j for j, _ in grads])
+        return [t.detach() for t in tensors] + [g for _, g in grads] + norms
+
+    with fake_mode, torch.no_grad():
+        outs = [o for o in pytree.tree_leaves(call(primals[:n_state], primals[n_state:])) if isinstance(o, torch.Tensor)]
+        tangents = [torch.empty_like(o) if o.is_floating_point() else torch.empty_like(o, dtype=torch.float32) for o in outs]
+    traced = make_fx(joint)(primals, tangents)
+    functional = torch.func.functionalize(traced, remove="mutations")
+
+    def joint_functional(primals, tangents):
+        return functional(primals, tangents)
+
+    joint_gm = make_fx(joint_functional)(primals, tangents)
+    forward_graph, backward_graph = min_cut_rematerialization_partition(
+        joint_gm, primals + tangents, num_fwd_outputs=layout["n_outputs"]
+    )
+    saved = [n.name for n in forward_graph.graph.find_nodes(op="output")[0].args[0][layout["n_outputs"]:]]
+    taken = [n.name for n in backward_graph.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    if sorted(saved) != sorted(taken):
+        raise AssertionError(f"the partitioned programs disagree on the saved values: {saved} vs {taken}")
+    batch_symbol = primals[n_state + first_batched].shape[dims[id(flat[positions[first_batched]])]].node.expr
+    guards = [g.expr for g in shape_env.guards]
+    fake_inputs = [n.meta["val"] for n in backward_graph.graph.find_nodes(op="placeholder")]
+    return Program(
+        options.compile(forward_graph, primals), options.compile(backward_graph, fake_inputs), forward_graph, backward_graph,
+        guards, batch_symbol, layout["n_outputs"], layout["out_spec"], layout["out_constants"],
+        layout["differentiable"], layout["grad_primals"], layout["norms"], len(primals), [state[n] for n in names],
+        [saved.index(name) for name in taken],
+    )
+
+
+def run(program: Program, owner, args, kwargs):
+    """One compiled step's forward: `(pending, outputs)`; the outputs' backward is the compiled BK
+    backward, and `pending` says whether it has run."""
+    pending = _Pending(owner)
+    inputs = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    outs = _Step.apply(program, pending, *program.state, *inputs)
+    return pending, _unflatten(program, outs)
+
+
+def _unflatten(program: Program, tensors):
+    it = iter(tensors)
+    total = program.n_outputs + len(program.out_constants)
+    leaves = [program.out_constants[k] if k in program.out_constants else next(it) for k in range(total)]
+    return pytree.tree_unflatten(leaves, program.out_spec)
+
+
+class _Pending:
+    """One compiled call awaiting its backward (held by the autograd graph through `_Step`'s ctx)."""
+
+    def __init__(self, owner):
+        self.owner = weakref.ref(owner)
+        self.done = False
+        self.joined = False  # another compiled call was made before this one's backward
+
+    def __repr__(self):
+        return f"_Pending(done={self.done}, joined={self.joined})"
+
+
+class _Step(torch.autograd.Function):
+    """The compiled forward program; its backward is the compiled BK backward program."""
+
+    @staticmethod
+    def forward(ctx, program, pending, *primals):
+        results = program.forward(*primals)
+        n = program.n_outputs
+        saved = results[n:]
+        ctx.program, ctx.pending = program, pending
+        ctx.layout = [isinstance(s, torch.Tensor) for s in saved]
+        ctx.others = [s for s in saved if not isinstance(s, torch.Tensor)]
+        ctx.save_for_backward(*[s for s in saved if isinstance(s, torch.Tensor)])
+        outs = tuple(results[:n])
+        ctx.mark_non_differentiable(*[o for k, o in enumerate(outs) if k not in program.differentiable])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        program, pending = ctx.program, ctx.pending
+        if pending.joined:
+            raise BkfxError(
+                "backward through compiled forward calls made before one backward: eagerly, bkfx joins such calls as "
+                "views of the same samples (their per-sample norms are over all the calls), but each compiled step "
+                "clips only its own call\n"
+                "  what to do: call backward() after each forward call (gradient accumulation works), run forward "
+                "passes that are not trained on under torch.no_grad(), or run the joined calls eagerly (a DP model "
+                "that is not compiled)"
+            )
+        tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
+        saved = [next(tensors) if is_tensor else next(others) for is_tensor in ctx.layout]
+        saved = [saved[k] for k in program.saved_order]
+        tangents = [grads[k] for k in program.differentiable]  # materialised: zeros for an unused output
+        results = program.backward(*saved, *tangents)
+        gradients = [None] * (2 + program.n_primals)
+        for j, g in zip(program.grad_primals, results):
+            gradients[2 + j] = g
+        norms = results[len(program.grad_primals):]
+        pending.done = True
+        owner = pending.owner()
+        if owner is not None:
+            owner._compiled_backward_done(program, norms)
+        return tuple(gradients)
+
+
+class StepRecord:
+    """What a compiled backward leaves for inspection: the eager tape's per-sample and group norms."""
+
+    def __init__(self, program: Program, norms, groups: int):
+        values = dict(zip(program.norms, [n.detach() for n in norms]))
+        self.per_sample_norms = values.get("total")
+        self.group_norms = [values.get(g) for g in range(groups)] if values else None
