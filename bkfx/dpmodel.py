@@ -320,6 +320,14 @@ class DPModel(nn.Module):
         return self.graph_module.code
 
     @property
+    def compiled_code(self) -> tuple[str, str]:
+        """The compiled BK step's (forward, backward) programs of the last compiled call, as code."""
+        if self._last_program is None:
+            raise NotCapturedError("no compiled step has run: call dp_model.compile() (or torch.compile it), then "
+                                   "call it on a batch of at least 2 samples")
+        return self._last_program.forward_graph.code, self._last_program.backward_graph.code
+
+    @property
     def sites(self) -> list[Site]:
         return self._require_capture().sites
 

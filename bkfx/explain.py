@@ -273,7 +273,25 @@ def explain(compiled, batch: int | None = None) -> str:
     out += _expressions(records)
     out += _totals(records, size)
     out += ["", _sample_analysis(compiled)]
+    out += _compiled_step(compiled)
     return "\n".join(out)
+
+
+def _compiled_step(compiled) -> list[str]:
+    """The compiled BK step's programs (`bkfx.compiled`), when this capture has run compiled:
+    the guards each trace assumed about B, and the backward program's code."""
+    programs = [p for traces in compiled.programs.values() for p in traces]
+    if not programs:
+        return []
+    out = ["", f"compiled BK step: {len(programs)} trace(s) of this capture"]
+    for k, program in enumerate(programs):
+        guards = ", ".join(str(g) for g in program.guards) or "none"
+        n_fw = sum(1 for n in program.forward_graph.graph.nodes if n.op == "call_function")
+        n_bw = sum(1 for n in program.backward_graph.graph.nodes if n.op == "call_function")
+        out.append(f"  trace {k}: B = {program.batch}, guards on B: {guards}; forward program {n_fw} ops, "
+                   f"backward program {n_bw} ops (input gradients, per-sample norms, clip factors, clipped sums)")
+    out += ["", "compiled backward program (trace 0):", programs[0].backward_graph.code.strip()]
+    return out
 
 
 def _operand_table(records: list[dict]) -> list[str]:

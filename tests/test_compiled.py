@@ -1,0 +1,273 @@
+"""The compiled BK step (`bkfx.compiled`): forward and BK backward traced once with a symbolic
+batch size, partitioned, compiled; against the vmap reference in float64 and against the eager
+BK step (the reference implementation), for every architecture family and clipping option.
+
+Most tests compile with backend="aot_eager" (the traced ATen programs run as they are: the
+same programs inductor gets, without its minutes of C++ compilation on a 2-core CPU); the
+inductor tests compile a few models for real."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import nn
+
+import bkfx
+from bkfx.errors import BkfxError
+from bkfx.testing import assert_matches_reference
+from bkfx.testing.strategies import architectures, compile_options
+
+AOT = {"backend": "aot_eager"}
+
+
+def mlp(seed=0, width=8):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 3)).double()
+
+
+def loss_of(reduction="sum"):
+    return lambda out, y: F.cross_entropy(out, y, reduction=reduction)
+
+
+def data(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
+
+
+def grads(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def eager_and_compiled(model, step=AOT, **options):
+    """Two DP models of copies of `model`: eager BK step, compiled BK step."""
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    eager, compiled = bkfx.compile(a, **options), bkfx.compile(b, **options)
+    compiled.compile(**step)
+    return eager, compiled
+
+
+def assert_same_grads(m1, m2, tol=1e-12):
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=tol, atol=tol * p.grad.abs().max().item()), n
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=architectures(), options=compile_options())
+def test_every_family_compiled_matches_the_reference(arch, options):
+    dp, errors = arch.check(step=AOT, **options)
+    assert max(errors.values()) <= 1e-6
+    B = arch.inputs[0].shape[0]
+    assert (dp._last_program is not None) == (B >= 2)  # 0 and 1 run the eager step
+
+
+def test_one_trace_serves_every_batch_size_and_matches_eager():
+    eager, compiled = eager_and_compiled(mlp(), loss_reduction="mean", max_grad_norm=0.1)
+    for B in (3, 7, 2, 12):
+        x, y = data(B, seed=B)
+        for dp in (eager, compiled):
+            dp.module.zero_grad(set_to_none=True)
+            loss_of("mean")(dp(x), y).backward()
+        assert_same_grads(eager.module, compiled.module)
+        assert torch.allclose(eager.per_sample_norms, compiled.per_sample_norms, rtol=1e-12)
+    assert compiled.capture_count == 1 and sum(len(t) for t in compiled._last.programs.values()) == 1
+
+
+def test_layer_wise_group_norms_and_both_reductions():
+    for reduction in ("mean", "sum"):
+        eager, compiled = eager_and_compiled(mlp(1), style="layer-wise", max_grad_norm=[0.1, 0.2, 0.3],
+                                             loss_reduction=reduction, clipping="automatic")
+        x, y = data(6)
+        for dp in (eager, compiled):
+            loss_of(reduction)(dp(x), y).backward()
+        assert_same_grads(eager.module, compiled.module)
+        assert len(compiled.per_group_norms) == 3
+        for a, b in zip(eager.per_group_norms, compiled.per_group_norms):
+            assert torch.allclose(a, b, rtol=1e-12)
+
+
+def test_gradient_accumulation_sums_separately_clipped_steps():
+    eager, compiled = eager_and_compiled(mlp(2), max_grad_norm=0.05)
+    for seed in (1, 2, 3):
+        x, y = data(4, seed)
+        for dp in (eager, compiled):
+            loss_of()(dp(x), y).backward()
+    assert_same_grads(eager.module, compiled.module)
+
+
+def test_batch_sizes_zero_and_one_run_eagerly_and_match():
+    eager, compiled = eager_and_compiled(mlp(3))
+    for B in (1, 0):
+        x, y = data(B)
+        for dp in (eager, compiled):
+            dp.module.zero_grad(set_to_none=True)
+            out = dp(x)
+            (loss_of()(out, y) if B else out.sum()).backward()
+        assert compiled._last_program is None
+        assert_same_grads(eager.module, compiled.module)
+
+
+def test_tied_parameters_and_frozen_ones():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.mix = nn.Linear(6, 6)
+            self.frozen = nn.Linear(6, 6)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, ids):
+            h = torch.tanh(self.mix(self.emb(ids))) + self.frozen(self.emb(ids))
+            return h @ self.emb.weight.t()
+
+    torch.manual_seed(4)
+    model = TiedLM().double()
+    ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(1))
+
+    def loss(out, y):
+        return F.cross_entropy(out.reshape(-1, 11), y.reshape(-1), reduction="sum")
+
+    dp, errors = assert_matches_reference(model, loss, ids, targets, step=AOT, loss_reduction="sum", max_grad_norm=0.3)
+    assert dp._last_program is not None and "emb.weight" in errors and model.frozen.weight.grad is None
+
+
+def test_retain_graph_backward_twice_matches_eager():
+    eager, compiled = eager_and_compiled(mlp(5))
+    x, y = data(5)
+    for dp in (eager, compiled):
+        loss = loss_of()(dp(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert_same_grads(eager.module, compiled.module)
+
+
+def test_inputs_that_need_gradients_get_them():
+    eager, compiled = eager_and_compiled(mlp(6))
+    x, y = data(4)
+    got = []
+    for dp in (eager, compiled):
+        xx = x.clone().requires_grad_()
+        loss_of()(dp(xx), y).backward()
+        got.append(xx.grad)
+    assert torch.allclose(got[0], got[1], rtol=1e-12)
+    assert_same_grads(eager.module, compiled.module)
+
+
+def test_joined_forward_calls_are_refused_at_backward():
+    _, compiled = eager_and_compiled(mlp(7))
+    x, y = data(4)
+    a, b = compiled(x), compiled(x + 1)
+    with pytest.raises(BkfxError, match="compiled forward calls made before one backward"):
+        (loss_of()(a, y) + loss_of()(b, y)).backward()
+    # a forward whose output is dropped (or run under no_grad) is not joined
+    compiled.module.zero_grad(set_to_none=True)
+    compiled(x)
+    with torch.no_grad():
+        compiled(x)
+    loss_of()(compiled(x), y).backward()
+    assert all(p.grad is not None for p in compiled.module.parameters())
+
+
+def test_refusals_stay_refusals():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x - x.mean(0, keepdim=True))  # mixes samples: refused
+
+    dp = bkfx.compile(Mixer().double())
+    dp.compile(**AOT)
+    with pytest.raises(BkfxError, match="mean"):
+        dp(data(4)[0])
+
+
+def test_model_change_after_compile_traces_again():
+    eager, compiled = eager_and_compiled(mlp(8))
+    x, y = data(5)
+    for dp in (eager, compiled):
+        loss_of()(dp(x), y).backward()
+        dp.module[0].weight.requires_grad_(False)
+        dp.module.zero_grad(set_to_none=True)
+        loss_of()(dp(x), y).backward()
+    assert compiled.module[0].weight.grad is None
+    assert_same_grads(eager.module, compiled.module)
+
+
+def test_torch_compile_of_the_dp_model_runs_the_compiled_step():
+    model = mlp(9)
+    reference = copy.deepcopy(model)
+    eager = bkfx.compile(reference, max_grad_norm=0.2)
+    dp = bkfx.compile(model, max_grad_norm=0.2)
+    compiled = torch.compile(dp, backend="aot_eager", dynamic=True)
+
+    @torch.compile(backend="aot_eager", dynamic=True)
+    def loss_fn(out, y):
+        return F.cross_entropy(out, y, reduction="sum")
+
+    for B in (4, 9):
+        x, y = data(B, seed=B)
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+        loss_fn(compiled(x), y).backward()
+        loss_of()(eager(x), y).backward()
+        assert dp._last_program is not None
+        assert_same_grads(reference, model)
+
+
+def test_dp_optimizer_training_matches_eager():
+    eager, compiled = eager_and_compiled(mlp(10))
+    optimizers = [bkfx.DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.3), noise_multiplier=0.0,
+                                   expected_batch_size=4, model=dp) for dp in (eager, compiled)]
+    for step in range(3):
+        x, y = data(4, seed=step)
+        for dp, opt in zip((eager, compiled), optimizers):
+            loss_of("mean")(dp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(eager.module.parameters(), compiled.module.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_explain_shows_the_compiled_backward_and_code_is_inspectable():
+    _, compiled = eager_and_compiled(mlp(11))
+    with pytest.raises(bkfx.errors.NotCapturedError):
+        compiled.compiled_code
+    x, y = data(4)
+    loss_of()(compiled(x), y).backward()
+    text = compiled.explain()
+    assert "compiled BK step: 1 trace(s)" in text and "compiled backward program" in text
+    forward, backward = compiled.compiled_code
+    assert "tangents_1" in backward and "sqrt" in backward and "tangents" not in forward
+
+
+def test_unknown_backend_and_positional_arguments_are_refused():
+    dp = bkfx.compile(mlp())
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        dp.compile("inductor")
+    dp.compile(backend="no-such-backend")
+    x, y = data(3)
+    with pytest.raises(BkfxError, match="backend='inductor'"):
+        dp(x)
+
+
+def test_inductor_compiles_the_step_and_matches_the_reference():
+    """One real inductor compilation (C++ on the CPU): an MLP at two batch sizes, one trace."""
+    model = mlp(12, width=16)
+    x, y = data(6)
+    dp, errors = assert_matches_reference(model, loss_of("mean"), x, y, step={"backend": "inductor"},
+                                          max_grad_norm=0.1, style="layer-wise")
+    x2, y2 = data(9, seed=3)
+    model.zero_grad(set_to_none=True)
+    loss_of("mean")(dp(x2), y2).backward()
+    reference = bkfx.compile(copy.deepcopy(model), max_grad_norm=0.1, style="layer-wise")
+    reference.module.zero_grad(set_to_none=True)
+    loss_of("mean")(reference(x2), y2).backward()
+    assert_same_grads(reference.module, model, tol=1e-10)
+    assert sum(len(t) for t in dp._last.programs.values()) == 1
