@@ -113,6 +113,11 @@ def logits_of(out):
 def workload(name: str, batch: int, seq: int = 128, vocab: int = 50257):
     """(model factory, inputs, targets, loss function) for a named benchmark model."""
     g = torch.Generator().manual_seed(0)
+    if name.startswith("mlp") and "x" in name:  # mlp30x16: 30 Linear(16, 16) layers (ReLU); mlp6x512
+        depth, width = map(int, name[3:].split("x"))
+        factory = lambda: MLP(width, width, width, depth - 1)  # noqa: E731
+        x, y = torch.randn(batch, width, generator=g), torch.randint(0, width, (batch,), generator=g)
+        return factory, x, y, F.cross_entropy
     if name == "mlp":
         x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
         return MLP, x, y, lambda out, t: F.cross_entropy(logits_of(out), t)

@@ -34,7 +34,9 @@ METHODS = [
     "non-private", "bkfx", "bkfx ghost", "bkfx explicit", "bkfx layer-wise",
     "opacus hooks", "opacus ghost", "vmap dp-sgd",
 ]
+COMPILED_METHODS = ["non-private compiled", "bkfx compiled"]  # torch.compile(model) / the compiled BK step
 R, SIGMA, LR = 1.0, 1.0, 1e-3
+COMPILE = {"mode": None}  # torch.compile's mode for the compiled methods (--compile-mode; "reduce-overhead": CUDA graphs)
 
 
 class Trainer:
@@ -52,12 +54,16 @@ class Trainer:
         sgd = torch.optim.SGD(params, lr=LR)
         if method == "non-private":
             self.forward, self.opt = self.model, sgd
+        elif method == "non-private compiled":
+            self.forward, self.opt = torch.compile(self.model, mode=COMPILE["mode"]), sgd
         elif method.startswith("bkfx"):
             import bkfx
 
             options = {"ghost": {"norm_mode": "ghost"}, "explicit": {"norm_mode": "explicit"},
                        "layer-wise": {"style": "layer-wise"}}.get(method.partition(" ")[2], {})
             self.forward = bkfx.compile(self.model, max_grad_norm=R, **options)
+            if method == "bkfx compiled":
+                self.forward.compile(mode=COMPILE["mode"])
             self.opt = bkfx.DPOptimizer(sgd, noise_multiplier=SIGMA, max_grad_norm=self.forward.max_grad_norms,
                                         expected_batch_size=B, model=self.forward, seed=0)
         elif method == "opacus hooks":
@@ -290,12 +296,15 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled methods "
+                    f"({', '.join(COMPILED_METHODS)}); reduce-overhead: CUDA graphs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--max-batch", type=int, default=0,
                     help="also search each method's largest batch that fits, up to this (meant for a GPU)")
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--fits", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    COMPILE["mode"] = args.compile_mode
     if args.probe:
         print(f"PEAK_MIB {memory_probe(*args.probe, args, args.device):.1f}")
         return

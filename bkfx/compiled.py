@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 import torch.utils._pytree as pytree
+from torch._dispatch.python import enable_python_dispatcher
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -120,7 +121,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     gm = compiled.graph_module
     flat, in_spec = pytree.tree_flatten((args, kwargs))
     dims = {id(t): d for t, d in batched}
-    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    state = {**dict(gm.named_parameters()), **dict(gm.named_buffers()), **_constants(gm)}
     names = list(state)
     model_name = {id(p): n for n, p in dp_model._params.items()}  # the ledger's names are the model's
     trainable = {n for n in names if id(state[n]) in model_name}
@@ -129,7 +130,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     first_batched = next(j for j, k in enumerate(positions) if id(flat[k]) in dims)
 
     shape_env = ShapeEnv()
-    fake_mode = FakeTensorMode(shape_env=shape_env)
+    fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)  # the capture's tensor constants
 
     def fake(t: torch.Tensor, dim):
         sizes = [DimDynamic.DYNAMIC if k == dim else DimDynamic.STATIC for k in range(t.dim())]
@@ -176,13 +177,16 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     with fake_mode, torch.no_grad():
         outs = [o for o in pytree.tree_leaves(call(primals[:n_state], primals[n_state:])) if isinstance(o, torch.Tensor)]
         tangents = [torch.empty_like(o) if o.is_floating_point() else torch.empty_like(o, dtype=torch.float32) for o in outs]
-    traced = make_fx(joint)(primals, tangents)
-    functional = torch.func.functionalize(traced, remove="mutations")
+    functional = None
 
     def joint_functional(primals, tangents):
         return functional(primals, tangents)
 
-    joint_gm = make_fx(joint_functional)(primals, tangents)
+    # as AOTAutograd traces: factories (arange) fake too, symbolic sizes through composite ops
+    with enable_python_dispatcher(), fake_mode:
+        traced = make_fx(joint)(primals, tangents)
+        functional = torch.func.functionalize(traced, remove="mutations")
+        joint_gm = make_fx(joint_functional)(primals, tangents)
     forward_graph, backward_graph = min_cut_rematerialization_partition(
         joint_gm, primals + tangents, num_fwd_outputs=layout["n_outputs"]
     )
@@ -192,13 +196,43 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         raise AssertionError(f"the partitioned programs disagree on the saved values: {saved} vs {taken}")
     batch_symbol = primals[n_state + first_batched].shape[dims[id(flat[positions[first_batched]])]].node.expr
     guards = [g.expr for g in shape_env.guards]
-    fake_inputs = [n.meta["val"] for n in backward_graph.graph.find_nodes(op="placeholder")]
+    fake_inputs = [_in_mode(n.meta["val"], fake_mode) for n in backward_graph.graph.find_nodes(op="placeholder")]
     return Program(
         options.compile(forward_graph, primals), options.compile(backward_graph, fake_inputs), forward_graph, backward_graph,
         guards, batch_symbol, layout["n_outputs"], layout["out_spec"], layout["out_constants"],
         layout["differentiable"], layout["grad_primals"], layout["norms"], len(primals), [state[n] for n in names],
         [saved.index(name) for name in taken],
     )
+
+
+def _in_mode(value, fake_mode: FakeTensorMode):
+    """A backward input's example value in the trace's fake mode: make_fx computes values made
+    from constants alone (an attention mask) for real, or in a fake mode of its own."""
+    if not isinstance(value, torch.Tensor) or getattr(value, "fake_mode", None) is fake_mode:
+        return value
+    with fake_mode:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+
+
+def _constants(gm: torch.fx.GraphModule) -> dict:
+    """The capture's tensor constants (attributes that are neither parameters nor buffers): primals
+    like the buffers, so that every tensor the trace sees is one of its fake inputs."""
+    known = {n for n, _ in gm.named_parameters(remove_duplicate=False)} | \
+        {n for n, _ in gm.named_buffers(remove_duplicate=False)}  # a tied parameter's every name
+    out = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if node.target not in known:
+            value = torch.fx.graph_module._get_attr(gm, node.target) if hasattr(torch.fx.graph_module, "_get_attr") \
+                else _attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                out[node.target] = value
+    return out
+
+
+def _attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def run(program: Program, owner, args, kwargs):

@@ -271,3 +271,36 @@ def test_inductor_compiles_the_step_and_matches_the_reference():
     loss_of("mean")(reference(x2), y2).backward()
     assert_same_grads(reference.module, model, tol=1e-10)
     assert sum(len(t) for t in dp._last.programs.values()) == 1
+
+
+def _hf_models():
+    from test_gpt2 import VOCAB, gpt2
+    from test_hf_zoo import MODELS
+
+    g = torch.Generator().manual_seed(5)
+    out = {name: build for name, build in MODELS.items()}
+    out["gpt2-tied"] = lambda: (gpt2(), (torch.randint(0, VOCAB, (3, 6), generator=g),))
+    return out
+
+
+HF = _hf_models()
+
+
+@pytest.mark.parametrize("name", list(HF))
+def test_hugging_face_models_compiled_match_the_reference(name):
+    """Padding masks, an encoder-decoder, audio and vision towers, GPT-2's tied head: compiled
+    (their masks and position ids are traced constants and factories) against the reference."""
+    torch.manual_seed(0)
+    model, inputs = HF[name]()
+    model = model.double()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    B = inputs[0].shape[0]
+    if name == "gpt2-tied":
+        targets = torch.randint(0, 50, inputs[0].shape, generator=torch.Generator().manual_seed(4))
+
+        def loss(out, y):
+            return F.cross_entropy(out.logits.reshape(-1, 50), y.reshape(-1))
+    else:
+        targets, loss = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(4)), F.cross_entropy
+    dp, _ = assert_matches_reference(model, loss, inputs, targets, method="loop", max_grad_norm=0.3, step=AOT)
+    assert dp._last_program is not None
