@@ -5,6 +5,7 @@ as a module name still works for `from bkfx.compile import ...` (an alias set in
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ import weakref
 
 from bkfx import compiled as compiled_step
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
+from bkfx.distributed import FSDPShards, check_not_sharded_after_compile
 from bkfx.errors import BkfxError, NotCapturedError
 from bkfx.guards import ModelGuard
 from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
@@ -128,12 +130,14 @@ class DPModel(nn.Module):
         self._step_options: compiled_step.StepOptions | None = None  # set by `compile()`: the compiled BK step
         self._pending = None  # weakref to the last compiled call's `_Pending`
         self._last_program: compiled_step.Program | None = None
+        self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
         self._track_parameters()
 
     def _track_parameters(self) -> None:
         """(Re)read the trainable parameters, their clipping groups and thresholds, and forget
         every capture: at compile, and whenever the guard sees the model change."""
         model = self.module
+        check_not_sharded_after_compile(self)
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         groups = groups_for(self._style, list(self._params))
@@ -175,6 +179,8 @@ class DPModel(nn.Module):
 
     @torch.compiler.disable
     def _forward(self, args, kwargs, under_torch_compile: bool):
+        if self.shards is not None:
+            self.shards.unshard()  # the graph runs on, and the ledger clips over, the unsharded parameters
         modes = self._guard.check()
         if modes is None:
             self._recapture_after_change()
@@ -184,10 +190,12 @@ class DPModel(nn.Module):
         batch = batch_size(batched)
         compiled = self._captures.get(key)
         if compiled is None:
-            compiled = self._captures[key] = self._compile(args, kwargs, batch)
+            with self.shards.capturing() if self.shards is not None else contextlib.nullcontext():
+                compiled = self._captures[key] = self._compile(args, kwargs, batch)
         self._last = compiled
         options = self._step_options or (compiled_step.StepOptions() if under_torch_compile else None)
-        if options is not None and compiled_step.eager_reason(self, batch) is None and torch.is_grad_enabled():
+        if options is not None and compiled_step.eager_reason(self, batch) is None and torch.is_grad_enabled() \
+                and self.shards is None:  # FSDP2 runs the eager BK step (bkfx.distributed drives the shards)
             return self._forward_compiled(compiled, options, args, kwargs, batched, batch)
         tape = self._open if self._open is not None and self._open.awaiting_backward() else None
         if tape is not None and tape.batch != batch:
@@ -356,7 +364,8 @@ _COMPILED: "weakref.WeakSet[DPModel]" = weakref.WeakSet()  # every live compiled
 def compiled_models_of(params) -> list["DPModel"]:
     """The live compiled models any of `params` belongs to."""
     ids = {id(p) for p in params}
-    return [m for m in list(_COMPILED) if any(id(p) in ids for p in m.module.parameters())]
+    return [m for m in list(_COMPILED) if any(id(p) in ids for p in m.module.parameters())
+            or (m.shards is not None and any(id(p) in ids for p in m.shards.sharded.values()))]
 
 
 def _finite(x) -> bool:

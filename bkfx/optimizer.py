@@ -32,8 +32,8 @@ so the same seed gives different (equally distributed) noise on the two.
 
 Data parallel (`torch.distributed`, no wrapper): when a process group is initialised (or
 `process_group=` names one), each rank runs the compiled model on its own samples and `step()`
-all-reduces (SUM) the clipped sums over the group, in flat buckets of at most `ALLREDUCE_BUCKET`
-entries per device and dtype. The noise is added once in total: the group's rank 0 draws it and
+all-reduces (SUM) the clipped sums over the group, in flat buckets of at most
+`bkfx.distributed.ALLREDUCE_BUCKET` entries per device and dtype. The noise is added once in total: the group's rank 0 draws it and
 adds it to its own sum before the all-reduce (the other ranks add none and leave their generators
 untouched); every rank then divides by `expected_batch_size`, which must be the GLOBAL one (`q N`
 over the whole dataset), so all ranks hold identical gradients and parameters. Every rank must
@@ -61,10 +61,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from bkfx.accounting import check_noise_multiplier, check_sample_rate
+from bkfx.distributed import all_reduce_sum_
 from bkfx.errors import BkfxError
 
 NOISE_CHUNK = 1 << 20  # entries per independently seeded draw of the noise
-ALLREDUCE_BUCKET = 1 << 24  # entries per flattened all-reduce of the clipped sums (data parallel)
 SECURE_DRAWS = 4  # secure mode's noise: the sum of 4 standard normal draws, halved (÷√4 is exact)
 
 
@@ -197,22 +197,35 @@ class DPOptimizer(torch.optim.Optimizer):
         return g
 
     def add_noise(self) -> None:
-        """`.grad ← (.grad + N(0, σ²R²)) / expected_batch_size` for every trainable parameter, in place."""
+        """`.grad ← (.grad + N(0, σ²R²)) / expected_batch_size` for every trainable parameter, in place.
+
+        Data parallel: the group's rank 0 adds the noise to its own clipped sums, then they are
+        summed over the ranks (all-reduced; reduce-scattered to the shards for FSDP2's sharded
+        parameters, whose whole clipped sums the unsharded parameters hold: `bkfx.distributed`)."""
         std = self.noise_std
-        grads = []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
+        shards = getattr(self._model, "shards", None)
+        group = self._group()
+        if shards is not None:
+            self._check_shards(shards, group)
+        replicated, sharded, noised = [], [], []  # noised: every sum the noise is drawn for, in parameter order
+        for param_group in self.optimizer.param_groups:
+            for p in param_group["params"]:
                 if not p.requires_grad:
+                    continue
+                name = None if shards is None else shards.name_of(p)
+                if name is not None:
+                    sharded.append(name)
+                    noised.append(shards.full_grad(name))
                     continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 elif not p.grad.is_contiguous():
                     p.grad = p.grad.contiguous()
-                grads.append(p.grad)
-        group = self._group()
+                replicated.append(p.grad)
+                noised.append(p.grad)
         if std and (group is None or torch.distributed.get_rank(group) == 0):  # data parallel: rank 0's noise only
             by_device: dict[str, list[torch.Tensor]] = {}
-            for t in grads:
+            for t in noised:
                 by_device.setdefault(_device_key(t.device), []).append(t)
             for key, tensors in by_device.items():
                 pool = None
@@ -226,8 +239,34 @@ class DPOptimizer(torch.optim.Optimizer):
                 add_gaussian_noise_(tensors, std, self.generator_for(torch.device(key)), pool, secure_key=secure_key)
         self._noise_draws += 1
         if group is not None:
-            all_reduce_sum_(grads, group)
-        torch._foreach_div_(grads, self.expected_batch_size)
+            all_reduce_sum_(replicated, group)
+        summed = replicated
+        if shards is not None:
+            summed = replicated + shards.reduce_scatter_(sharded)
+            shards.reshard()
+        torch._foreach_div_(summed, self.expected_batch_size)
+
+    def _check_shards(self, shards, group) -> None:
+        """FSDP2: the optimizer must step the sharded parameters, and the ranks the noise is drawn
+        once over must be those the parameters are sharded over."""
+        unsharded = {id(p) for p in shards.unsharded.values()}
+        if any(id(p) in unsharded for g in self.optimizer.param_groups for p in g["params"]):
+            raise BkfxError(
+                "the optimizer holds the unsharded parameters of a fully_shard model (read from model.parameters() "
+                "between a forward call and step()); they are freed at step. Build the optimizer on the sharded "
+                "parameters: before the first forward call, or after a step()"
+            )
+        ranks = torch.distributed.get_process_group_ranks
+        if group is None and shards.world_size > 1:
+            raise BkfxError(
+                "a fully_shard model needs its clipped sums reduced over the ranks it is sharded over, but this "
+                "DPOptimizer has process_group=False; drop process_group= (or pass the mesh's group)"
+            )
+        if group is not None and ranks(group) != ranks(shards.group):
+            raise BkfxError(
+                f"the DPOptimizer's process group (ranks {ranks(group)}) is not the group the model is sharded over "
+                f"(ranks {ranks(shards.group)}); pass process_group= the mesh's group (mesh.get_group())"
+            )
 
     def _group(self):
         """The process group to sum over, or None (one process: no group, `process_group=False`,
@@ -294,6 +333,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if not self.logical_batch_complete:
             return
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        shards = getattr(self._model, "shards", None)
+        if shards is not None:  # FSDP2: the clipped sums not yet reduced, on the unsharded parameters
+            for p in shards.unsharded.values():
+                p.grad = None
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict plus `"bkfx"`: steps, every device's noise generator
@@ -410,33 +453,6 @@ def add_gaussian_noise_(
             draw(k)
     else:
         list(pool.map(draw, range(len(chunks))))
-
-
-def all_reduce_sum_(tensors: list[torch.Tensor], group) -> None:
-    """Sum each tensor over `group`'s ranks, in place: the tensors of one device and dtype are
-    flattened into buckets of at most `ALLREDUCE_BUCKET` entries (a tensor larger than that is its
-    own bucket), one all-reduce each, in the same order on every rank."""
-    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
-    filled: dict[tuple, int] = {}  # entries in each key's last bucket
-    for t in tensors:
-        key = (str(t.device), t.dtype)
-        lists = buckets.setdefault(key, [[]])
-        if lists[-1] and filled[key] + t.numel() > ALLREDUCE_BUCKET:
-            lists.append([])
-            filled[key] = 0
-        lists[-1].append(t)
-        filled[key] = filled.get(key, 0) + t.numel()
-    for key in sorted(buckets, key=str):
-        for bucket in buckets[key]:
-            if len(bucket) == 1:
-                torch.distributed.all_reduce(bucket[0], op=torch.distributed.ReduceOp.SUM, group=group)
-                continue
-            flat = torch.cat([t.view(-1) for t in bucket])
-            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
-            offset = 0
-            for t in bucket:
-                t.view(-1).copy_(flat[offset:offset + t.numel()])
-                offset += t.numel()
 
 
 def secure_standard_normal(n: int, generator: torch.Generator) -> torch.Tensor:
