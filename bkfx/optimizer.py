@@ -39,7 +39,9 @@ untouched); every rank then divides by `expected_batch_size`, which must be the 
 over the whole dataset), so all ranks hold identical gradients and parameters. Every rank must
 call `step()` once per logical batch (a rank whose batch is empty too: it contributes zeros).
 `process_group=False` keeps a DPOptimizer local although a group is initialised. Do not wrap the
-model in `DistributedDataParallel` (bkfx.compile refuses it).
+model in `DistributedDataParallel` (bkfx.compile refuses it). A `fully_shard`ed (FSDP2) model's
+sharded parameters get the reduce-scatter of the full clipped sums that its unsharded parameters
+hold, with rank 0's noise added before it (`bkfx.distributed`); step() then reshards the model.
 
 `secure_mode=True` draws noise that resists the floating-point attacks on naive Gaussian
 samplers (see `add_gaussian_noise_`); it takes no seed (its key comes from the OS).
