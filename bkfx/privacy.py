@@ -59,7 +59,9 @@ def make_private(
     max_physical_batch_size: split each logical batch into physical batches of at most
         this many examples; the loader then yields physical batches and the optimizer
         steps once per logical batch (call step()/zero_grad() after every batch as usual).
-    seed: makes the batches and the noise reproducible (two independent streams).
+    seed: makes the batches and the noise reproducible (two independent streams). Data parallel
+        (torch.distributed initialised): every rank passes the same seed and gets its shard of the
+        global Poisson batch; `batch_size` is the global expected batch size.
     accountant: "rdp" or "pld", for both the noise calibration and the accountant.
     """
     _check_arguments(model, optimizer, target_epsilon, noise_multiplier, target_delta, epochs, accountant,
@@ -72,8 +74,11 @@ def make_private(
     expected_batch_size = batch_size if batch_size is not None else sample_rate * len(dataset)
 
     sampling_seed, noise_seed = (None, None) if seed is None else np.random.SeedSequence(seed).generate_state(2)
+    shard = {}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # data parallel: this rank's shard
+        shard = {"rank": torch.distributed.get_rank(), "world_size": torch.distributed.get_world_size()}
     loader = poisson_loader(
-        dataset, sample_rate, seed=None if sampling_seed is None else int(sampling_seed), **loader_options
+        dataset, sample_rate, seed=None if sampling_seed is None else int(sampling_seed), **shard, **loader_options
     )
     if target_epsilon is not None:
         steps = epochs * len(loader)

@@ -3,6 +3,7 @@
     python examples/train_digits.py                        # ε = 3, δ = 1e-5, 30 epochs
     python examples/train_digits.py --target-epsilon 1     # more noise, lower accuracy
     python examples/train_digits.py --style layer-wise --clipping automatic
+    torchrun --nproc_per_node 2 examples/train_digits.py --distributed   # data parallel, same ε
 
 A small CNN (Conv2d + GroupNorm + ReLU blocks, then Linear; GroupNorm because batch
 norm mixes samples) is an ordinary nn.Module. `bkfx.make_private` compiles it so that
@@ -11,6 +12,11 @@ Gaussian noise once per step, Poisson-samples the training set, and calibrates t
 multiplier so that the whole run is (ε, δ)-DP. The loop below is the non-private one.
 Each epoch prints ε spent so far and test accuracy; a plot of accuracy against ε goes to
 examples/results/, and the run ends with the privacy report (ε by RDP and by PLD, σ, q, steps).
+
+`--distributed` (under torchrun) trains data parallel with the same global batch, noise and ε:
+each rank runs the model on its shard of every Poisson batch, the DP optimizer sums the clipped
+gradients over the ranks and adds the noise once (rank 0 draws it), so every rank holds the same
+parameters. Rank 0 prints and plots.
 """
 from __future__ import annotations
 
@@ -94,8 +100,12 @@ def main(argv=None):
     ap.add_argument("--accountant", default="rdp", choices=["rdp", "pld"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, help="where to save the plot (default examples/results/digits_eps<ε>.png)")
+    ap.add_argument("--distributed", action="store_true", help="data parallel over torchrun's processes (gloo)")
     args = ap.parse_args(argv)
 
+    if args.distributed:  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+        torch.distributed.init_process_group("gloo")
+    lead = not args.distributed or torch.distributed.get_rank() == 0
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     train_set, xte, yte = load_digits(args.seed)
@@ -107,15 +117,17 @@ def main(argv=None):
         max_physical_batch_size=args.max_physical_batch_size, seed=args.seed, accountant=args.accountant,
     )
     dp_model, optimizer, loader, accountant = private
-    print(f"{len(train_set)} training images, expected batch {args.batch_size} (sample rate "
-          f"{args.batch_size / len(train_set):.4f}), {args.epochs} epochs: noise multiplier "
-          f"{optimizer.noise_multiplier:.3f} for ε = {args.target_epsilon} at δ = {args.delta} ({args.accountant})")
+    if lead:
+        ranks = f" over {torch.distributed.get_world_size()} processes" if args.distributed else ""
+        print(f"{len(train_set)} training images, expected batch {args.batch_size}{ranks} (sample rate "
+              f"{args.batch_size / len(train_set):.4f}), {args.epochs} epochs: noise multiplier "
+              f"{optimizer.noise_multiplier:.3f} for ε = {args.target_epsilon} at δ = {args.delta} ({args.accountant})")
 
     # schedulers take the wrapped torch optimizer, whose param_groups the DP optimizer steps
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer.optimizer, T_max=args.epochs)
     curve = []
     progress = tqdm(total=args.epochs * len(loader) if hasattr(loader, "__len__") else None, unit="step",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, disable=not lead)
     for epoch in range(1, args.epochs + 1):
         for x, y in loader:
             loss = F.cross_entropy(dp_model(x), y)
@@ -127,8 +139,13 @@ def main(argv=None):
         schedule.step()
         eps, acc = accountant.epsilon(args.delta), accuracy(model, xte, yte)
         curve.append((eps, acc))
-        progress.write(f"epoch {epoch:3d}  ε {eps:6.3f}  test accuracy {acc:.3f}")
+        if lead:
+            progress.write(f"epoch {epoch:3d}  ε {eps:6.3f}  test accuracy {acc:.3f}")
     progress.close()
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+    if not lead:
+        return
 
     path = args.plot or os.path.join(RESULTS, f"digits_eps{args.target_epsilon:g}.png")
     plot(curve, args.delta, path, f"bkfx DP-SGD on digits: {args.style}, {args.clipping}, target ε {args.target_epsilon:g}, "
