@@ -61,7 +61,10 @@ def measure(label, model, batch, seq, vocab, args) -> dict:
     factory, x, y, loss_fn = workload(model, batch, seq or 128, vocab or 50257)
     try:
         agree = agreement(factory, x, y, loss_fn, args.device)
-    except Exception as e:  # reported with the timings
+    except Exception as e:  # reported with the timings (the traceback on stderr)
+        import traceback
+
+        traceback.print_exc(limit=-12)
         agree = run.first_line(e)
     trainers, first, failed = {}, {}, {}
     for method in args.methods:

@@ -45,7 +45,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from bkfx.errors import BkfxError
-from bkfx.ledger import Tape, recording
+from bkfx.ledger import Tape, _keeping_graph, recording
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,14 @@ class StepOptions:
     backend: object = "inductor"
     mode: str | None = None
     options: tuple = ()  # sorted (key, value) pairs of torch.compile's options=
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """`mode="reduce-overhead"` (or "max-autotune"): replay the programs as CUDA graphs. bkfx
+        captures them itself (`CudaGraphs`), one pair per batch size, since the two programs
+        are compiled apart and inductor's CUDA graph trees pair only the programs AOTAutograd
+        compiles together."""
+        return self.mode in ("reduce-overhead", "max-autotune") or dict(self.options).get("triton.cudagraphs", False)
 
     def compile(self, gm: torch.fx.GraphModule, example_inputs: list):
         """`gm` (a flat ATen graph) compiled for `example_inputs` (fake, with the symbolic batch
@@ -67,6 +75,7 @@ class StepOptions:
             from torch._inductor.compile_fx import compile_fx
 
             config = {**(list_mode_options(self.mode) if self.mode else {}), **dict(self.options)}
+            config["triton.cudagraphs"] = False  # bkfx's own CUDA graphs (`cuda_graphs`)
             with torch._inductor.config.patch(config):
                 return compile_fx(gm, example_inputs)
         if callable(self.backend):
@@ -96,6 +105,7 @@ class Program:
     n_primals: int
     state: list  # the parameters and buffers, in primal order (the guard recaptures if any is replaced)
     saved_order: list[int]  # the backward's inputs (before the tangents) as positions in the forward's saved values
+    graphs: "CudaGraphs | None" = None  # mode="reduce-overhead" on CUDA: the programs replayed as CUDA graphs
     _admits: dict = field(default_factory=dict)
 
     def admits(self, batch: int) -> bool:
@@ -197,12 +207,16 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     batch_symbol = primals[n_state + first_batched].shape[dims[id(flat[positions[first_batched]])]].node.expr
     guards = [g.expr for g in shape_env.guards]
     fake_inputs = [_in_mode(n.meta["val"], fake_mode) for n in backward_graph.graph.find_nodes(op="placeholder")]
-    return Program(
+    cuda = any(p.device.type == "cuda" for p in primals)
+    program = Program(
         options.compile(forward_graph, primals), options.compile(backward_graph, fake_inputs), forward_graph, backward_graph,
         guards, batch_symbol, layout["n_outputs"], layout["out_spec"], layout["out_constants"],
         layout["differentiable"], layout["grad_primals"], layout["norms"], len(primals), [state[n] for n in names],
         [saved.index(name) for name in taken],
     )
+    if options.cuda_graphs and cuda:
+        program.graphs = CudaGraphs(n_state, layout["n_outputs"])
+    return program
 
 
 def _in_mode(value, fake_mode: FakeTensorMode):
@@ -258,6 +272,7 @@ class _Pending:
         self.owner = weakref.ref(owner)
         self.done = False
         self.joined = False  # another compiled call was made before this one's backward
+        self.saved = None  # the forward program's saved values, until the backward has used them
 
     def __repr__(self):
         return f"_Pending(done={self.done}, joined={self.joined})"
@@ -268,13 +283,13 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program, pending, *primals):
-        results = program.forward(*primals)
         n = program.n_outputs
-        saved = results[n:]
+        if program.graphs is not None:
+            results = program.graphs.forward(program, primals, pending)
+        else:
+            results = program.forward(*primals)
+        pending.saved = list(results[n:])
         ctx.program, ctx.pending = program, pending
-        ctx.layout = [isinstance(s, torch.Tensor) for s in saved]
-        ctx.others = [s for s in saved if not isinstance(s, torch.Tensor)]
-        ctx.save_for_backward(*[s for s in saved if isinstance(s, torch.Tensor)])
         outs = tuple(results[:n])
         ctx.mark_non_differentiable(*[o for k, o in enumerate(outs) if k not in program.differentiable])
         return outs
@@ -291,11 +306,19 @@ class _Step(torch.autograd.Function):
                 "passes that are not trained on under torch.no_grad(), or run the joined calls eagerly (a DP model "
                 "that is not compiled)"
             )
-        tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
-        saved = [next(tensors) if is_tensor else next(others) for is_tensor in ctx.layout]
-        saved = [saved[k] for k in program.saved_order]
+        if pending.saved is None:
+            raise BkfxError(
+                "backward through a compiled DP step a second time, but its saved values were released after the "
+                "first backward; call backward(retain_graph=True) the first time"
+            )
+        saved = [pending.saved[k] for k in program.saved_order]
         tangents = [grads[k] for k in program.differentiable]  # materialised: zeros for an unused output
-        results = program.backward(*saved, *tangents)
+        if program.graphs is not None:
+            results = program.graphs.backward(program, saved + tangents)
+        else:
+            results = program.backward(*saved, *tangents)
+        if not _keeping_graph():
+            pending.saved = None
         gradients = [None] * (2 + program.n_primals)
         for j, g in zip(program.grad_primals, results):
             gradients[2 + j] = g
@@ -305,6 +328,102 @@ class _Step(torch.autograd.Function):
         if owner is not None:
             owner._compiled_backward_done(program, norms)
         return tuple(gradients)
+
+
+class CudaGraphs:
+    """The two programs of one trace as CUDA graphs (`mode="reduce-overhead"` on a GPU): one
+    forward and one backward graph per batch size, captured on first use after a warm-up.
+
+    A graph reads its inputs from, and writes its outputs to, memory of its own. Inputs are
+    copied in only when they are not already there (parameters and buffers never are; the
+    backward graph reads the forward graph's saved values where they lie). Outputs that leave
+    (the model's outputs, the gradients, the norms) are copied out. The saved values stay in
+    the forward graph's memory until its next replay: before that replay, the values of a
+    call whose backward has not run yet are moved to memory of their own."""
+
+    def __init__(self, n_state: int, n_outputs: int):
+        self.n_state, self.n_outputs = n_state, n_outputs
+        self._forward: dict[int, _Graphed] = {}
+        self._backward: dict[int, _Graphed] = {}
+        self._holder: dict[int, weakref.ref] = {}  # batch size -> the call whose saved values are in the graph
+
+    def _release(self, batch) -> None:
+        """Move the saved values of the call that holds the forward graph's memory to memory of its
+        own (its backward may still come), so that the graph's memory can be written."""
+        holder = self._holder.pop(batch, None)
+        previous = holder() if holder is not None else None
+        if previous is not None and previous.saved is not None:
+            previous.saved = [s.clone() if isinstance(s, torch.Tensor) else s for s in previous.saved]
+
+    def forward(self, program: Program, primals, pending) -> list:
+        batch = _batch_of(program, primals)
+        self._release(batch)
+        graph = self._forward.get(batch)
+        if graph is None:
+            graph = self._forward[batch] = _Graphed(program.forward, list(primals), keep=range(self.n_state))
+        results = graph(list(primals))
+        self._holder[batch] = weakref.ref(pending)
+        return [r.clone() for r in results[:self.n_outputs]] + list(results[self.n_outputs:])
+
+    def backward(self, program: Program, inputs) -> list:
+        batch = _batch_of_saved(inputs)
+        graph = self._backward.get(batch)
+        if graph is None:
+            graph = self._backward[batch] = _Graphed(program.backward, list(inputs), keep=_shared(inputs, self._forward.get(batch)))
+        if any(graph.inputs[k].data_ptr() != inputs[k].data_ptr() for k in graph.kept):
+            # an earlier call's saved values (moved out): the forward graph's memory is about to be written
+            self._release(_batch_key_of_forward(self, graph))
+        return [r.clone() if isinstance(r, torch.Tensor) else r for r in graph(list(inputs))]
+
+
+def _batch_of(program: Program, primals) -> tuple:
+    """A key for the shapes of a call: every input's shape (the batch size decides them)."""
+    return tuple(tuple(p.shape) for p in primals[len(program.state):] if isinstance(p, torch.Tensor))
+
+
+def _batch_key_of_forward(graphs: CudaGraphs, backward: "_Graphed"):
+    """The forward graph (its batch key) whose output memory `backward` reads."""
+    kept = {backward.inputs[k].data_ptr() for k in backward.kept}
+    return next((key for key, g in graphs._forward.items()
+                 if any(isinstance(t, torch.Tensor) and t.data_ptr() in kept for t in g.outputs)), None)
+
+
+def _batch_of_saved(inputs) -> tuple:
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+def _shared(inputs, forward_graph) -> list[int]:
+    """The backward inputs that lie in the forward graph's output memory: read where they are."""
+    if forward_graph is None:
+        return []
+    outputs = {t.data_ptr() for t in forward_graph.outputs if isinstance(t, torch.Tensor)}
+    return [k for k, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.data_ptr() in outputs]
+
+
+class _Graphed:
+    """`fn` captured as a CUDA graph on these example inputs. `keep`: inputs used where they lie
+    (copied into only if a later call passes another tensor); the others get static copies."""
+
+    def __init__(self, fn, inputs: list, keep):
+        keep = set(keep)
+        self.kept = sorted(k for k in keep if isinstance(inputs[k], torch.Tensor))
+        self.inputs = [t if (k in keep or not isinstance(t, torch.Tensor)) else t.clone() for k, t in enumerate(inputs)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy initialisation, autotuning
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = list(fn(*self.inputs))
+
+    def __call__(self, inputs: list) -> list:
+        for static, given in zip(self.inputs, inputs):
+            if isinstance(static, torch.Tensor) and static.data_ptr() != given.data_ptr():
+                static.copy_(given)
+        self.graph.replay()
+        return self.outputs
 
 
 class StepRecord:

@@ -23,6 +23,7 @@ from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
 from bkfx.meta import META_PROBE, META_SITES
 from bkfx.node import original_op_name
 from bkfx.plan import Site
+from bkfx.precision import AutocastState
 from passes.annotate import annotate
 from passes.capture import batch_dims_of, batch_size, capture, signature
 from passes.cost_model import MODES, cost_model
@@ -210,7 +211,8 @@ class DPModel(nn.Module):
 
     def _forward_compiled(self, compiled: Compiled, options, args, kwargs, batched, batch: int):
         """One call through the compiled BK step: the trace that admits this batch size, or a new one."""
-        key = (options, self._clip.sum_output, tuple(self._clip.thresholds), self._clip.clipping, self._clip.gamma)
+        key = (options, self._clip.sum_output, tuple(self._clip.thresholds), self._clip.clipping, self._clip.gamma,
+               AutocastState.current())  # the trace bakes in autocast's casts
         programs = compiled.programs.setdefault(key, [])
         program = next((p for p in programs if p.admits(batch)), None)
         if program is None:

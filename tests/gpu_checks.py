@@ -11,6 +11,9 @@ on an H100). `--device cpu` is the dry run this machine can do.
    blocked lower triangle on the device (GPT-2's c_fc site: B 16, T 512, 768 -> 3072).
 4. GPT-2 (4 layers, d 256, T 256, B 16) under bf16 autocast: bkfx's step time over
    non-private's, and its gradients close to the float32 reference (informational ratio).
+5. The compiled BK step (inductor; with mode="reduce-overhead" bkfx's CUDA graphs) against the
+   eager step through a sequence that exercises graph replay: repeated and new batch sizes,
+   gradient accumulation, a retained backward run again after a later call replayed the graph.
 """
 from __future__ import annotations
 
@@ -179,10 +182,62 @@ def check_gpt2(device: torch.device, small: bool) -> None:
            f"bkfx {err:.2e}, non-private autocast {plain:.2e}; norms {norm_err:.2e}")
 
 
+def check_compiled_step(device: torch.device, small: bool) -> None:
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import bkfx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
+    g = torch.Generator().manual_seed(1)
+    batches = {b: (torch.randn(b, 32, generator=g).to(device), torch.randint(0, 10, (b,), generator=g).to(device))
+               for b in (8, 5)}
+
+    def sequence(dp):
+        """.grad after each stage of a sequence of calls (copied), and the per-sample norms."""
+        out, params = [], list(dp.module.parameters())
+
+        def snap():
+            out.append([p.grad.clone() for p in params])
+            dp.module.zero_grad(set_to_none=True)
+
+        for b in (8, 8, 5, 8):  # first capture, replay, another graph, back
+            F.cross_entropy(dp(batches[b][0]), batches[b][1]).backward()
+            out.append([dp.per_sample_norms.clone()])
+            snap()
+        for b in (8, 8):  # accumulation
+            F.cross_entropy(dp(batches[b][0] * 0.5), batches[b][1]).backward()
+        snap()
+        loss_a = F.cross_entropy(dp(batches[8][0]), batches[8][1])
+        loss_a.backward(retain_graph=True)
+        F.cross_entropy(dp(batches[8][0] + 1.0), batches[8][1]).backward()  # replays the graph A saved into
+        loss_a.backward()
+        snap()
+        return out
+
+    for mode in (None, "reduce-overhead"):
+        eager = bkfx.compile(copy.deepcopy(model), max_grad_norm=0.1)
+        compiled = bkfx.compile(copy.deepcopy(model), max_grad_norm=0.1)
+        compiled.compile(mode=mode)
+        t0 = time.perf_counter()
+        want, got = sequence(eager), sequence(compiled)
+        worst = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+                    for w, c in zip(want, got) for a, b in zip(w, c))
+        graphs = compiled._last_program.graphs
+        report(f"compiled step (mode={mode}) vs eager through graph replays", worst < 1e-4,
+               f"max relative difference {worst:.2e}; CUDA graphs: "
+               f"{'none' if graphs is None else f'{len(graphs._forward)} forward, {len(graphs._backward)} backward'}; "
+               f"{time.perf_counter() - t0:.1f} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-pytest", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these checks (noise grams gpt2 compiled pytest)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_checks.txt")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -191,13 +246,15 @@ def main() -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-    checks = [
-        lambda: check_noise(device, 4_000_000 if small else 124_000_000),
-        lambda: check_grams(device, small),
-        lambda: check_gpt2(device, small),
-    ]
+    checks = {
+        "noise": lambda: check_noise(device, 4_000_000 if small else 124_000_000),
+        "grams": lambda: check_grams(device, small),
+        "gpt2": lambda: check_gpt2(device, small),
+        "compiled": lambda: check_compiled_step(device, small),
+    }
     if not args.skip_pytest:
-        checks.append(lambda: check_pytest(device))
+        checks["pytest"] = lambda: check_pytest(device)
+    checks = [c for name, c in checks.items() if args.only is None or name in args.only]
     for check in checks:
         try:
             check()
