@@ -4,6 +4,7 @@
     python examples/train_digits.py --target-epsilon 1     # more noise, lower accuracy
     python examples/train_digits.py --style layer-wise --clipping automatic
     torchrun --nproc_per_node 2 examples/train_digits.py --distributed   # data parallel, same ε
+    torchrun --nproc_per_node 2 examples/train_digits.py --distributed --fsdp   # parameters sharded (FSDP2)
 
 A small CNN (Conv2d + GroupNorm + ReLU blocks, then Linear; GroupNorm because batch
 norm mixes samples) is an ordinary nn.Module. `bkfx.make_private` compiles it so that
@@ -16,7 +17,8 @@ examples/results/, and the run ends with the privacy report (ε by RDP and by PL
 `--distributed` (under torchrun) trains data parallel with the same global batch, noise and ε:
 each rank runs the model on its shard of every Poisson batch, the DP optimizer sums the clipped
 gradients over the ranks and adds the noise once (rank 0 draws it), so every rank holds the same
-parameters. Rank 0 prints and plots.
+parameters. Rank 0 prints and plots. `--fsdp` also shards the parameters and the optimizer state
+(`fully_shard` of each block and of the model, on a 1-D CPU mesh) before the model is made private.
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, help="where to save the plot (default examples/results/digits_eps<ε>.png)")
     ap.add_argument("--distributed", action="store_true", help="data parallel over torchrun's processes (gloo)")
+    ap.add_argument("--fsdp", action="store_true", help="with --distributed: shard the model with FSDP2's fully_shard")
     args = ap.parse_args(argv)
 
     if args.distributed:  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
@@ -110,6 +113,17 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     train_set, xte, yte = load_digits(args.seed)
     model = DigitsCNN()
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if not args.distributed:
+            ap.error("--fsdp needs --distributed (under torchrun)")
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        for block in [*model.features, model.classifier]:
+            if any(True for _ in block.parameters()):
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     private = bkfx.make_private(
         model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum), train_set,
         target_epsilon=args.target_epsilon, target_delta=args.delta, epochs=args.epochs,
