@@ -112,7 +112,8 @@ class Program:
         """Whether the trace's assumptions about the batch size hold at `batch`."""
         hit = self._admits.get(batch)
         if hit is None:
-            hit = self._admits[batch] = batch >= 2 and all(bool(g.subs(self.batch, batch)) for g in self.guards)
+            hit = self._admits[batch] = batch >= 2 and all(
+                g.subs(self.batch, batch) is sympy.true for g in self.guards)  # undecidable: not admitted
         return hit
 
 
@@ -148,6 +149,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
 
     primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions]
     n_state = len(names)
+    batch_symbol = primals[n_state + first_batched].shape[dims[id(flat[positions[first_batched]])]].node.expr
     layout: dict = {}
 
     def call(values_state, inputs):
@@ -194,9 +196,9 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
 
     # as AOTAutograd traces: factories (arange) fake too, symbolic sizes through composite ops
     with enable_python_dispatcher(), fake_mode:
-        traced = make_fx(joint)(primals, tangents)
+        traced = make_fx(joint, decomposition_table=_decompositions())(primals, tangents)
         functional = torch.func.functionalize(traced, remove="mutations")
-        joint_gm = make_fx(joint_functional)(primals, tangents)
+        joint_gm = make_fx(joint_functional, decomposition_table=_decompositions())(primals, tangents)
     forward_graph, backward_graph = min_cut_rematerialization_partition(
         joint_gm, primals + tangents, num_fwd_outputs=layout["n_outputs"]
     )
@@ -204,7 +206,6 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     taken = [n.name for n in backward_graph.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
     if sorted(saved) != sorted(taken):
         raise AssertionError(f"the partitioned programs disagree on the saved values: {saved} vs {taken}")
-    batch_symbol = primals[n_state + first_batched].shape[dims[id(flat[positions[first_batched]])]].node.expr
     guards = [g.expr for g in shape_env.guards]
     fake_inputs = [_in_mode(n.meta["val"], fake_mode) for n in backward_graph.graph.find_nodes(op="placeholder")]
     cuda = any(p.device.type == "cuda" for p in primals)
@@ -217,6 +218,15 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     if options.cuda_graphs and cuda:
         program.graphs = CudaGraphs(n_state, layout["n_outputs"])
     return program
+
+
+def _decompositions() -> dict:
+    """The decompositions torch.compile traces with (inductor's table): composite ops such as
+    `linear` and `matmul` in Python, which keep the batch size symbolic where their C++ forms
+    read concrete sizes on some devices."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
 
 
 def _in_mode(value, fake_mode: FakeTensorMode):
@@ -353,7 +363,7 @@ class CudaGraphs:
         holder = self._holder.pop(batch, None)
         previous = holder() if holder is not None else None
         if previous is not None and previous.saved is not None:
-            previous.saved = [s.clone() if isinstance(s, torch.Tensor) else s for s in previous.saved]
+            previous.saved = [_copy(s) if isinstance(s, torch.Tensor) else s for s in previous.saved]
 
     def forward(self, program: Program, primals, pending) -> list:
         batch = _batch_of(program, primals)
@@ -363,7 +373,7 @@ class CudaGraphs:
             graph = self._forward[batch] = _Graphed(program.forward, list(primals), keep=range(self.n_state))
         results = graph(list(primals))
         self._holder[batch] = weakref.ref(pending)
-        return [r.clone() for r in results[:self.n_outputs]] + list(results[self.n_outputs:])
+        return [_copy(r) for r in results[:self.n_outputs]] + list(results[self.n_outputs:])
 
     def backward(self, program: Program, inputs) -> list:
         batch = _batch_of_saved(inputs)
@@ -373,7 +383,7 @@ class CudaGraphs:
         if any(graph.inputs[k].data_ptr() != inputs[k].data_ptr() for k in graph.kept):
             # an earlier call's saved values (moved out): the forward graph's memory is about to be written
             self._release(_batch_key_of_forward(self, graph))
-        return [r.clone() if isinstance(r, torch.Tensor) else r for r in graph(list(inputs))]
+        return [_copy(r) if isinstance(r, torch.Tensor) else r for r in graph(list(inputs))]
 
 
 def _batch_of(program: Program, primals) -> tuple:
@@ -400,6 +410,12 @@ def _shared(inputs, forward_graph) -> list[int]:
     return [k for k, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.data_ptr() in outputs]
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy with `t`'s strides (the compiled programs check their inputs' strides; `clone` makes
+    a strided view such as `x[:, 0]` contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 class _Graphed:
     """`fn` captured as a CUDA graph on these example inputs. `keep`: inputs used where they lie
     (copied into only if a later call passes another tensor); the others get static copies."""
@@ -407,7 +423,7 @@ class _Graphed:
     def __init__(self, fn, inputs: list, keep):
         keep = set(keep)
         self.kept = sorted(k for k in keep if isinstance(inputs[k], torch.Tensor))
-        self.inputs = [t if (k in keep or not isinstance(t, torch.Tensor)) else t.clone() for k, t in enumerate(inputs)]
+        self.inputs = [t if (k in keep or not isinstance(t, torch.Tensor)) else _copy(t) for k, t in enumerate(inputs)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
