@@ -383,7 +383,7 @@ class CudaGraphs:
         if any(graph.inputs[k].data_ptr() != inputs[k].data_ptr() for k in graph.kept):
             # an earlier call's saved values (moved out): the forward graph's memory is about to be written
             self._release(_batch_key_of_forward(self, graph))
-        return [_copy(r) if isinstance(r, torch.Tensor) else r for r in graph(list(inputs))]
+        return _copy_out(graph(list(inputs)))
 
 
 def _batch_of(program: Program, primals) -> tuple:
@@ -414,6 +414,26 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
     """A copy with `t`'s strides (the compiled programs check their inputs' strides; `clone` makes
     a strided view such as `x[:, 0]` contiguous)."""
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _copy_out(values: list) -> list:
+    """Copies of a graph's outputs (gradients, norms): the contiguous ones of each dtype as views
+    of one new buffer, filled by one fused copy (a copy per tensor costs a kernel launch each)."""
+    out = list(values)
+    groups: dict = {}
+    for k, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            if v.is_contiguous():
+                groups.setdefault(v.dtype, []).append(k)
+            else:
+                out[k] = _copy(v)
+    for dtype, ks in groups.items():
+        flat = torch.empty(sum(values[k].numel() for k in ks), dtype=dtype, device=values[ks[0]].device)
+        parts = [part.view(values[k].shape) for part, k in zip(flat.split([values[k].numel() for k in ks]), ks)]
+        torch._foreach_copy_(parts, [values[k] for k in ks])
+        for k, part in zip(ks, parts):
+            out[k] = part
+    return out
 
 
 class _Graphed:

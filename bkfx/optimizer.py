@@ -407,8 +407,9 @@ def add_gaussian_noise_(
     a new CPU generator seeded with seed k. The chunks are independent, so `pool` (a thread
     pool) may draw them at once; the result does not depend on it.
 
-    A GPU's stream: `torch.randn(t.shape, generator=generator)` for each tensor in order (one
-    kernel per tensor; the device's generator is already parallel).
+    A GPU's stream: per dtype (in order of first appearance), one `torch.randn(n, generator=generator)`
+    for the n entries of that dtype's tensors, in order, split among them; one fused add (the
+    device's generator is already parallel, and a draw per tensor costs a kernel launch each).
 
     Secure mode (`secure_key`: bytes never used for another call): on every device, the chunks
     as above; chunk k's seed is the first 8 bytes of `BLAKE2b(str(k), key=secure_key)` (less
@@ -428,8 +429,13 @@ def add_gaussian_noise_(
         if _device_key(t.device) != _device_key(device):
             raise ValueError(f"noise for a tensor on {t.device} requested from a generator on {device}")
     if secure_key is None and device.type != "cpu":
+        by_dtype: dict = {}
         for t in tensors:
-            t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device), alpha=std)
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for dtype, group in by_dtype.items():  # one draw and one fused add per dtype: few kernels for many tensors
+            noise = torch.randn(sum(t.numel() for t in group), generator=generator, dtype=dtype, device=device)
+            parts = [part.view(t.shape) for part, t in zip(noise.split([t.numel() for t in group]), group)]
+            torch._foreach_add_(group, parts, alpha=std)
         return
     chunks = [(t, start, min(start + NOISE_CHUNK, t.numel())) for t in tensors for start in range(0, t.numel(), NOISE_CHUNK)]
     if not chunks:

@@ -304,3 +304,18 @@ def test_hugging_face_models_compiled_match_the_reference(name):
         targets, loss = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(4)), F.cross_entropy
     dp, _ = assert_matches_reference(model, loss, inputs, targets, method="loop", max_grad_norm=0.3, step=AOT)
     assert dp._last_program is not None
+
+
+def test_graph_outputs_are_copied_out_into_fresh_memory():
+    """`_copy_out` (the CUDA graphs' gradients and norms leave the graph's memory): equal values,
+    no aliasing of the graph's outputs, strides kept for a strided view, ints passed through."""
+    from bkfx.compiled import _copy_out
+
+    base = torch.randn(4, 6, dtype=torch.float64)
+    values = [torch.randn(3, 2), base[:, 0], torch.randn(5, dtype=torch.float64), 7, torch.randn(2, 2)]
+    out = _copy_out(values)
+    assert out[3] == 7
+    for v, o in zip(values, out):
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, o) and o.dtype == v.dtype and o.stride() == v.stride()
+            assert o.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()

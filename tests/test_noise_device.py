@@ -34,17 +34,21 @@ def test_noise_is_drawn_on_the_device_reproducibly(device):
     assert not any(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_gpu_stream_is_one_randn_per_tensor(device):
-    """On a GPU: `randn(t.shape, generator=Generator(device).manual_seed(seed))` per tensor, in
-    order (the CPU's chunked stream is checked in test_privacy)."""
+def test_gpu_stream_is_one_randn_per_dtype_split_among_the_tensors(device):
+    """On a GPU: per dtype, `randn(n, generator=Generator(device).manual_seed(seed))` for all n
+    entries, split among the tensors in order (the CPU's chunked stream is checked in test_privacy)."""
     if device == "cpu":
         return
     params, opt = _optimizer(device, seed=5)
     got = _noise(params, opt)
     g = torch.Generator(device=device).manual_seed(5)
-    for n, p in zip(got, params):
-        want = 2.0 * 0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype, device=device)
-        torch.testing.assert_close(n, want, rtol=0, atol=0)
+    by_dtype = {}
+    for k, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(k)
+    for dtype, ks in by_dtype.items():
+        flat = torch.randn(sum(params[k].numel() for k in ks), generator=g, dtype=dtype, device=device)
+        for k, part in zip(ks, flat.split([params[k].numel() for k in ks])):
+            torch.testing.assert_close(got[k], 2.0 * 0.5 * part.view(params[k].shape), rtol=0, atol=0)
 
 
 def test_state_dict_restores_every_device_stream(device):
