@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import math
+import warnings
 import weakref
 
 from bkfx import compiled as compiled_step
@@ -32,6 +33,7 @@ from passes.rewrite import rewrite
 from passes.sample_dim import sample_dim
 
 REDUCTIONS = ("mean", "sum")
+_EAGER = object()  # `_forward_compiled`: run this call with the eager BK step
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Compiled:
     example_batch: int
     tied: frozenset  # parameters more than one site uses
     programs: dict = field(default_factory=dict)  # compiled steps (`bkfx.compiled`): options -> traces
+    step_failures: dict = field(default_factory=dict)  # options -> why the compiled step could not be built
 
 
 def compile(
@@ -131,6 +134,7 @@ class DPModel(nn.Module):
         self._step_options: compiled_step.StepOptions | None = None  # set by `compile()`: the compiled BK step
         self._pending = None  # weakref to the last compiled call's `_Pending`
         self._last_program: compiled_step.Program | None = None
+        self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
         self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
         self._track_parameters()
 
@@ -197,7 +201,9 @@ class DPModel(nn.Module):
         options = self._step_options or (compiled_step.StepOptions() if under_torch_compile else None)
         if options is not None and compiled_step.eager_reason(self, batch) is None and torch.is_grad_enabled() \
                 and self.shards is None:  # FSDP2 runs the eager BK step (bkfx.distributed drives the shards)
-            return self._forward_compiled(compiled, options, args, kwargs, batched, batch)
+            out = self._forward_compiled(compiled, options, args, kwargs, batched, batch)
+            if out is not _EAGER:
+                return out
         tape = self._open if self._open is not None and self._open.awaiting_backward() else None
         if tape is not None and tape.batch != batch:
             tape.superseded, tape = True, None  # not the same samples: its backward, if any, is refused
@@ -213,10 +219,25 @@ class DPModel(nn.Module):
         """One call through the compiled BK step: the trace that admits this batch size, or a new one."""
         key = (options, self._clip.sum_output, tuple(self._clip.thresholds), self._clip.clipping, self._clip.gamma,
                AutocastState.current())  # the trace bakes in autocast's casts
+        if key in compiled.step_failures:
+            return _EAGER
         programs = compiled.programs.setdefault(key, [])
         program = next((p for p in programs if p.admits(batch)), None)
         if program is None:
-            program = compiled_step.build(self, compiled, args, kwargs, batched, options)
+            try:
+                program = compiled_step.build(self, compiled, args, kwargs, batched, options)
+            except BkfxError:
+                raise
+            except Exception as e:  # torch's tracing or compilation failed: the eager step is exact, only slower
+                lines = str(e).strip().splitlines()
+                reason = f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+                compiled.step_failures[key] = self.compiled_step_failure = reason
+                warnings.warn(
+                    f"bkfx: the compiled BK step could not be built for this model ({reason}); it runs the eager BK "
+                    "step (the same gradients, not compiled). dp_model.compiled_step_failure keeps the reason.",
+                    stacklevel=4,
+                )
+                return _EAGER
             programs.append(program)
         self._last_program = program
         if self._open is not None and self._open.awaiting_backward():
