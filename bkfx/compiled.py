@@ -99,12 +99,13 @@ class Program:
     n_outputs: int  # the model's tensor outputs: the first outputs of `forward`
     out_spec: object
     out_constants: dict  # flat output position -> a non-tensor output
-    differentiable: list[int]  # the tensor outputs that take a gradient (a tangent each)
+    differentiable: list[int]  # the tensor outputs that take a gradient
     grad_primals: list[int]  # the primals (parameters, then inputs) the backward returns gradients for
     norms: list  # what follows the gradients: "total", then group indices
     n_primals: int
     state: list  # the parameters and buffers, in primal order (the guard recaptures if any is replaced)
     saved_order: list[int]  # the backward's inputs (before the tangents) as positions in the forward's saved values
+    tangents: list[int] = field(default_factory=list)  # the backward's tangent inputs, as tensor output positions
     graphs: "CudaGraphs | None" = None  # mode="reduce-overhead" on CUDA: the programs replayed as CUDA graphs
     _admits: dict = field(default_factory=dict)
 
@@ -215,6 +216,8 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         layout["differentiable"], layout["grad_primals"], layout["norms"], len(primals), [state[n] for n in names],
         [saved.index(name) for name in taken],
     )
+    program.tangents = [int(n.name.rpartition("_")[2]) - 1 for n in backward_graph.graph.find_nodes(op="placeholder")
+                        if n.name.startswith("tangents")]
     if options.cuda_graphs and cuda:
         program.graphs = CudaGraphs(n_state, layout["n_outputs"])
     return program
@@ -301,6 +304,7 @@ class _Step(torch.autograd.Function):
         pending.saved = list(results[n:])
         ctx.program, ctx.pending = program, pending
         outs = tuple(results[:n])
+        ctx.outputs = [(o.shape, o.dtype, o.device) for o in outs]
         ctx.mark_non_differentiable(*[o for k, o in enumerate(outs) if k not in program.differentiable])
         return outs
 
@@ -322,7 +326,8 @@ class _Step(torch.autograd.Function):
                 "first backward; call backward(retain_graph=True) the first time"
             )
         saved = [pending.saved[k] for k in program.saved_order]
-        tangents = [grads[k] for k in program.differentiable]  # materialised: zeros for an unused output
+        tangents = [grads[k] if grads[k] is not None and k in program.differentiable else _zeros(ctx.outputs[k])
+                    for k in program.tangents]  # an unused or non-differentiable output's tangent is zero
         if program.graphs is not None:
             results = program.graphs.backward(program, saved + tangents)
         else:
@@ -338,6 +343,11 @@ class _Step(torch.autograd.Function):
         if owner is not None:
             owner._compiled_backward_done(program, norms)
         return tuple(gradients)
+
+
+def _zeros(meta) -> torch.Tensor:
+    shape, dtype, device = meta
+    return torch.zeros(shape, dtype=dtype if dtype.is_floating_point else torch.float32, device=device)
 
 
 class CudaGraphs:

@@ -338,3 +338,27 @@ def test_a_step_torch_cannot_trace_runs_eagerly_with_a_warning(monkeypatch):
     assert "numel" in compiled.compiled_step_failure and compiled._last_program is None
     compiled.module.zero_grad(set_to_none=True)
     loss_of()(compiled(x), y).backward()  # no second attempt, no second warning
+
+
+def test_several_outputs_some_not_differentiable():
+    """A model returning a tuple: a trained output, an integer output and one that needs no
+    gradient (made from the input alone): every output as eagerly, the same gradients."""
+    class Several(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            logits = self.fc(x)
+            return logits, logits.argmax(-1), x.sum(-1)
+
+    torch.manual_seed(14)
+    eager, compiled = eager_and_compiled(Several().double())
+    x, y = data(4)
+    outs = []
+    for dp in (eager, compiled):
+        logits, classes, total = dp(x)
+        outs.append((classes, total))
+        loss_of()(logits, y).backward()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1])
+    assert_same_grads(eager.module, compiled.module)
