@@ -286,6 +286,7 @@ class _Pending:
         self.done = False
         self.joined = False  # another compiled call was made before this one's backward
         self.saved = None  # the forward program's saved values, until the backward has used them
+        self.graph_key = None  # with CUDA graphs: the forward graph that ran this call
 
     def __repr__(self):
         return f"_Pending(done={self.done}, joined={self.joined})"
@@ -329,7 +330,7 @@ class _Step(torch.autograd.Function):
         tangents = [grads[k] if grads[k] is not None and k in program.differentiable else _zeros(ctx.outputs[k])
                     for k in program.tangents]  # an unused or non-differentiable output's tangent is zero
         if program.graphs is not None:
-            results = program.graphs.backward(program, saved + tangents)
+            results = program.graphs.backward(program, saved + tangents, pending)
         else:
             results = program.backward(*saved, *tangents)
         if not _keeping_graph():
@@ -363,53 +364,44 @@ class CudaGraphs:
 
     def __init__(self, n_state: int, n_outputs: int):
         self.n_state, self.n_outputs = n_state, n_outputs
-        self._forward: dict[int, _Graphed] = {}
-        self._backward: dict[int, _Graphed] = {}
-        self._holder: dict[int, weakref.ref] = {}  # batch size -> the call whose saved values are in the graph
+        self._forward: dict[tuple, _Graphed] = {}  # input shapes -> graph
+        self._backward: dict[tuple, _Graphed] = {}  # keyed like the forward graph whose saved values it reads
+        self._holder: dict[tuple, weakref.ref] = {}  # the call whose saved values are in a forward graph's memory
 
-    def _release(self, batch) -> None:
+    def _release(self, key) -> None:
         """Move the saved values of the call that holds the forward graph's memory to memory of its
         own (its backward may still come), so that the graph's memory can be written."""
-        holder = self._holder.pop(batch, None)
+        holder = self._holder.pop(key, None)
         previous = holder() if holder is not None else None
         if previous is not None and previous.saved is not None:
             previous.saved = [_copy(s) if isinstance(s, torch.Tensor) else s for s in previous.saved]
 
     def forward(self, program: Program, primals, pending) -> list:
-        batch = _batch_of(program, primals)
-        self._release(batch)
-        graph = self._forward.get(batch)
+        key = _shapes_of(program, primals)
+        self._release(key)
+        graph = self._forward.get(key)
         if graph is None:
-            graph = self._forward[batch] = _Graphed(program.forward, list(primals), keep=range(self.n_state))
+            graph = self._forward[key] = _Graphed(program.forward, list(primals), keep=range(self.n_state))
         results = graph(list(primals))
-        self._holder[batch] = weakref.ref(pending)
+        self._holder[key] = weakref.ref(pending)
+        pending.graph_key = key
         return [_copy(r) for r in results[:self.n_outputs]] + list(results[self.n_outputs:])
 
-    def backward(self, program: Program, inputs) -> list:
-        batch = _batch_of_saved(inputs)
-        graph = self._backward.get(batch)
+    def backward(self, program: Program, inputs, pending) -> list:
+        key = pending.graph_key
+        graph = self._backward.get(key)
         if graph is None:
-            graph = self._backward[batch] = _Graphed(program.backward, list(inputs), keep=_shared(inputs, self._forward.get(batch)))
+            graph = self._backward[key] = _Graphed(program.backward, list(inputs), keep=_shared(inputs, self._forward[key]))
         if any(graph.inputs[k].data_ptr() != inputs[k].data_ptr() for k in graph.kept):
-            # an earlier call's saved values (moved out): the forward graph's memory is about to be written
-            self._release(_batch_key_of_forward(self, graph))
+            # this call's saved values were moved out: the forward graph's memory, where the backward graph
+            # reads them, is about to be written, so whichever call holds it now moves out first
+            self._release(key)
         return _copy_out(graph(list(inputs)))
 
 
-def _batch_of(program: Program, primals) -> tuple:
-    """A key for the shapes of a call: every input's shape (the batch size decides them)."""
+def _shapes_of(program: Program, primals) -> tuple:
+    """A graph's key: every input's shape (the batch size decides them)."""
     return tuple(tuple(p.shape) for p in primals[len(program.state):] if isinstance(p, torch.Tensor))
-
-
-def _batch_key_of_forward(graphs: CudaGraphs, backward: "_Graphed"):
-    """The forward graph (its batch key) whose output memory `backward` reads."""
-    kept = {backward.inputs[k].data_ptr() for k in backward.kept}
-    return next((key for key, g in graphs._forward.items()
-                 if any(isinstance(t, torch.Tensor) and t.data_ptr() in kept for t in g.outputs)), None)
-
-
-def _batch_of_saved(inputs) -> tuple:
-    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 def _shared(inputs, forward_graph) -> list[int]:
@@ -448,28 +440,52 @@ def _copy_out(values: list) -> list:
 
 class _Graphed:
     """`fn` captured as a CUDA graph on these example inputs. `keep`: inputs used where they lie
-    (copied into only if a later call passes another tensor); the others get static copies."""
+    (copied into only if a later call passes another tensor); the others get static copies.
+    Every replay writes the same output memory (`outputs`)."""
 
     def __init__(self, fn, inputs: list, keep):
         keep = set(keep)
         self.kept = sorted(k for k in keep if isinstance(inputs[k], torch.Tensor))
         self.inputs = [t if (k in keep or not isinstance(t, torch.Tensor)) else _copy(t) for k, t in enumerate(inputs)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy initialisation, autotuning
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = list(fn(*self.inputs))
+        self.outputs, self.replay = capture(fn, self.inputs)
 
     def __call__(self, inputs: list) -> list:
         for static, given in zip(self.inputs, inputs):
             if isinstance(static, torch.Tensor) and static.data_ptr() != given.data_ptr():
                 static.copy_(given)
-        self.graph.replay()
+        self.replay()
         return self.outputs
+
+
+def cuda_capture(fn, inputs: list):
+    """`(outputs, replay)`: `fn` on `inputs` recorded as a CUDA graph after a warm-up."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: lazy initialisation, autotuning
+            fn(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = list(fn(*inputs))
+    return outputs, graph.replay
+
+
+def simulated_capture(fn, inputs: list):
+    """A stand-in for `cuda_capture` on any device, with a CUDA graph's memory semantics: every
+    replay recomputes `fn` on the static inputs and writes the results into the same output
+    tensors (tests of the memory protocol on the CPU: `tests/test_compiled.py`)."""
+    outputs = list(fn(*inputs))
+
+    def replay():
+        for out, new in zip(outputs, fn(*inputs)):
+            if isinstance(out, torch.Tensor):
+                out.copy_(new)
+
+    return outputs, replay
+
+
+capture = cuda_capture  # how `_Graphed` records a program (tests swap in `simulated_capture`)
 
 
 class StepRecord:

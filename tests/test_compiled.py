@@ -362,3 +362,40 @@ def test_several_outputs_some_not_differentiable():
         loss_of()(logits, y).backward()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.allclose(outs[0][1], outs[1][1])
     assert_same_grads(eager.module, compiled.module)
+
+
+def test_cuda_graph_memory_protocol_with_simulated_graphs(monkeypatch):
+    """bkfx's CUDA graphs (mode="reduce-overhead") on the CPU, with graphs simulated: every replay
+    writes the same output memory, as a CUDA graph does. The saved values of a call whose backward
+    has not run must be moved out before the forward graph runs again, and an earlier call's saved
+    values copied into the forward graph's memory only after the call holding it has moved out:
+    sequences that break either rule give wrong gradients, compared here with the eager step."""
+    import bkfx.compiled as compiled_module
+
+    monkeypatch.setattr(compiled_module, "capture", compiled_module.simulated_capture)
+    real_build = compiled_module.build
+
+    def with_graphs(*args, **kwargs):
+        program = real_build(*args, **kwargs)
+        program.graphs = compiled_module.CudaGraphs(len(program.state), program.n_outputs)
+        return program
+
+    monkeypatch.setattr(compiled_module, "build", with_graphs)
+    eager, compiled = eager_and_compiled(mlp(15), max_grad_norm=0.1)
+    x8, y8 = data(8, seed=1)
+    x5, y5 = data(5, seed=2)
+    for dp in (eager, compiled):
+        for x, y in ((x8, y8), (x8, y8), (x5, y5), (x8 * 2, y8)):  # capture, replay, another graph, back
+            loss_of()(dp(x), y).backward()
+        for _ in range(2):  # accumulation
+            loss_of()(dp(x8 * 0.5), y8).backward()
+        a = loss_of()(dp(x8), y8)
+        a.backward(retain_graph=True)
+        b = loss_of()(dp(x8 + 1), y8)  # replays the forward graph that holds a's saved values
+        a.backward()  # a's moved-out values are copied back into the graph's memory ...
+        b.backward()  # ... after b's were moved out: b must still be exact
+    assert_same_grads(eager.module, compiled.module, tol=1e-10)
+    graphs = compiled._last_program.graphs
+    assert len(graphs._forward) == 2 and len(graphs._backward) == 2
+    assert all(g.kept for g in graphs._backward.values())  # the backward graphs read saved values in place
+    assert torch.allclose(eager.per_sample_norms, compiled.per_sample_norms, rtol=1e-10)
