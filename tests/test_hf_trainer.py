@@ -251,3 +251,44 @@ def test_refusals(tmp_path):
 def test_importing_bkfx_does_not_import_transformers():
     code = "import sys, bkfx, bkfx.integrations; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resume_from_checkpoint_continues_the_same_batches_noise_and_accounting(tmp_path):
+    """Steps 1-4 in one run, and steps 1-2, a checkpoint, a new trainer resumed for steps 3-4: every
+    step's parameters equal (the Poisson sampler continues from its saved position: redrawing batches
+    already drawn would correlate the steps, outside the privacy analysis), and the accountant counts
+    4 steps."""
+    def run(output, resume=None, stop_after=None):
+        model = gpt2_lm()
+        snapshots = Snapshots(model)
+        args = training_args(output, max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = DPTrainer(
+            model=model, args=args, train_dataset=Synthetic(N, "lm", seed=1), optimizers=(sgd(model), None),
+            callbacks=[snapshots],
+            privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, per_sample_max_grad_norm=0.3,
+                                          seed=5),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, snapshots.after_step
+
+    whole, steps = run(tmp_path / "whole")
+    assert len(steps) == 4 and whole.accountant.steps == 4
+    resumed, later = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert len(later) == 2 and resumed.accountant.steps == 4 and resumed.state.global_step == 4
+    for got, want in zip(later, steps[2:]):
+        for n in want:
+            assert torch.equal(got[n], want[n]), n
+
+
+def test_resuming_without_the_sampler_position_is_refused(tmp_path):
+    model = gpt2_lm()
+    args = training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    options = dict(train_dataset=Synthetic(N, "lm", seed=1), optimizers=(sgd(model), None),
+                   privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, per_sample_max_grad_norm=0.3))
+    DPTrainer(model=model, args=args, **options).train()
+    import os
+    os.remove(tmp_path / "checkpoint-1" / "bkfx_sampler.pt")
+    model = gpt2_lm()
+    options["optimizers"] = (sgd(model), None)
+    with pytest.raises(BkfxError, match="sampler"):
+        DPTrainer(model=model, args=args, **options).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))

@@ -32,6 +32,9 @@ What each part of DP-SGD becomes in the Trainer:
   (target_epsilon, target_delta). The LR scheduler steps the wrapped optimizer's param_groups.
 - **Accounting.** Every step is recorded in `trainer.accountant`; ε at target_delta is logged
   with the loss (`epsilon`) and `trainer.privacy_report()` prints RDP and PLD side by side.
+- **Checkpoints** hold the DPOptimizer's state (noise generators, accountant; `optimizer.pt`) and
+  the Poisson sampler's position (`bkfx_sampler.pt`); resuming continues the sampling stream where
+  it stopped (the Trainer's own batch skipping is turned off: it would resample steps already taken).
 - **Evaluation** runs the Trainer's own loop on the original model (eval mode, no_grad): no
   clipping, no noise, parameters and `.grad` untouched, no privacy spent.
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from bkfx.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
 from bkfx.compile import compile as bkfx_compile
@@ -62,6 +67,8 @@ from bkfx.data import PoissonSampler, batch_size_of, check_physical_batch_size, 
 from bkfx.errors import BkfxError
 from bkfx.optimizer import DPOptimizer
 from bkfx.report import PrivacyReport, privacy_report
+
+SAMPLER_FILE = "bkfx_sampler.pt"  # the Poisson sampler's position, beside the Trainer's rng_state.pth
 
 IGNORE_INDEX = -100  # the label Hugging Face's token losses skip
 
@@ -232,6 +239,8 @@ class DPTrainer(Trainer):
         seed = privacy_args.seed if privacy_args.seed is not None else self.args.seed
         sampling_seed, noise_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))  # as make_private
         self._sampling_generator = torch.Generator().manual_seed(sampling_seed)  # one stream over every epoch and train()
+        self._train_sampler = None  # the PoissonSampler of the last training loader (its position goes in checkpoints)
+        self._resumed_sampler = None  # a checkpoint's sampler position, for the next training loader
         self._noise_seed = noise_seed
         self.accountant = Accountant(privacy_args.accountant)
         trainable = _base_model(self.model)
@@ -303,10 +312,47 @@ class DPTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collate_fn = self._get_collator_with_removed_columns(collate_fn, description="training")
-        return poisson_loader(
+        loader = poisson_loader(
             dataset, self.sample_rate, generator=self._sampling_generator, collate_fn=collate_fn,
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
         )
+        if self._resumed_sampler is not None:
+            loader.batch_sampler.load_state_dict(self._resumed_sampler)
+            self._resumed_sampler = None
+        self._train_sampler = loader.batch_sampler
+        return loader
+
+    # -- checkpoints: the sampler's position travels with them ------------------------------
+    # The DPOptimizer's state (noise generators, accountant) is in the Trainer's optimizer.pt. The
+    # Poisson sampler's position is saved beside it and restored on resume, and the Trainer does not
+    # skip batches itself (ignore_data_skip): skipping would draw the skipped batches from a fresh
+    # sampler, i.e. resample the steps already taken and repeat their randomness.
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self._train_sampler is not None:
+            torch.save(self._train_sampler.state_dict(), os.path.join(output_dir, SAMPLER_FILE))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in output_dir {self.args.output_dir!r} to resume from")
+        path = os.path.join(resume_from_checkpoint, SAMPLER_FILE)
+        if not os.path.isfile(path):
+            raise BkfxError(
+                f"the checkpoint {resume_from_checkpoint!r} has no Poisson sampler position ({SAMPLER_FILE}): resuming "
+                "would draw the logical batches again from the start of the sampling stream, repeating the randomness "
+                "of steps already taken (their batches would not be independent of the new ones, as the privacy "
+                "accounting assumes)\n  what to do: resume from a checkpoint DPTrainer saved, or start a new run"
+            )
+        self._resumed_sampler = torch.load(path, weights_only=False)
+        skip, self.args.ignore_data_skip = self.args.ignore_data_skip, True
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.args.ignore_data_skip = skip
 
     # -- one DP step's gradients: every physical batch of a logical batch -----------------------
     def per_sample_losses(self, outputs, labels: torch.Tensor) -> torch.Tensor:
