@@ -87,3 +87,23 @@ def test_a_crashing_workload_is_recorded_not_fatal():
     assert messages[0] == ("facts", {"device": "d"}) and status == "crashed: RuntimeError: first line"
     messages, status = gpu.in_child(lambda send: time.sleep(30), (), 1)
     assert status == "timed out after 1 s"
+
+
+def test_compiled_benchmark_runs_end_to_end(tmp_path):
+    """`benchmarks/compiled.py` at tiny sizes: the eager and compiled bkfx steps are timed beside
+    non-private, the first step apart, and the compiled step's `.grad` agrees with the eager one."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "compiled.py"), "--models", "mlp30x16", "--batch", "4",
+         "--steps", "2", "--warmup", "0", "--methods", "non-private", "bkfx", "bkfx compiled", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (w,) = json.loads((tmp_path / "compiled-cpu.json").read_text())["workloads"]
+    assert set(w["median_s"]) == {"non-private", "bkfx", "bkfx compiled"} and not w["failed"]
+    assert set(w["forward_backward_s"]) == set(w["median_s"]) and w["first_step_s"]["bkfx compiled"] > 0
+    assert isinstance(w["compiled_vs_eager_grad"], float) and w["compiled_vs_eager_grad"] < 1e-5
+    assert "bkfx compiled / non-private compiled" in (tmp_path / "compiled-cpu.md").read_text()
