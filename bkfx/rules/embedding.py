@@ -16,6 +16,16 @@ from bkfx.node import arguments, shape_of
 from bkfx.rules import numel, one_hot_spec, rows, rule
 
 
+def refuse_scale_grad_by_freq(node, args: dict, what: str) -> None:
+    """`scale_grad_by_freq` scales each row's gradient by its frequency in the whole batch: refused."""
+    if args.get("scale_grad_by_freq"):
+        raise node_error(
+            UnsupportedOperationError, node,
+            "scale_grad_by_freq scales each row's gradient by its frequency in the whole batch, which mixes samples",
+            f"construct the {what} with scale_grad_by_freq=False",
+        )
+
+
 @rule("embedding")
 class Embedding:
     one_hot_left = True  # L is a gather: the weight gradient is a scatter-add of T rows
@@ -23,12 +33,7 @@ class Embedding:
     def spec(node, path, batch):
         if path != (0,):
             return None
-        if arguments(node).get("scale_grad_by_freq"):
-            raise node_error(
-                UnsupportedOperationError, node,
-                "scale_grad_by_freq scales each row's gradient by its frequency in the whole batch, which mixes samples",
-                "construct the embedding with scale_grad_by_freq=False",
-            )
+        refuse_scale_grad_by_freq(node, arguments(node), "embedding")
         V, d = shape_of(node.args[0])
         T = numel(shape_of(node.args[1])) / batch
         return one_hot_spec(T, V, d, batch)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 
-from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.factors import Dense, Factored, OneHot
 from bkfx.node import arguments, bind, shape_of
 from bkfx.rules import numel, one_hot_spec, rule
+from bkfx.rules.embedding import refuse_scale_grad_by_freq
 
 SUM, MEAN, MAX = 0, 1, 2
 
@@ -33,12 +33,7 @@ class EmbeddingBag:
         if path != (0,):
             return None  # per_sample_weights computed from parameters: the fallback
         args = arguments(node)
-        if args.get("scale_grad_by_freq"):
-            raise node_error(
-                UnsupportedOperationError, node,
-                "scale_grad_by_freq scales each row's gradient by its frequency in the whole batch, which mixes samples",
-                "construct the embedding bag with scale_grad_by_freq=False",
-            )
+        refuse_scale_grad_by_freq(node, args, "embedding bag")
         V, *rest = shape_of(node.args[0])
         d = numel(rest)
         T = d if args["mode"] == MAX else numel(shape_of(node.args[1])) / batch
