@@ -119,7 +119,9 @@ def test_offsets_from_the_data_are_refused():
     assert "what to do: pass the ids as a [B, T] tensor" in str(e.value) and "source:" in str(e.value)
 
 
-def test_scale_grad_by_freq_is_refused():
-    model = nn.Sequential(nn.EmbeddingBag(6, 3, scale_grad_by_freq=True), nn.Linear(3, 2)).double()
-    with pytest.raises(UnsupportedOperationError, match="scale_grad_by_freq"):
+@pytest.mark.parametrize("layer, what", [(nn.EmbeddingBag, "embedding bag"), (nn.Embedding, "embedding")])
+def test_scale_grad_by_freq_is_refused(layer, what):
+    model = nn.Sequential(layer(6, 3, scale_grad_by_freq=True), nn.Linear(3, 2)).double()
+    with pytest.raises(UnsupportedOperationError, match="scale_grad_by_freq") as e:
         bkfx.compile(model)(torch.randint(0, 6, (3, 4)))
+    assert f"construct the {what} with scale_grad_by_freq=False" in str(e.value)
