@@ -306,33 +306,29 @@ _ELEMENTWISE = {
 }
 
 _RULES: dict[str, Callable[[Node], list[tuple[Node, DimMap]]]] = {}
-
-
-def sample_rule(*names: str):
-    """Register a sample rule: `rule(node) -> [(input node, dimension map)]`."""
-
-    def register(fn):
-        for name in names:
-            _RULES[name] = fn
-        return fn
-
-    return register
-
-
 # ops with several outputs that lay out samples differently from each other: `rule(node, shapes,
 # batch) -> [SampleLayout | None per output]`, proving separability itself
 _LAYOUT_RULES: dict[str, Callable[[Node, list, sympy.Symbol], list]] = {}
 
 
-def layout_rule(*names: str):
-    """Register a layout rule (an RNN's output and hidden states, an embedding bag's bags and flat ids)."""
+def _registrar(table: dict):
+    """A decorator factory that files a function in `table` under each of the op names given."""
 
-    def register(fn):
-        for name in names:
-            _LAYOUT_RULES[name] = fn
-        return fn
+    def names(*ops: str):
+        def register(fn):
+            for op in ops:
+                table[op] = fn
+            return fn
 
-    return register
+        return register
+
+    return names
+
+
+sample_rule = _registrar(_RULES)
+sample_rule.__doc__ = "Register a sample rule: `rule(node) -> [(input node, dimension map)]`."
+layout_rule = _registrar(_LAYOUT_RULES)
+layout_rule.__doc__ = "Register a layout rule (an RNN's output and hidden states, an embedding bag's bags and flat ids)."
 
 
 def _rule_for(node: Node):
