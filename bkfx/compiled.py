@@ -46,6 +46,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from bkfx.errors import BkfxError
 from bkfx.ledger import Tape, _keeping_graph, recording
+from bkfx.node import attribute
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,15 @@ class Program:
 
 def eager_reason(dp_model, batch: int) -> str | None:
     """Why this call runs the eager BK step rather than the compiled one (None: compiled)."""
+    if not torch.is_grad_enabled():
+        return "no gradient is recorded (torch.no_grad): there is no backward to compile"
     if batch < 2:
         return "batch size below 2 (the compiled step's trace specialises 0 and 1)"
     scaler = dp_model.grad_scaler
     if scaler is not None and scaler.is_enabled():
         return "a GradScaler's loss scale"
+    if dp_model.shards is not None:
+        return "FSDP2-sharded parameters (bkfx.distributed drives the shards around the eager step)"
     return None
 
 
@@ -139,7 +144,9 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     trainable = {n for n in names if id(state[n]) in model_name}
     positions = [k for k, v in enumerate(flat) if isinstance(v, torch.Tensor)]
     wants_grad = [flat[k].requires_grad and flat[k].is_floating_point() for k in positions]
+    # the batch size is read off one batched input: its position among the tensor inputs and its batch dimension
     first_batched = next(j for j, k in enumerate(positions) if id(flat[k]) in dims)
+    first_dim = dims[id(flat[positions[first_batched]])]
 
     shape_env = ShapeEnv()
     fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)  # the capture's tensor constants
@@ -150,7 +157,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
 
     primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions]
     n_state = len(names)
-    batch_symbol = primals[n_state + first_batched].shape[dims[id(flat[positions[first_batched]])]].node.expr
+    batch_symbol = primals[n_state + first_batched].shape[first_dim].node.expr
     layout: dict = {}
 
     def call(values_state, inputs):
@@ -164,7 +171,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         leaves = [p.detach().requires_grad_() if n in trainable else p for n, p in zip(names, primals[:n_state])]
         inputs = [x.detach().requires_grad_() if w else x for x, w in zip(primals[n_state:], wants_grad)]
         params = {model_name[id(state[n])]: leaf for n, leaf in zip(names, leaves) if n in trainable}
-        batch = inputs[first_batched].shape[dims[id(flat[positions[first_batched]])]]
+        batch = inputs[first_batched].shape[first_dim]
         tape = Tape(compiled.sites, params, dp_model._clip, batch, compiled.tied)
         with recording(tape):
             out = call(leaves, inputs)
@@ -219,7 +226,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     program.tangents = [int(n.name.rpartition("_")[2]) - 1 for n in backward_graph.graph.find_nodes(op="placeholder")
                         if n.name.startswith("tangents")]
     if options.cuda_graphs and cuda:
-        program.graphs = CudaGraphs(n_state, layout["n_outputs"])
+        program.graphs = CudaGraphs()
     return program
 
 
@@ -249,17 +256,10 @@ def _constants(gm: torch.fx.GraphModule) -> dict:
     out = {}
     for node in gm.graph.find_nodes(op="get_attr"):
         if node.target not in known:
-            value = torch.fx.graph_module._get_attr(gm, node.target) if hasattr(torch.fx.graph_module, "_get_attr") \
-                else _attr(gm, node.target)
+            value = attribute(gm, node.target)
             if isinstance(value, torch.Tensor):
                 out[node.target] = value
     return out
-
-
-def _attr(module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def run(program: Program, owner, args, kwargs):
@@ -362,8 +362,7 @@ class CudaGraphs:
     the forward graph's memory until its next replay: before that replay, the values of a
     call whose backward has not run yet are moved to memory of their own."""
 
-    def __init__(self, n_state: int, n_outputs: int):
-        self.n_state, self.n_outputs = n_state, n_outputs
+    def __init__(self):
         self._forward: dict[tuple, _Graphed] = {}  # input shapes -> graph
         self._backward: dict[tuple, _Graphed] = {}  # keyed like the forward graph whose saved values it reads
         self._holder: dict[tuple, weakref.ref] = {}  # the call whose saved values are in a forward graph's memory
@@ -381,11 +380,11 @@ class CudaGraphs:
         self._release(key)
         graph = self._forward.get(key)
         if graph is None:
-            graph = self._forward[key] = _Graphed(program.forward, list(primals), keep=range(self.n_state))
+            graph = self._forward[key] = _Graphed(program.forward, list(primals), keep=range(len(program.state)))
         results = graph(list(primals))
         self._holder[key] = weakref.ref(pending)
         pending.graph_key = key
-        return [_copy(r) for r in results[:self.n_outputs]] + list(results[self.n_outputs:])
+        return [_copy(r) for r in results[:program.n_outputs]] + list(results[program.n_outputs:])
 
     def backward(self, program: Program, inputs, pending) -> list:
         key = pending.graph_key

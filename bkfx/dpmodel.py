@@ -199,8 +199,7 @@ class DPModel(nn.Module):
                 compiled = self._captures[key] = self._compile(args, kwargs, batch)
         self._last = compiled
         options = self._step_options or (compiled_step.StepOptions() if under_torch_compile else None)
-        if options is not None and compiled_step.eager_reason(self, batch) is None and torch.is_grad_enabled() \
-                and self.shards is None:  # FSDP2 runs the eager BK step (bkfx.distributed drives the shards)
+        if options is not None and compiled_step.eager_reason(self, batch) is None:
             out = self._forward_compiled(compiled, options, args, kwargs, batched, batch)
             if out is not _EAGER:
                 return out

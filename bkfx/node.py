@@ -9,6 +9,14 @@ import torch
 from torch.fx import Node
 
 
+def attribute(gm: torch.nn.Module, target: str):
+    """The value a `get_attr` node of `gm` reads (`target` is a dotted path)."""
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def sym(x) -> sympy.Expr:
     return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
 

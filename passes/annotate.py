@@ -17,7 +17,7 @@ from torch.fx import Graph, GraphModule, Node
 from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.layout import SampleLayout
 from bkfx.meta import META_BATCH, META_DEPENDENT, META_LAYOUT, META_PARAMS, META_SITE, META_SITES
-from bkfx.node import op_name, shape_of
+from bkfx.node import attribute, op_name, shape_of
 from bkfx.plan import Operand, Site
 from bkfx.rules import FALLBACK, lookup
 from bkfx.source import module_path, user_source_line
@@ -58,7 +58,7 @@ def _has_sample_dim(layout) -> bool:
 
 def _params_of(gm: GraphModule, node: Node, names) -> frozenset:
     if node.op == "get_attr":
-        value = _attr(gm, node.target)
+        value = attribute(gm, node.target)
         if isinstance(value, torch.nn.Parameter) and value.requires_grad:
             return frozenset([names[id(value)]])
         return frozenset()
@@ -68,13 +68,6 @@ def _params_of(gm: GraphModule, node: Node, names) -> frozenset:
     for n in node.all_input_nodes:
         out |= n.meta.get(META_PARAMS, frozenset())
     return out
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _param_operands(node: Node) -> list[tuple[tuple, Node]]:

@@ -377,7 +377,7 @@ def test_cuda_graph_memory_protocol_with_simulated_graphs(monkeypatch):
 
     def with_graphs(*args, **kwargs):
         program = real_build(*args, **kwargs)
-        program.graphs = compiled_module.CudaGraphs(len(program.state), program.n_outputs)
+        program.graphs = compiled_module.CudaGraphs()
         return program
 
     monkeypatch.setattr(compiled_module, "build", with_graphs)
