@@ -16,6 +16,7 @@ import warnings
 import weakref
 
 from bkfx import compiled as compiled_step
+from bkfx import operator as compile_operator
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
 from bkfx.distributed import FSDPShards, check_not_sharded_after_compile
 from bkfx.errors import BkfxError, NotCapturedError
@@ -136,6 +137,8 @@ class DPModel(nn.Module):
         self._last_program: compiled_step.Program | None = None
         self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
         self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
+        self._operator_handle = compile_operator.register(self)  # torch.compile: the model as `bkfx::forward`
+        self._anchor = torch.zeros((), requires_grad=True)  # makes `bkfx::forward`'s outputs require grad
         self._track_parameters()
 
     def _track_parameters(self) -> None:
@@ -165,11 +168,21 @@ class DPModel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- running ------------------------------------------------------------------------
-    # Under torch.compile the DP model's forward is a call dynamo does not trace into (its guards,
-    # capture cache and tapes are Python state): it runs the compiled BK step (`bkfx.compiled`),
-    # which bkfx compiles itself, while the code around the model (the loss) is compiled by dynamo.
+    # Under torch.compile the DP model's forward is one opaque operator in dynamo's graph
+    # (`bkfx.operator`): its guards, capture cache and tapes are Python state that dynamo does not
+    # trace. The operator runs `_forward` with the compiled BK step (`bkfx.compiled`), which bkfx
+    # compiles itself, while the code around the model (the loss) is compiled by torch.compile.
     def forward(self, *args, **kwargs):
-        return self._forward(args, kwargs, torch.compiler.is_compiling())
+        if torch.compiler.is_dynamo_compiling():
+            return compile_operator.call(self, self._operator_handle, self._anchor, args, kwargs)
+        return self._forward(args, kwargs, compiled_step.StepOptions() if torch.compiler.is_compiling() else None)
+
+    def step_options_under_compile(self, cuda_graphs: bool) -> compiled_step.StepOptions:
+        """The compiled step's options for a call from torch.compile's graph: `dp_model.compile`'s,
+        else inductor's defaults, with CUDA graphs when the graph was compiled for them."""
+        if self._step_options is not None:
+            return self._step_options
+        return compiled_step.StepOptions(mode="reduce-overhead" if cuda_graphs else None)
 
     def compile(self, *args, backend="inductor", mode=None, options=None, **ignored) -> None:
         """Run the BK step compiled (`bkfx.compiled`): the forward and the BK backward (input
@@ -183,7 +196,9 @@ class DPModel(nn.Module):
             backend, mode, tuple(sorted((options or {}).items())))
 
     @torch.compiler.disable
-    def _forward(self, args, kwargs, under_torch_compile: bool):
+    def _forward(self, args, kwargs, default_options: compiled_step.StepOptions | None):
+        """One call: the compiled BK step with `dp_model.compile`'s options, else with
+        `default_options` (from torch.compile), else (None) the eager BK step."""
         if self.shards is not None:
             self.shards.unshard()  # the graph runs on, and the ledger clips over, the unsharded parameters
         modes = self._guard.check()
@@ -198,7 +213,7 @@ class DPModel(nn.Module):
             with self.shards.capturing() if self.shards is not None else contextlib.nullcontext():
                 compiled = self._captures[key] = self._compile(args, kwargs, batch)
         self._last = compiled
-        options = self._step_options or (compiled_step.StepOptions() if under_torch_compile else None)
+        options = self._step_options or default_options
         if options is not None and compiled_step.eager_reason(self, batch) is None:
             out = self._forward_compiled(compiled, options, args, kwargs, batched, batch)
             if out is not _EAGER:

@@ -1,0 +1,309 @@
+"""The DP model as one operator in torch.compile's graph: `torch.compile(dp_model, fullgraph=True)`.
+
+A DP model's forward is Python state (the model guard, the capture cache, the tapes and the
+compiled BK step of `bkfx.compiled`), which dynamo cannot trace. Under dynamo the forward is
+instead one call of the custom operator `bkfx::forward`, opaque to dynamo, AOTAutograd and
+inductor, so that the code around the model (the loss, other modules) compiles into the same
+graph, with no graph break:
+
+- **Tracing** (dynamo, AOTAutograd): the operator's fake implementation runs the original
+  module on fake tensors for the outputs' shapes (the batch size stays symbolic, so one graph
+  serves every batch size). It notes the call's autocast state, and whether inductor was asked
+  for CUDA graphs (`mode="reduce-overhead"`, read while AOTAutograd traces under inductor's
+  options): the user's mode then reaches bkfx's compiled step.
+- **Running**: the operator runs the DP model's own forward (`DPModel._forward`: the compiled BK
+  step, or the eager step where `bkfx.compiled.eager_reason` says so) with autograd on and the
+  dispatcher as at top level, keeps its outputs' autograd graph under a ticket (an int64
+  tensor output), and returns the outputs detached.
+- **Backward**: the operator's autograd formula calls `bkfx::backward` with the ticket, which
+  runs the kept graph's backward: the clipped sums reach the parameters' `.grad` exactly as in
+  an eager step, and the inputs' gradients are returned to the outer graph.
+
+The parameters are not the operator's inputs (they are written by the inner backward, not by
+the outer graph's). A scalar "anchor" tensor that requires grad is: it makes the outputs
+require grad and keeps `bkfx::backward` in the compiled backward (its gradient is a zero).
+The operator is tagged `cudagraph_unsafe`, so that inductor's CUDA graphs never record it.
+
+Each forward call is followed by its backward before the next forward call (gradient
+accumulation works); the graph of a call whose backward has not run is dropped at the next
+call, and a late backward through it is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+
+from bkfx.errors import BkfxError
+from bkfx.ledger import _keeping_graph
+from bkfx.precision import NO_AUTOCAST, AutocastState
+
+# the dispatcher's thread-local state at top level: an operator's implementation runs below
+# autograd (and under AOTAutograd's modes); the DP model's own forward and backward need it as
+# a user's code has it
+_TOP_LEVEL_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+_models: dict[int, weakref.ref] = {}
+_model_ids = itertools.count(1)
+_calls: dict[int, "_Call"] = {}
+_call_ids = itertools.count(1)
+_tickets = itertools.count(1)
+
+
+_INPUT, _GRAD_INPUT = "<bkfx tensor>", "<bkfx tensor requiring grad>"
+
+
+@dataclass
+class _Call:
+    """One call site as dynamo traced it: which model, the inputs' structure with the
+    non-tensor values, what the outputs look like, and the state the call runs under."""
+
+    model: int
+    in_spec: object
+    leaves: list  # the flat inputs: _INPUT / _GRAD_INPUT where a tensor goes, the value otherwise
+    grad: bool  # whether autograd records the call (torch.no_grad: no ticket, no backward)
+    outputs: tuple | None = None  # `_describe` of the output structure, set by the fake implementation
+    autocast: AutocastState | None = None
+    cuda_graphs: bool = False  # inductor was asked for CUDA graphs (mode="reduce-overhead")
+
+    @property
+    def wants_grad(self) -> list[int]:
+        """The tensor inputs (after the anchor) that take a gradient."""
+        tensors = [leaf for leaf in self.leaves if leaf in (_INPUT, _GRAD_INPUT)]
+        return [k for k, leaf in enumerate(tensors) if leaf == _GRAD_INPUT]
+
+    def unflatten(self, tensors):
+        it = iter(tensors)
+        flat = [next(it) if leaf in (_INPUT, _GRAD_INPUT) else leaf for leaf in self.leaves]
+        return pytree.tree_unflatten(flat, self.in_spec)
+
+
+@dataclass
+class _Kept:
+    """A call's outputs with their autograd graph, and its input leaves, until its backward."""
+
+    outputs: list
+    inputs: list
+    superseded: bool = False
+
+
+@dataclass
+class _ModelState:
+    model: weakref.ref
+    kept: dict = field(default_factory=dict)  # ticket -> _Kept
+
+
+def register(model) -> int:
+    """A handle for `model` (a DPModel) that dynamo passes to the operator as a constant."""
+    handle = next(_model_ids)
+    _models[handle] = _ModelState(weakref.ref(model))
+    weakref.finalize(model, _models.pop, handle, None)
+    return handle
+
+
+def call(model, handle: int, anchor: torch.Tensor, args: tuple, kwargs: dict):
+    """`model(*args, **kwargs)` as dynamo traces it: one `bkfx::forward` call."""
+    flat = pytree.tree_leaves((args, kwargs))
+    tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+    skeleton = pytree.tree_map(
+        lambda x: (_GRAD_INPUT if x.requires_grad else _INPUT) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    site = _call_site(handle, skeleton, torch.is_grad_enabled())
+    outs = torch.ops.bkfx.forward(site, [anchor] + tensors)
+    return _build(_outputs_of(site), iter(outs[:-1]))
+
+
+@torch._dynamo.assume_constant_result
+def _call_site(handle: int, skeleton, grad: bool) -> int:
+    leaves, spec = pytree.tree_flatten(skeleton)
+    site = next(_call_ids)
+    _calls[site] = _Call(handle, spec, leaves, grad)
+    return site
+
+
+@torch._dynamo.assume_constant_result
+def _outputs_of(site: int):
+    return _calls[site].outputs
+
+
+# -- the output structure as constants dynamo keeps -------------------------------------------
+# A TreeSpec is an object dynamo cannot keep as a constant of its graph; its description in
+# tuples, strings and indices into `_types` it can, and `_build` (traced) rebuilds the outputs.
+_types: list = []
+
+
+def _type_index(t) -> int:
+    if t not in _types:
+        _types.append(t)
+    return _types.index(t)
+
+
+def _describe(spec) -> tuple | None:
+    if spec.is_leaf():
+        return None
+    context = spec.context
+    if isinstance(context, type):
+        context = ("type", _type_index(context))
+    elif isinstance(context, list):
+        context = ("list", tuple(context))
+    children = tuple(_describe(spec.child(k)) for k in range(spec.num_children))
+    return (_type_index(spec.type), context, children)
+
+
+def _build(description, tensors):
+    if description is None:
+        return next(tensors)
+    kind, context, children = description
+    if isinstance(context, tuple) and len(context) == 2 and context[0] == "type":
+        context = _types[context[1]]
+    elif isinstance(context, tuple) and len(context) == 2 and context[0] == "list":
+        context = list(context[1])
+    values = [_build(c, tensors) for c in children]
+    return pytree.SUPPORTED_NODES[_types[kind]].unflatten_fn(values, context)
+
+
+# -- the operators ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _top_level(autocast: AutocastState | None):
+    """Run as a user's code runs: the dispatcher's top-level keys (autograd on, no AOTAutograd
+    mode), gradients recorded, under the autocast state the call was traced in."""
+    with torch._C._ForceDispatchKeyGuard(*_TOP_LEVEL_KEYS), torch.utils._python_dispatch._disable_current_modes(), \
+            torch.enable_grad(), (autocast or NO_AUTOCAST).apply():
+        yield
+
+
+def _model(call_: _Call):
+    state = _models.get(call_.model)
+    model = state.model() if state is not None else None
+    if model is None:
+        raise BkfxError("a compiled graph called a DP model that no longer exists; compile the new model again")
+    return state, model
+
+
+@torch.library.custom_op("bkfx::forward", mutates_args=(), tags=_TAGS)
+def _forward(site: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    call_ = _calls[site]
+    state, model = _model(call_)
+    wants = set(call_.wants_grad)
+    with _top_level(call_.autocast):
+        inputs = [x.detach().requires_grad_() if k in wants else x for k, x in enumerate(tensors[1:])]
+        args, kwargs = call_.unflatten(inputs)
+        options = model.step_options_under_compile(call_.cuda_graphs)
+        if call_.grad:
+            out = model._forward(args, kwargs, options)
+        else:
+            with torch.no_grad():
+                out = model._forward(args, kwargs, options)
+    outs = pytree.tree_leaves(out)
+    tensors_out = [o for o in outs if isinstance(o, torch.Tensor)]
+    for kept in state.kept.values():
+        kept.superseded, kept.outputs, kept.inputs = True, None, None  # its backward did not come before this call
+    ticket = 0
+    if call_.grad:
+        ticket = next(_tickets)
+        state.kept[ticket] = _Kept(tensors_out, inputs)
+    return _detached(tensors_out, tensors) + [torch.tensor(ticket)]
+
+
+def _detached(outs: list, inputs: list) -> list:
+    """The outputs as the operator returns them: contiguous (the strides the fake implementation
+    promised), and never sharing memory with an input or another output (an operator's outputs
+    may not alias)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    result = []
+    for o in outs:
+        o = o.detach().contiguous()
+        ptr = o.untyped_storage().data_ptr()
+        if o.numel() and ptr in seen:
+            o = o.clone()
+        seen.add(o.untyped_storage().data_ptr())
+        result.append(o)
+    return result
+
+
+@_forward.register_fake
+def _(site: int, tensors):
+    call_ = _calls[site]
+    _, model = _model(call_)
+    if call_.autocast is None:
+        call_.autocast = AutocastState.current()  # the first trace is dynamo's, under the user's autocast
+    call_.cuda_graphs = call_.cuda_graphs or bool(torch._inductor.config.triton.cudagraphs)
+    fake_mode = torch._guards.detect_fake_mode(tensors)
+    module = model.module
+    state = {n: fake_mode.from_tensor(t, static_shapes=True)
+             for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
+    args, kwargs = call_.unflatten(tensors[1:])
+    with torch.no_grad():
+        out = torch.func.functional_call(module, state, args, kwargs, tie_weights=False)
+    outs, spec = pytree.tree_flatten(out)
+    if call_.outputs is None:
+        call_.outputs = _describe(spec)
+    constants = [o for o in outs if not isinstance(o, torch.Tensor)]
+    if constants:
+        raise BkfxError(
+            f"torch.compile of a DP model whose outputs hold values that are not tensors ({constants[:3]}): the "
+            "compiled graph cannot hand them back\n  what to do: return tensors only (HF: return_dict outputs are "
+            "fine; drop use_cache / non-tensor extras)"
+        )
+    return [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs] + \
+        [torch.empty((), dtype=torch.int64)]
+
+
+@torch.library.custom_op("bkfx::backward", mutates_args=(), tags=_TAGS)
+def _backward(site: int, ticket: torch.Tensor, grads: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    call_ = _calls[site]
+    state, _ = _model(call_)
+    key = int(ticket)
+    kept = state.kept.get(key)
+    if kept is None or kept.superseded:
+        raise BkfxError(
+            "backward through a compiled DP model call whose graph is gone: "
+            + ("another forward call of the model came before this call's backward" if kept is not None else
+               "its backward already ran (call backward(retain_graph=True) the first time to run it twice)")
+            + "\n  what to do: under torch.compile, call backward() after each forward call of the DP model "
+            "(gradient accumulation works), and run forward calls that are not trained on under torch.no_grad()"
+        )
+    keep = _keeping_graph()
+    pairs = [(o, g) for o, g in zip(kept.outputs, grads) if o.requires_grad]
+    with _top_level(call_.autocast):
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=keep)
+    result = [torch.zeros_like(inputs[0])]
+    for k in call_.wants_grad:
+        grad = kept.inputs[k].grad
+        result.append(torch.zeros_like(inputs[1 + k]) if grad is None else grad)
+        kept.inputs[k].grad = None
+    if not keep:
+        del state.kept[key]
+    return result
+
+
+@_backward.register_fake
+def _(site: int, ticket, grads, inputs):
+    return [torch.empty_like(inputs[0])] + [torch.empty_like(inputs[1 + k]) for k in _calls[site].wants_grad]
+
+
+def _setup_context(ctx, inputs, output):
+    site, tensors = inputs
+    ctx.site = site
+    ctx.outputs = [(o.shape, o.dtype, o.device) for o in output[:-1]]
+    ctx.save_for_backward(output[-1], *tensors)
+
+
+def _backward_formula(ctx, grads):
+    ticket, *tensors = ctx.saved_tensors
+    grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+             for g, (shape, dtype, device) in zip(grads[:-1], ctx.outputs)]
+    results = torch.ops.bkfx.backward(ctx.site, ticket, grads, tensors)
+    gradients = [None] * len(tensors)
+    gradients[0] = results[0]
+    for k, g in zip(_calls[ctx.site].wants_grad, results[1:]):
+        gradients[1 + k] = g
+    return None, gradients
+
+
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
