@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 
 from bkfx.errors import BkfxError
 from bkfx.ledger import _keeping_graph
-from bkfx.precision import NO_AUTOCAST, AutocastState
+from bkfx.precision import AUTOCAST_DEVICES, AutocastState
 
 # the dispatcher's thread-local state at top level: an operator's implementation runs below
 # autograd (and under AOTAutograd's modes); the DP model's own forward and backward need it as
@@ -67,8 +67,8 @@ class _Call:
     in_spec: object
     leaves: list  # the flat inputs: _INPUT / _GRAD_INPUT where a tensor goes, the value otherwise
     grad: bool  # whether autograd records the call (torch.no_grad: no ticket, no backward)
+    autocast: AutocastState  # as the call was traced (the operator's implementations run with autocast off)
     outputs: tuple | None = None  # `_describe` of the output structure, set by the fake implementation
-    autocast: AutocastState | None = None
     cuda_graphs: bool = False  # inductor was asked for CUDA graphs (mode="reduce-overhead")
 
     @property
@@ -112,16 +112,17 @@ def call(model, handle: int, anchor: torch.Tensor, args: tuple, kwargs: dict):
     tensors = [x for x in flat if isinstance(x, torch.Tensor)]
     skeleton = pytree.tree_map(
         lambda x: (_GRAD_INPUT if x.requires_grad else _INPUT) if isinstance(x, torch.Tensor) else x, (args, kwargs))
-    site = _call_site(handle, skeleton, torch.is_grad_enabled())
+    autocast = tuple((d, torch.get_autocast_dtype(d)) for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d))
+    site = _call_site(handle, skeleton, torch.is_grad_enabled(), autocast)
     outs = torch.ops.bkfx.forward(site, [anchor] + tensors)
     return _build(_outputs_of(site), iter(outs[:-1]))
 
 
 @torch._dynamo.assume_constant_result
-def _call_site(handle: int, skeleton, grad: bool) -> int:
+def _call_site(handle: int, skeleton, grad: bool, autocast: tuple) -> int:
     leaves, spec = pytree.tree_flatten(skeleton)
     site = next(_call_ids)
-    _calls[site] = _Call(handle, spec, leaves, grad)
+    _calls[site] = _Call(handle, spec, leaves, grad, AutocastState(autocast))
     return site
 
 
@@ -168,11 +169,11 @@ def _build(description, tensors):
 
 # -- the operators ----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _top_level(autocast: AutocastState | None):
+def _top_level(autocast: AutocastState):
     """Run as a user's code runs: the dispatcher's top-level keys (autograd on, no AOTAutograd
     mode), gradients recorded, under the autocast state the call was traced in."""
     with torch._C._ForceDispatchKeyGuard(*_TOP_LEVEL_KEYS), torch.utils._python_dispatch._disable_current_modes(), \
-            torch.enable_grad(), (autocast or NO_AUTOCAST).apply():
+            torch.enable_grad(), autocast.apply():
         yield
 
 
@@ -198,8 +199,7 @@ def _forward(site: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         else:
             with torch.no_grad():
                 out = model._forward(args, kwargs, options)
-    outs = pytree.tree_leaves(out)
-    tensors_out = [o for o in outs if isinstance(o, torch.Tensor)]
+    tensors_out = _flat_outputs(call_, out)
     for kept in state.kept.values():
         kept.superseded, kept.outputs, kept.inputs = True, None, None  # its backward did not come before this call
     ticket = 0
@@ -229,28 +229,40 @@ def _detached(outs: list, inputs: list) -> list:
 def _(site: int, tensors):
     call_ = _calls[site]
     _, model = _model(call_)
-    if call_.autocast is None:
-        call_.autocast = AutocastState.current()  # the first trace is dynamo's, under the user's autocast
     call_.cuda_graphs = call_.cuda_graphs or bool(torch._inductor.config.triton.cudagraphs)
     fake_mode = torch._guards.detect_fake_mode(tensors)
     module = model.module
     state = {n: fake_mode.from_tensor(t, static_shapes=True)
              for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
     args, kwargs = call_.unflatten(tensors[1:])
-    with torch.no_grad():
+    with torch.no_grad(), call_.autocast.apply():
         out = torch.func.functional_call(module, state, args, kwargs, tie_weights=False)
+    outs = _flat_outputs(call_, out)
+    return [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs] + \
+        [torch.empty((), dtype=torch.int64)]
+
+
+def _flat_outputs(call_: _Call, out) -> list:
+    """The model's outputs as the operator's flat list of tensors; their structure is the call's
+    (set by the first trace, or by the first run where dynamo ran the call eagerly)."""
     outs, spec = pytree.tree_flatten(out)
-    if call_.outputs is None:
-        call_.outputs = _describe(spec)
     constants = [o for o in outs if not isinstance(o, torch.Tensor)]
     if constants:
         raise BkfxError(
-            f"torch.compile of a DP model whose outputs hold values that are not tensors ({constants[:3]}): the "
-            "compiled graph cannot hand them back\n  what to do: return tensors only (HF: return_dict outputs are "
-            "fine; drop use_cache / non-tensor extras)"
+            f"torch.compile of a DP model whose outputs hold values that are not tensors ({constants[:3]}): "
+            "bkfx's operator in the compiled graph returns tensors only\n  what to do: return tensors only (a "
+            "ModelOutput of tensors is fine; HF: use_cache=False), or call the DP model outside torch.compile"
         )
-    return [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs] + \
-        [torch.empty((), dtype=torch.int64)]
+    described = _describe(spec)
+    if call_.outputs is None:
+        call_.outputs = described
+    elif described != call_.outputs:
+        raise BkfxError(
+            "torch.compile of a DP model whose output structure changed from call to call (the compiled graph "
+            "rebuilds the structure it traced)\n  what to do: return the same structure on every call, or call "
+            "the DP model outside torch.compile"
+        )
+    return outs
 
 
 @torch.library.custom_op("bkfx::backward", mutates_args=(), tags=_TAGS)

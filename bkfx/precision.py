@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -89,7 +89,7 @@ class AutocastState:
     @staticmethod
     def current() -> "AutocastState":
         return AutocastState(tuple(
-            (d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)
+            (d, torch.get_autocast_dtype(d)) for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)
         ))
 
     def apply(self):
@@ -97,7 +97,7 @@ class AutocastState:
         no-op context when that is already the state (the common case in a backward pass
         called outside autocast), since entering autocast costs tens of microseconds a site."""
         on = dict(self.enabled)
-        for d in _AUTOCAST_DEVICES:
+        for d in AUTOCAST_DEVICES:
             enabled = torch.is_autocast_enabled(d)
             if enabled != (d in on) or (enabled and torch.get_autocast_dtype(d) != on[d]):
                 return self._entered(on)
@@ -107,7 +107,7 @@ class AutocastState:
     @contextlib.contextmanager
     def _entered(on: dict):
         with contextlib.ExitStack() as stack:
-            for d in _AUTOCAST_DEVICES:
+            for d in AUTOCAST_DEVICES:
                 if d in on:
                     stack.enter_context(torch.autocast(d, dtype=on[d]))
                 elif torch.is_autocast_enabled(d):

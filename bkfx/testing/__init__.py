@@ -92,7 +92,7 @@ def _clipped(grads, max_grad_norm, clipping, loss_reduction, groups, gamma):
 
 def assert_matches_reference(
     model, loss_fn, inputs, targets, *, rtol: float | None = None, atol: float | None = None,
-    method: str = "vmap", step: dict | None = None, **compile_options,
+    method: str = "vmap", step: dict | None = None, torch_compile: dict | None = None, **compile_options,
 ):
     """Compile `model` with `compile_options`, run one backward, and compare `.grad` and the
     per-sample norms with the reference. Returns the compiled model and the worst relative
@@ -104,7 +104,9 @@ def assert_matches_reference(
     the result is rounding noise. So the denominator is never below 1e-6 (float64) or 1e-3
     (float32) of the largest entry of any one summand. Tolerance: 1e-6 (float64) or 1e-4
     (float32) unless given. `step`: run the compiled BK step, `dp.compile(**step)` (e.g.
-    `{"backend": "inductor"}`), rather than the eager one.
+    `{"backend": "inductor"}`), rather than the eager one. `torch_compile`: run the forward and
+    the loss as one function under `torch.compile(**torch_compile)` (e.g. `{"fullgraph": True,
+    "dynamic": True}`), the DP model inside it as bkfx's operator (`bkfx.operator`).
     """
     import bkfx
 
@@ -128,8 +130,10 @@ def assert_matches_reference(
     )
     for p in model.parameters():
         p.grad = None
-    out = dp(*inputs_t)
-    loss = loss_fn(out, targets)
+    if torch_compile is None:
+        loss = loss_fn(dp(*inputs_t), targets)
+    else:
+        loss = torch.compile(lambda xs, ys: loss_fn(dp(*xs), ys), **torch_compile)(inputs_t, targets)
     loss.backward()
     errors = {}
     floor = (1e-6 if dtype == torch.float64 else 1e-3) * term
