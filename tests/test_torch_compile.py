@@ -266,3 +266,20 @@ def test_inductor_and_reduce_overhead_reach_bkfx_step():
     assert_same_grads(eager.module, compiled.module, tol=1e-10)
     (options,) = {key[0] for key in compiled._last.programs}
     assert options.backend == "inductor" and options.mode == "reduce-overhead"
+
+
+def test_dp_optimizer_training_matches_eager():
+    torch._dynamo.reset()
+    eager, compiled = pair(mlp(10))
+    optimizers = [bkfx.DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.3), noise_multiplier=0.0,
+                                   expected_batch_size=4, model=dp) for dp in (eager, compiled)]
+    step = torch.compile(lambda x, y: F.cross_entropy(compiled(x), y), **FULLGRAPH)
+    for k in range(3):
+        x, y = data(4 + k, seed=k)
+        step(x, y).backward()
+        F.cross_entropy(eager(x), y).backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(eager.module.parameters(), compiled.module.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
