@@ -292,3 +292,22 @@ def test_resuming_without_the_sampler_position_is_refused(tmp_path):
     options["optimizers"] = (sgd(model), None)
     with pytest.raises(BkfxError, match="sampler"):
         DPTrainer(model=model, args=args, **options).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_torch_compile_argument_compiles_the_dp_step(tmp_path):
+    """TrainingArguments(torch_compile=True) runs bkfx's compiled BK step (with the backend and
+    mode given): the same updates as the eager step, up to float64 rounding."""
+    finals = []
+    for compile_ in (False, True):
+        model = gpt2_lm()
+        options = dict(torch_compile=True, torch_compile_backend="aot_eager") if compile_ else {}
+        trainer = DPTrainer(
+            model=model, args=training_args(tmp_path, max_steps=2, **options), train_dataset=Synthetic(N, "lm", seed=2),
+            privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=0.5, per_sample_max_grad_norm=0.2,
+                                          max_physical_batch_size=4, seed=5),
+        )
+        trainer.train()
+        assert (trainer.dp_model._last_program is not None) == compile_
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n, p in finals[0].items():
+        torch.testing.assert_close(finals[1][n], p, rtol=0, atol=1e-12)

@@ -248,6 +248,8 @@ class DPTrainer(Trainer):
             trainable, max_grad_norm=privacy_args.per_sample_max_grad_norm, clipping=privacy_args.clipping,
             style=privacy_args.style, loss_reduction="sum", **privacy_args.compile_options,
         )
+        if self.args.torch_compile:  # HF compiles the model it evaluates; the DP step is compiled by bkfx
+            self.dp_model.compile(backend=self.args.torch_compile_backend or "inductor", mode=self.args.torch_compile_mode)
         self._forward_options = {"use_cache": False} if "use_cache" in inspect.signature(trainable.forward).parameters else {}
         if len(self.label_names) != 1:
             raise ValueError(f"DPTrainer needs exactly one label field, got label_names={self.label_names}")
