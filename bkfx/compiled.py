@@ -32,6 +32,8 @@ with what to do instead.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -152,7 +154,9 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)  # the capture's tensor constants
 
     def fake(t: torch.Tensor, dim):
-        sizes = [DimDynamic.DYNAMIC if k == dim else DimDynamic.STATIC for k in range(t.dim())]
+        # DUCK: one symbol for the batch dimension of every batched input (a symbol each would leave
+        # guards such as Eq(s1, s0) that no batch size can decide, and every call would trace anew)
+        sizes = [DimDynamic.DUCK if k == dim else DimDynamic.STATIC for k in range(t.dim())]
         return fake_mode.from_tensor(t.detach(), symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
     primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions]
@@ -203,7 +207,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         return functional(primals, tangents)
 
     # as AOTAutograd traces: factories (arange) fake too, symbolic sizes through composite ops
-    with enable_python_dispatcher(), fake_mode:
+    with enable_python_dispatcher(), fake_mode, _symbolic_batch_rules():
         traced = make_fx(joint, decomposition_table=_decompositions())(primals, tangents)
         functional = torch.func.functionalize(traced, remove="mutations")
         joint_gm = make_fx(joint_functional, decomposition_table=_decompositions())(primals, tangents)
@@ -228,6 +232,78 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     if options.cuda_graphs and cuda:
         program.graphs = CudaGraphs()
     return program
+
+
+@contextlib.contextmanager
+def _symbolic_batch_rules():
+    """While bkfx traces: `vmap` batching rules that keep the batch size symbolic for the
+    backward ops of indexing (`embedding_dense_backward`, `index_add`, `slice_backward`,
+    `index_select`).
+
+    The ledger pulls a site's per-sample pieces back through a general chain of parameter ops
+    with `vmap` (`Ledger._to_params`: GPT-2's position embedding, a sliced or indexed
+    parameter). torch's C++ batching rules of these backward ops read the batch size as an
+    integer, so the trace would hold only for the batch size it was made at (one trace per batch
+    size). These rules (registered for the `FuncTorchBatched` key during the trace only, as
+    functorch registers its own Python decompositions) compute the same values from ops whose
+    batching rules keep it symbolic: zeros and `index_put` (accumulating), `pad`, `index`.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": for the trace only
+        library = torch.library.Library("aten", "IMPL", "FuncTorchBatched")
+        library.impl(torch.ops.aten.embedding_dense_backward.default, _embedding_dense_backward)
+        library.impl(torch.ops.aten.index_add.default, _index_add)
+        library.impl(torch.ops.aten.slice_backward.default, _slice_backward)
+        library.impl(torch.ops.aten.index_select.default, _index_select)
+    try:
+        yield
+    finally:
+        library._destroy()  # torch's own rules again
+
+
+def _embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+    if scale_grad_by_freq:  # refused by bkfx's embedding rule; torch's own decomposition otherwise
+        from torch._decomp import decomposition_table
+
+        return decomposition_table[torch.ops.aten.embedding_dense_backward.default](
+            grad, indices, num_weights, padding_idx, scale_grad_by_freq)
+    rows = grad.reshape(-1, grad.shape[-1])
+    flat = indices.reshape(-1)
+    if padding_idx >= 0:
+        rows = rows * (flat != padding_idx).unsqueeze(-1).to(rows.dtype)
+    return torch.ops.aten.index_put(_zeros_like_sample(grad, [num_weights, grad.shape[-1]]), [flat], rows, True)
+
+
+def _index_add(self, dim, index, source, alpha=1):
+    dim = dim % max(self.dim(), 1)
+    return torch.ops.aten.index_put(self, [None] * dim + [index.reshape(-1)], source * alpha if alpha != 1 else source,
+                                    True)
+
+
+def _slice_backward(grad, input_sizes, dim, start, end, step):
+    dim = dim % len(input_sizes)
+    size = input_sizes[dim]
+    start, end = (0 if start is None else start), (size if end is None else end)
+    start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+    start = max(0, min(start, size))
+    end = max(start, min(end, size))
+    if step != 1:
+        index = torch.arange(start, end, step, device=grad.device)
+        return torch.ops.aten.index_put(_zeros_like_sample(grad, input_sizes), [None] * dim + [index], grad)
+    # zeros on both sides of the slice: a pad of the batched gradient (`cat` with unbatched zeros
+    # reads the batch size)
+    return torch.nn.functional.pad(grad, [0, 0] * (len(input_sizes) - 1 - dim) + [start, size - end])
+
+
+def _index_select(self, dim, index):
+    dim = dim % max(self.dim(), 1)
+    return torch.ops.aten.index(self, [None] * dim + [index.reshape(-1)])
+
+
+def _zeros_like_sample(grad, sizes):
+    """Zeros of one sample's `sizes` (a factory: `new_zeros` of the batched tensor reads its
+    concrete sizes)."""
+    return torch.zeros(sizes, dtype=grad.dtype, device=grad.device)
 
 
 def _decompositions() -> dict:

@@ -399,3 +399,88 @@ def test_cuda_graph_memory_protocol_with_simulated_graphs(monkeypatch):
     assert len(graphs._forward) == 2 and len(graphs._backward) == 2
     assert all(g.kept for g in graphs._backward.values())  # the backward graphs read saved values in place
     assert torch.allclose(eager.per_sample_norms, compiled.per_sample_norms, rtol=1e-10)
+
+
+class IndexedParameters(nn.Module):
+    """Parameters that reach their sites through indexing (a general chain the ledger pulls back
+    with vmap): a position table sliced to the length, rows picked by index_select, an embedding
+    with a padding row and an index_add of a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(9, 4))
+        self.table = nn.Parameter(torch.randn(7, 4))
+        self.embed = nn.Embedding(6, 4, padding_idx=2)
+        self.spread = nn.Parameter(torch.randn(5, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, ids):
+        T = x.shape[1]
+        h = x + self.positions[1:T + 1] + self.table.index_select(0, torch.tensor([3, 0, 3, 6, 1])[:T])
+        h = h + self.embed(torch.tensor([[0, 2, 5, 2, 1]])[:, :T])
+        h = h * torch.zeros(T, 4, dtype=h.dtype).index_add(0, torch.tensor([4, 0, 0, 2, 1])[:T], self.spread[:T])
+        return self.head(torch.tanh(h + self.embed(ids))).mean(1)
+
+
+@pytest.mark.parametrize("model_name", ["indexed", "gpt2"])
+def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_name):
+    """The pull-back through indexing backward ops (`vmap` in the ledger) keeps the batch size
+    symbolic (`bkfx.compiled._symbolic_batch_rules`): one trace for every batch size, GPT-2's
+    position embedding included; the gradients equal the eager step's."""
+    torch.manual_seed(11)
+    if model_name == "gpt2":
+        from test_gpt2 import VOCAB, gpt2
+
+        model = gpt2().double()
+        make = lambda B: (torch.randint(0, VOCAB, (B, 6)),)  # noqa: E731
+
+        def loss(out, y):
+            return F.cross_entropy(out.logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum")
+        targets = lambda inputs: inputs[0]  # noqa: E731
+    else:
+        model = IndexedParameters().double()
+        make = lambda B: (torch.randn(B, 5, 4, dtype=torch.float64), torch.randint(0, 6, (B, 5)))  # noqa: E731
+        loss = loss_of()
+        targets = lambda inputs: torch.randint(0, 3, (inputs[0].shape[0],))  # noqa: E731
+    eager, compiled = eager_and_compiled(model, max_grad_norm=0.2)
+    for B in (3, 5, 2):
+        inputs = make(B)
+        y = targets(inputs)
+        for dp in (eager, compiled):
+            dp.module.zero_grad(set_to_none=True)
+            loss(dp(*inputs), y).backward()
+        assert_same_grads(eager.module, compiled.module)
+    assert sum(len(t) for t in compiled._last.programs.values()) == 1
+    (program,) = next(iter(compiled._last.programs.values()))
+    assert program.guards == [] or all(program.admits(b) for b in (2, 3, 5, 64))
+
+
+def test_symbolic_batch_rules_equal_torchs_own():
+    """The batching rules bkfx uses while tracing (`_symbolic_batch_rules`) give exactly what
+    torch's own give, on every case of the ops they replace."""
+    from torch.func import vjp, vmap
+
+    from bkfx.compiled import _symbolic_batch_rules
+
+    torch.manual_seed(12)
+    w = torch.randn(10, 4, dtype=torch.float64)
+    chains = [
+        lambda w: F.embedding(torch.tensor([[1, 3], [3, 9]]), w),
+        lambda w: F.embedding(torch.tensor([[1, 3], [3, 9]]), w, padding_idx=3),
+        lambda w: w.index_select(0, torch.tensor([1, 3, 3, 7])),
+        lambda w: w.index_select(1, torch.tensor([0, 2, 2])),
+        lambda w: w.index_select(0, torch.tensor(4)),
+        lambda w: w[2:5], lambda w: w[-4:-1, 1:], lambda w: w[1:9:3], lambda w: w[3:], lambda w: w[:, :0],
+        lambda w: w.narrow(1, 1, 2),
+        lambda w: torch.zeros(12, 4, dtype=w.dtype).index_add(0, torch.tensor([0, 5, 5, 11, 2, 2, 2, 1, 0, 3]), w, alpha=2.),
+        lambda w: torch.zeros(10, 6, dtype=w.dtype).index_add(1, torch.tensor([5, 0, 5, 1]), w),
+    ]
+    for k, chain in enumerate(chains):
+        out, pullback = vjp(chain, w)
+        G = torch.randn(3, *out.shape, dtype=torch.float64)
+        (want,) = vmap(pullback)(G)
+        with _symbolic_batch_rules():
+            (got,) = vmap(pullback)(G)
+        assert torch.equal(got, want), k
+        (again,) = vmap(pullback)(G)  # torch's own rules again after the trace
+        assert torch.equal(again, want), k
