@@ -110,13 +110,14 @@ class Program:
     saved_order: list[int]  # the backward's inputs (before the tangents) as positions in the forward's saved values
     tangents: list[int] = field(default_factory=list)  # the backward's tangent inputs, as tensor output positions
     graphs: "CudaGraphs | None" = None  # mode="reduce-overhead" on CUDA: the programs replayed as CUDA graphs
+    traced_at: int = 0  # the batch size the trace was made at (its guards hold there by construction)
     _admits: dict = field(default_factory=dict)
 
     def admits(self, batch: int) -> bool:
         """Whether the trace's assumptions about the batch size hold at `batch`."""
         hit = self._admits.get(batch)
         if hit is None:
-            hit = self._admits[batch] = batch >= 2 and all(
+            hit = self._admits[batch] = batch == self.traced_at or batch >= 2 and all(
                 g.subs(self.batch, batch) is sympy.true for g in self.guards)  # undecidable: not admitted
         return hit
 
@@ -227,6 +228,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         layout["differentiable"], layout["grad_primals"], layout["norms"], len(primals), [state[n] for n in names],
         [saved.index(name) for name in taken],
     )
+    program.traced_at = int(flat[positions[first_batched]].shape[first_dim])
     program.tangents = [int(n.name.rpartition("_")[2]) - 1 for n in backward_graph.graph.find_nodes(op="placeholder")
                         if n.name.startswith("tangents")]
     if options.cuda_graphs and cuda:

@@ -48,7 +48,7 @@ from bkfx.precision import AUTOCAST_DEVICES, AutocastState
 _TOP_LEVEL_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
-_models: dict[int, weakref.ref] = {}
+_models: dict[int, "_ModelState"] = {}
 _model_ids = itertools.count(1)
 _calls: dict[int, "_Call"] = {}
 _call_ids = itertools.count(1)
@@ -56,6 +56,10 @@ _tickets = itertools.count(1)
 
 
 _INPUT, _GRAD_INPUT = "<bkfx tensor>", "<bkfx tensor requiring grad>"
+
+
+def _is_tensor_slot(leaf) -> bool:
+    return isinstance(leaf, str) and leaf in (_INPUT, _GRAD_INPUT)
 
 
 @dataclass
@@ -74,12 +78,12 @@ class _Call:
     @property
     def wants_grad(self) -> list[int]:
         """The tensor inputs (after the anchor) that take a gradient."""
-        tensors = [leaf for leaf in self.leaves if leaf in (_INPUT, _GRAD_INPUT)]
+        tensors = [leaf for leaf in self.leaves if _is_tensor_slot(leaf)]
         return [k for k, leaf in enumerate(tensors) if leaf == _GRAD_INPUT]
 
     def unflatten(self, tensors):
         it = iter(tensors)
-        flat = [next(it) if leaf in (_INPUT, _GRAD_INPUT) else leaf for leaf in self.leaves]
+        flat = [next(it) if _is_tensor_slot(leaf) else leaf for leaf in self.leaves]
         return pytree.tree_unflatten(flat, self.in_spec)
 
 
@@ -108,6 +112,8 @@ def register(model) -> int:
 
 def call(model, handle: int, anchor: torch.Tensor, args: tuple, kwargs: dict):
     """`model(*args, **kwargs)` as dynamo traces it: one `bkfx::forward` call."""
+    if not torch.compiler.is_dynamo_compiling():  # dynamo gave the call up (a graph break in it): run it as is
+        return model._forward(args, kwargs, model.step_options_under_compile(False))
     flat = pytree.tree_leaves((args, kwargs))
     tensors = [x for x in flat if isinstance(x, torch.Tensor)]
     skeleton = pytree.tree_map(
