@@ -235,7 +235,7 @@ def _detached(outs: list, inputs: list) -> list:
 def _(site: int, tensors):
     call_ = _calls[site]
     _, model = _model(call_)
-    call_.cuda_graphs = call_.cuda_graphs or bool(torch._inductor.config.triton.cudagraphs)
+    call_.cuda_graphs = call_.cuda_graphs or _asks_for_cuda_graphs()
     fake_mode = torch._guards.detect_fake_mode(tensors)
     module = model.module
     state = {n: fake_mode.from_tensor(t, static_shapes=True)
@@ -246,6 +246,21 @@ def _(site: int, tensors):
     outs = _flat_outputs(call_, out)
     return [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs] + \
         [torch.empty((), dtype=torch.int64)]
+
+
+def _asks_for_cuda_graphs() -> bool:
+    """Whether the torch.compile tracing this call was asked for CUDA graphs (`mode=
+    "reduce-overhead"`): dynamo's backend's options while dynamo traces (AOTAutograd's trace may
+    be skipped by its cache), inductor's patched options while AOTAutograd traces."""
+    if torch._inductor.config.triton.cudagraphs:
+        return True
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        options = getattr(InstructionTranslator.current_tx().output.compiler_fn, "config", None) or {}
+    except Exception:  # not under dynamo, or a torch whose dynamo keeps its backend elsewhere
+        return False
+    return bool(options.get("triton.cudagraphs"))
 
 
 def _flat_outputs(call_: _Call, out) -> list:
