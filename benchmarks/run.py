@@ -34,7 +34,8 @@ METHODS = [
     "non-private", "bkfx", "bkfx ghost", "bkfx explicit", "bkfx layer-wise",
     "opacus hooks", "opacus ghost", "vmap dp-sgd",
 ]
-COMPILED_METHODS = ["non-private compiled", "bkfx compiled"]  # torch.compile(model) / the compiled BK step
+# torch.compile of forward+loss / the compiled BK step / forward+loss with the DP model in one torch.compile
+COMPILED_METHODS = ["non-private compiled", "bkfx compiled", "bkfx torch.compile"]
 R, SIGMA, LR = 1.0, 1.0, 1e-3
 COMPILE = {"mode": None}  # torch.compile's mode for the compiled methods (--compile-mode; "reduce-overhead": CUDA graphs)
 
@@ -55,7 +56,7 @@ class Trainer:
         if method == "non-private":
             self.forward, self.opt = self.model, sgd
         elif method == "non-private compiled":
-            self.forward, self.opt = torch.compile(self.model, mode=COMPILE["mode"]), sgd
+            self.forward, self.opt = self.model, sgd  # compiled with the loss, below
         elif method.startswith("bkfx"):
             import bkfx
 
@@ -85,6 +86,13 @@ class Trainer:
             self.forward, self.opt = self.model, sgd
         else:
             raise ValueError(method)
+        self.loss = self._loss
+        if method in ("non-private compiled", "bkfx torch.compile"):  # the model and the loss: one graph
+            self.loss = torch.compile(self._loss, fullgraph=True, dynamic=True, mode=COMPILE["mode"])
+
+    def _loss(self, x, y):
+        out = self.forward(x)
+        return self.criterion(out, y) if self.method == "opacus ghost" else self.loss_fn(out, y)
 
     def step(self, split: bool = False):
         """One training step: forward, loss, backward, optimizer step (noise for DP methods),
@@ -93,16 +101,19 @@ class Trainer:
         if self.method == "vmap dp-sgd":
             return self._vmap_step()
         t0 = time.perf_counter()
-        with torch.autocast(self.device, dtype=self.amp, enabled=self.amp is not None):
-            out = self.forward(self.x)
-            loss = self.criterion(out, self.y) if self.method == "opacus ghost" else self.loss_fn(out, self.y)
-        loss.backward()
+        self.backward()
         if split:
             _sync(self.device)
             forward_backward = time.perf_counter() - t0
         self.opt.step()
         self.opt.zero_grad()
         return forward_backward if split else None
+
+    def backward(self):
+        """Forward, loss and backward: the step's gradients in `.grad` (the clipped sums, for bkfx)."""
+        with torch.autocast(self.device, dtype=self.amp, enabled=self.amp is not None):
+            loss = self.loss(self.x, self.y)
+        loss.backward()
 
     def _vmap_step(self):
         from torch.func import functional_call, grad, vmap
@@ -155,6 +166,13 @@ def first_line(e: BaseException) -> str:
     """`Type: first line of the message`, for a table cell."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def fresh_dynamo():
+    """Forget dynamo's compiled code before a workload's trainers. Every trainer's `_loss` is one
+    code object; dynamo guards on a DP model's operator handle (a constant), so each DP model
+    recompiles it, and under fullgraph=True the ninth recompilation is an error."""
+    torch._dynamo.reset()
 
 
 def make_trainers(methods, factory, x, y, loss_fn, device, amp=None):
@@ -213,6 +231,7 @@ def time_trainers(trainers, device, warmup, steps, split=False, memory=False):
 
 def time_methods(model_name, args, device):
     factory, x, y, loss_fn = workload(model_name, args.batch, args.seq, args.vocab)
+    fresh_dynamo()
     trainers, failures = make_trainers(args.methods, factory, x, y, loss_fn, device)
     timed = time_trainers(trainers, device, args.warmup, args.steps)
     return timed["median_s"], {**failures, **timed["failed"]}
