@@ -1,16 +1,20 @@
-"""The compiled DP step (issue 13) side by side: non-private and bkfx, each eager and compiled.
+"""The compiled DP step (issue 13) side by side: non-private and bkfx, eager and compiled.
 
-    python benchmarks/compiled.py                 # CPU: the 30x16 and 6x512 MLPs, GPT-2 4x256 (~3 min, 2 cores)
+    python benchmarks/compiled.py                 # CPU: the 30x16 and 6x512 MLPs, GPT-2 4x256 (~5 min, 2 cores)
     python benchmarks/compiled.py --device cuda --compile-mode reduce-overhead     # a GPU, CUDA graphs
 
-Per workload, four trainers on the same model, weights and batch: `non-private` (eager),
-`non-private compiled` (`torch.compile(model, mode=...)`), `bkfx` (the eager BK step) and
-`bkfx compiled` (`dp_model.compile(mode=...)`: forward and BK backward each one inductor
-program). Each step is forward, loss, backward, optimizer step (noise for bkfx), zero_grad;
-the trainers take turns step by step; medians over --steps after --warmup, of the whole step
-and of forward+backward alone (the clock stopped after backward, the device synchronised). The first step of
-each trainer (capture, trace, compile) is timed on its own: "first step". The ratio that
-matters is `bkfx compiled / non-private compiled` (the equally compiled non-private step).
+Per workload, five trainers on the same model, weights and batch: `non-private` (eager),
+`non-private compiled` (forward and loss as one `torch.compile(fullgraph=True, dynamic=True,
+mode=...)`), `bkfx` (the eager BK step), `bkfx compiled` (`dp_model.compile(mode=...)`: forward
+and BK backward each one inductor program; the loss eager) and `bkfx torch.compile` (forward and
+loss as one `torch.compile(fullgraph=True, dynamic=True, mode=...)` around the DP model, which is
+one `bkfx::forward` operator in dynamo's graph and runs the compiled BK step inside). Each step
+is forward, loss, backward, optimizer step (noise for bkfx), zero_grad; the trainers take turns
+step by step; medians over --steps after --warmup, of the whole step and of forward+backward
+alone (the clock stopped after backward, the device synchronised). The first step of each
+trainer (capture, trace, compile) is timed on its own: "first step". The ratios that matter
+are the compiled bkfx steps over `non-private compiled`, the non-private step compiled as the
+bkfx torch.compile one is (and at least as much as bkfx compiled, whose loss runs eager).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -26,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402
 from models import workload  # noqa: E402
 
-METHODS = ["non-private", "non-private compiled", "bkfx", "bkfx compiled"]
+METHODS = ["non-private", "non-private compiled", "bkfx", "bkfx compiled", "bkfx torch.compile"]
+BASES = ("non-private", "non-private compiled")
+COMPILED_BKFX = [m for m in run.COMPILED_METHODS if m.startswith("bkfx")]
 CPU_WORKLOADS = [  # (label, model, batch, seq, vocab)
     ("MLP 30 x Linear(16,16)", "mlp30x16", 32, 0, 0),
     ("MLP 6 x 512", "mlp6x512", 256, 0, 0),
@@ -41,33 +48,44 @@ GPU_WORKLOADS = [
 ]
 
 
-def agreement(factory, x, y, loss_fn, device) -> float:
-    """Max difference of `.grad`, relative to the largest gradient entry, (one backward, same weights and batch) between the compiled
-    BK step and the eager one: rounding only (the tests check both against the reference in float64)."""
-    import bkfx
+def base_of(method: str) -> str:
+    """The non-private step a method's ratio is taken to: the equally compiled one."""
+    return "non-private compiled" if method in run.COMPILED_METHODS else "non-private"
 
-    grads = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = factory().to(device)
-        dp = bkfx.compile(model, max_grad_norm=run.R)
-        if compiled:
-            dp.compile(mode=run.COMPILE["mode"])
-        loss_fn(dp(x.to(device)), y.to(device)).backward()
-        grads.append([p.grad.float() for p in model.parameters() if p.grad is not None])
-    scale = max(b.abs().max().item() for b in grads[0])  # over all parameters: some are ~0 (attention key biases)
-    return max((a - b).abs().max().item() for a, b in zip(*grads)) / scale
+
+def agreement(methods, factory, x, y, loss_fn, device) -> dict:
+    """Per compiled bkfx method of `methods`, the max difference of `.grad` from the eager BK
+    step's, relative to the largest gradient entry (one backward, same weights and batch):
+    rounding only (the tests check each against the reference in float64). Where one fails, why."""
+
+    def grads(method):
+        trainer = run.Trainer(method, factory, x, y, loss_fn, device)
+        trainer.backward()
+        return [p.grad.float() for p in trainer.model.parameters() if p.grad is not None]
+
+    checked = [m for m in methods if m in COMPILED_BKFX]
+    if not checked:
+        return {}
+    eager = grads("bkfx")
+    scale = max(g.abs().max().item() for g in eager)  # over all parameters: some are ~0 (attention key biases)
+    out = {}
+    for method in checked:
+        try:
+            out[method] = max((a - b).abs().max().item() for a, b in zip(grads(method), eager)) / scale
+        except Exception as e:  # reported with the timings (the traceback on stderr)
+            traceback.print_exc(limit=-12)
+            out[method] = run.first_line(e)
+    return out
 
 
 def measure(label, model, batch, seq, vocab, args) -> dict:
     factory, x, y, loss_fn = workload(model, batch, seq or 128, vocab or 50257)
+    run.fresh_dynamo()
     try:
-        agree = agreement(factory, x, y, loss_fn, args.device)
-    except Exception as e:  # reported with the timings (the traceback on stderr)
-        import traceback
-
+        agree = agreement(args.methods, factory, x, y, loss_fn, args.device)
+    except Exception as e:  # the eager step failed: reported with the timings (the traceback on stderr)
         traceback.print_exc(limit=-12)
-        agree = run.first_line(e)
+        agree = dict.fromkeys([m for m in args.methods if m in COMPILED_BKFX], run.first_line(e))
     trainers, first, failed = {}, {}, {}
     for method in args.methods:
         try:
@@ -82,15 +100,17 @@ def measure(label, model, batch, seq, vocab, args) -> dict:
             failed[method] = run.first_line(e)
     timed = run.time_trainers(trainers, args.device, args.warmup, args.steps, split=True)
     failed.update(timed["failed"])
+    for method, t in trainers.items():  # a compiled step that could not be built ran the eager one
+        why = getattr(t.forward, "compiled_step_failure", None)
+        if why:
+            failed[method] = f"ran the eager BK step: {why}"
     out = {"label": label, "model": model, "batch": batch, "seq": seq, "median_s": timed["median_s"],
            "forward_backward_s": timed["forward_backward_s"],
-           "first_step_s": first, "failed": failed, "compiled_vs_eager_grad": agree}
-    m = out["median_s"]
-    print(f"[{label}] batch {batch}; compiled vs eager bkfx .grad: max difference / max |grad| {agree}", flush=True)
+           "first_step_s": first, "failed": failed, "grad_vs_eager": agree}
+    m, fbs = out["median_s"], out["forward_backward_s"]
+    print(f"[{label}] batch {batch}; .grad vs the eager bkfx step, max difference / max |grad|: {agree}", flush=True)
     for method, s in m.items():
-        base = m.get("non-private compiled" if method.endswith("compiled") else "non-private")
-        fb = out["forward_backward_s"].get(method)
-        fb_base = out["forward_backward_s"].get("non-private compiled" if method.endswith("compiled") else "non-private")
+        base, fb, fb_base = m.get(base_of(method)), fbs.get(method), fbs.get(base_of(method))
         print(f"  {method:22s} {s * 1e3:9.2f} ms  {s / base if base else float('nan'):5.2f}x its non-private  "
               f"(forward+backward {fb * 1e3:.2f} ms, {fb / fb_base if fb_base else float('nan'):.2f}x)  "
               f"first step {first[method]:7.2f} s", flush=True)
@@ -100,36 +120,38 @@ def measure(label, model, batch, seq, vocab, args) -> dict:
 
 
 def markdown(results: dict) -> str:
+    methods = results["methods"]
+    ratios = [m for m in methods if m not in BASES and base_of(m) in methods]
+    bold = [m for m in ratios if m in run.COMPILED_METHODS]  # the ratios that matter
+    firsts = [m for m in methods if m in run.COMPILED_METHODS]
+    checked = [m for m in methods if m in COMPILED_BKFX]
+    header = (["workload", "batch"] + [f"{m} (ms)" for m in methods]
+              + [f"**{m} / {base_of(m)}**" if m in bold else f"{m} / {base_of(m)}" for m in ratios]
+              + [f"forward+backward only: {m} / {base_of(m)}" for m in bold]
+              + [f"first step (s): {' / '.join(firsts)}"] * bool(firsts)
+              + [f".grad vs eager bkfx: {' / '.join(checked)}"] * bool(checked))
     lines = [
         f"Machine: {results['machine']}; torch {results['torch']}; compile mode {results['mode']}; "
         f"median of {results['steps']} steps after {results['warmup']} warm-up.\n",
         f"Command: `{results['command']}`\n",
-        "| workload | batch | non-private (ms) | non-private compiled (ms) | bkfx (ms) | bkfx compiled (ms) "
-        "| bkfx / non-private | **bkfx compiled / non-private compiled** | forward+backward only: compiled ratio "
-        "| first step: np compiled / bkfx compiled (s) | .grad compiled vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for w in results["workloads"]:
-        m, f = w["median_s"], w["first_step_s"]
-        ms = lambda k: f"{m[k] * 1e3:.2f}" if k in m else "failed"  # noqa: E731
-        ratio = lambda a, b: f"{m[a] / m[b]:.2f}x" if a in m and b in m else "-"  # noqa: E731
-        firsts = " / ".join(f"{f[k]:.1f}" if k in f else "-" for k in ("non-private compiled", "bkfx compiled"))
-        lines.append(f"| {w['label']} | {w['batch']} | {ms('non-private')} | {ms('non-private compiled')} | {ms('bkfx')} "
-                     f"| {ms('bkfx compiled')} | {ratio('bkfx', 'non-private')} "
-                     f"| **{ratio('bkfx compiled', 'non-private compiled')}** | {fb_ratio(w)} | {firsts} | {_agree(w)} |")
+        m, fb, f = w["median_s"], w["forward_backward_s"], w["first_step_s"]
+        ratio = lambda t, a: f"{t[a] / t[base_of(a)]:.2f}x" if a in t and base_of(a) in t else "-"  # noqa: E731
+        cells = ([w["label"], str(w["batch"])] + [f"{m[k] * 1e3:.2f}" if k in m else "failed" for k in methods]
+                 + [f"**{ratio(m, k)}**" if k in bold else ratio(m, k) for k in ratios]
+                 + [ratio(fb, k) for k in bold]
+                 + [" / ".join(f"{f[k]:.1f}" if k in f else "-" for k in firsts)] * bool(firsts)
+                 + [" / ".join(_agree(w["grad_vs_eager"][k]) for k in checked)] * bool(checked))
+        lines.append("| " + " | ".join(cells) + " |")
         for k, why in w["failed"].items():
-            lines.append(f"| {w['label']} | {w['batch']} | {k} failed: {why} | | | | | | | | |")
+            lines.append(f"| {w['label']} | {w['batch']} | {k} failed: {why} |" + " |" * (len(header) - 3))
     return "\n".join(lines) + "\n"
 
 
-def fb_ratio(w) -> str:
-    fb = w.get("forward_backward_s", {})
-    a, b = fb.get("bkfx compiled"), fb.get("non-private compiled")
-    return f"{a / b:.2f}x" if a and b else "-"
-
-
-def _agree(w) -> str:
-    a = w["compiled_vs_eager_grad"]
+def _agree(a) -> str:
     return f"{a:.1e}" if isinstance(a, float) else f"failed: {a}"
 
 
@@ -155,7 +177,8 @@ def main():
     if args.batch:
         workloads = [(label, m, args.batch, seq, vocab) for label, m, _, seq, vocab in workloads]
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    results = {"machine": machine, "torch": torch.__version__, "mode": args.compile_mode, "steps": args.steps,
+    results = {"machine": machine, "torch": torch.__version__, "mode": args.compile_mode, "methods": args.methods,
+               "steps": args.steps,
                "warmup": args.warmup, "command": " ".join(["python benchmarks/compiled.py"] + sys.argv[1:]),
                "workloads": [measure(*w, args) for w in workloads]}
     os.makedirs(args.out, exist_ok=True)
