@@ -33,6 +33,7 @@ with what to do instead.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -273,13 +274,13 @@ def _embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_gra
     flat = indices.reshape(-1)
     if padding_idx >= 0:
         rows = rows * (flat != padding_idx).unsqueeze(-1).to(rows.dtype)
-    return torch.ops.aten.index_put(_zeros_like_sample(grad, [num_weights, grad.shape[-1]]), [flat], rows, True)
+    return torch.ops.aten.index_put(_fresh_zeros(rows, [num_weights, grad.shape[-1]]), [flat], rows, True)
 
 
 def _index_add(self, dim, index, source, alpha=1):
     dim = dim % max(self.dim(), 1)
-    return torch.ops.aten.index_put(self, [None] * dim + [index.reshape(-1)], source * alpha if alpha != 1 else source,
-                                    True)
+    return torch.ops.aten.index_put(self + _fresh_zeros(source, self.shape), [None] * dim + [index.reshape(-1)],
+                                    source * alpha if alpha != 1 else source, True)
 
 
 def _slice_backward(grad, input_sizes, dim, start, end, step):
@@ -291,7 +292,7 @@ def _slice_backward(grad, input_sizes, dim, start, end, step):
     end = max(start, min(end, size))
     if step != 1:
         index = torch.arange(start, end, step, device=grad.device)
-        return torch.ops.aten.index_put(_zeros_like_sample(grad, input_sizes), [None] * dim + [index], grad)
+        return torch.ops.aten.index_put(_fresh_zeros(grad, input_sizes), [None] * dim + [index], grad)
     # zeros on both sides of the slice: a pad of the batched gradient (`cat` with unbatched zeros
     # reads the batch size)
     return torch.nn.functional.pad(grad, [0, 0] * (len(input_sizes) - 1 - dim) + [start, size - end])
@@ -302,10 +303,18 @@ def _index_select(self, dim, index):
     return torch.ops.aten.index(self, [None] * dim + [index.reshape(-1)])
 
 
-def _zeros_like_sample(grad, sizes):
-    """Zeros of one sample's `sizes` (a factory: `new_zeros` of the batched tensor reads its
-    concrete sizes)."""
-    return torch.zeros(sizes, dtype=grad.dtype, device=grad.device)
+def _fresh_zeros(like, sizes):
+    """Zeros of one sample's `sizes` for every sample of `like`'s batch, each in memory of its own.
+
+    Made from `like` (a batched tensor), not by a factory: `new_zeros` of a batched tensor reads
+    its concrete batch size, and a factory's unbatched zeros would be expanded over the batch by
+    `index_put`'s batching rule: one row of memory for every sample, which inductor's in-place
+    accumulation then sums over the samples."""
+    count = math.prod(sizes)
+    if like.numel() == 0 or count == 0:
+        return torch.zeros(sizes, dtype=like.dtype, device=like.device)
+    seed = torch.zeros_like(like).reshape(-1)[:1]  # one zero per sample
+    return torch.nn.functional.pad(seed, [0, count - 1]).reshape(sizes)
 
 
 def _decompositions() -> dict:

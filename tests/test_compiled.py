@@ -422,11 +422,12 @@ class IndexedParameters(nn.Module):
         return self.head(torch.tanh(h + self.embed(ids))).mean(1)
 
 
-@pytest.mark.parametrize("model_name", ["indexed", "gpt2"])
-def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_name):
+@pytest.mark.parametrize("model_name, backend", [("indexed", "aot_eager"), ("indexed", "inductor"), ("gpt2", "aot_eager")])
+def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_name, backend):
     """The pull-back through indexing backward ops (`vmap` in the ledger) keeps the batch size
     symbolic (`bkfx.compiled._symbolic_batch_rules`): one trace for every batch size, GPT-2's
-    position embedding included; the gradients equal the eager step's."""
+    position embedding included; the gradients equal the eager step's, with inductor too (its
+    in-place accumulation once summed the samples of zeros shared over the batch)."""
     torch.manual_seed(11)
     if model_name == "gpt2":
         from test_gpt2 import VOCAB, gpt2
@@ -442,7 +443,7 @@ def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_na
         make = lambda B: (torch.randn(B, 5, 4, dtype=torch.float64), torch.randint(0, 6, (B, 5)))  # noqa: E731
         loss = loss_of()
         targets = lambda inputs: torch.randint(0, 3, (inputs[0].shape[0],))  # noqa: E731
-    eager, compiled = eager_and_compiled(model, max_grad_norm=0.2)
+    eager, compiled = eager_and_compiled(model, step={"backend": backend}, max_grad_norm=0.2)
     for B in (3, 5, 2):
         inputs = make(B)
         y = targets(inputs)
