@@ -137,8 +137,7 @@ class DPModel(nn.Module):
         self._last_program: compiled_step.Program | None = None
         self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
         self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
-        self._operator_handle = compile_operator.register(self)  # torch.compile: the model as `bkfx::forward`
-        self._anchor = torch.zeros((), requires_grad=True)  # makes `bkfx::forward`'s outputs require grad
+        self._anchor = compile_operator.register(self)  # torch.compile: the model as `bkfx::forward` (bkfx.operator)
         self._track_parameters()
 
     def _track_parameters(self) -> None:
@@ -151,6 +150,7 @@ class DPModel(nn.Module):
         groups = groups_for(self._style, list(self._params))
         self._clip.groups, self._clip.thresholds = groups, _thresholds(self._max_grad_norm, groups)
         self._guard = ModelGuard(model)
+        self._architecture = compile_operator.architecture_key(model)  # torch.compile guards on it
         self._captures: dict[tuple, Compiled] = {}
         self._last: Compiled | None = None
 
@@ -174,7 +174,7 @@ class DPModel(nn.Module):
     # compiles itself, while the code around the model (the loss) is compiled by torch.compile.
     def forward(self, *args, **kwargs):
         if torch.compiler.is_dynamo_compiling():
-            return compile_operator.call(self, self._operator_handle, self._anchor, args, kwargs)
+            return compile_operator.call(self, self._anchor, args, kwargs)
         return self._forward(args, kwargs, compiled_step.StepOptions() if torch.compiler.is_compiling() else None)
 
     def step_options_under_compile(self, cuda_graphs: bool) -> compiled_step.StepOptions:

@@ -30,11 +30,13 @@ call, and a late backward through it is refused.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 import torch.utils._pytree as pytree
 
@@ -67,13 +69,15 @@ class _Call:
     """One call site as dynamo traced it: which model, the inputs' structure with the
     non-tensor values, what the outputs look like, and the state the call runs under."""
 
-    model: int
+    architecture: int  # `architecture_key` of the models the call serves
     in_spec: object
     leaves: list  # the flat inputs: _INPUT / _GRAD_INPUT where a tensor goes, the value otherwise
     grad: bool  # whether autograd records the call (torch.no_grad: no ticket, no backward)
     autocast: AutocastState  # as the call was traced (the operator's implementations run with autocast off)
     outputs: tuple | None = None  # `_describe` of the output structure, set by the fake implementation
     cuda_graphs: bool = False  # inductor was asked for CUDA graphs (mode="reduce-overhead")
+    traced: tuple | None = None  # (input size symbols -> (input, dim), outputs' (shape, dtype, device)) as traced
+    expected: dict = field(default_factory=dict)  # the inputs' shapes -> the outputs' (shape, dtype, device)
 
     @property
     def wants_grad(self) -> list[int]:
@@ -93,24 +97,39 @@ class _Kept:
 
     outputs: list
     inputs: list
-    superseded: bool = False
 
 
 @dataclass
 class _ModelState:
     model: weakref.ref
-    kept: dict = field(default_factory=dict)  # ticket -> _Kept
+    kept: dict = field(default_factory=dict)  # ticket -> _Kept: calls whose backward may come
+    superseded: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))  # recent tickets dropped
 
 
-def register(model) -> int:
-    """A handle for `model` (a DPModel) that dynamo passes to the operator as a constant."""
+def register(model) -> torch.Tensor:
+    """The anchor of `model` (a DPModel): the operator's first input, by which it finds the model
+    at run time. The compiled graph does not hold the model itself, so that every DP model of
+    one architecture runs through the same graph (dynamo guards on `architecture_key`)."""
     handle = next(_model_ids)
     _models[handle] = _ModelState(weakref.ref(model))
     weakref.finalize(model, _models.pop, handle, None)
-    return handle
+    anchor = torch.zeros((), requires_grad=True)
+    anchor._bkfx_model = handle
+    return anchor
 
 
-def call(model, handle: int, anchor: torch.Tensor, args: tuple, kwargs: dict):
+def architecture_key(model: torch.nn.Module) -> int:
+    """What decides a model's outputs' structure, shapes and dtypes besides its inputs: every
+    submodule's class, every parameter's and buffer's name, shape, dtype, device and whether it
+    is trained (the operator also checks each call's outputs against its trace)."""
+    return hash((
+        tuple((name, type(m).__module__, type(m).__qualname__) for name, m in model.named_modules()),
+        tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()),
+        tuple((n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers()),
+    ))
+
+
+def call(model, anchor: torch.Tensor, args: tuple, kwargs: dict):
     """`model(*args, **kwargs)` as dynamo traces it: one `bkfx::forward` call."""
     if not torch.compiler.is_dynamo_compiling():  # dynamo gave the call up (a graph break in it): run it as is
         return model._forward(args, kwargs, model.step_options_under_compile(False))
@@ -119,16 +138,16 @@ def call(model, handle: int, anchor: torch.Tensor, args: tuple, kwargs: dict):
     skeleton = pytree.tree_map(
         lambda x: (_GRAD_INPUT if x.requires_grad else _INPUT) if isinstance(x, torch.Tensor) else x, (args, kwargs))
     autocast = tuple((d, torch.get_autocast_dtype(d)) for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d))
-    site = _call_site(handle, skeleton, torch.is_grad_enabled(), autocast)
+    site = _call_site(model._architecture, skeleton, torch.is_grad_enabled(), autocast)
     outs = torch.ops.bkfx.forward(site, [anchor] + tensors)
     return _build(_outputs_of(site), iter(outs[:-1]))
 
 
 @torch._dynamo.assume_constant_result
-def _call_site(handle: int, skeleton, grad: bool, autocast: tuple) -> int:
+def _call_site(architecture: int, skeleton, grad: bool, autocast: tuple) -> int:
     leaves, spec = pytree.tree_flatten(skeleton)
     site = next(_call_ids)
-    _calls[site] = _Call(handle, spec, leaves, grad, AutocastState(autocast))
+    _calls[site] = _Call(architecture, spec, leaves, grad, AutocastState(autocast))
     return site
 
 
@@ -183,18 +202,28 @@ def _top_level(autocast: AutocastState):
         yield
 
 
-def _model(call_: _Call):
-    state = _models.get(call_.model)
+def _model_of(anchor: torch.Tensor):
+    """The DP model an anchor belongs to, with its operator state."""
+    state = _models.get(getattr(anchor, "_bkfx_model", None))
     model = state.model() if state is not None else None
     if model is None:
         raise BkfxError("a compiled graph called a DP model that no longer exists; compile the new model again")
     return state, model
 
 
+def _template(call_: _Call):
+    """A live DP model of the call's architecture, for the fake implementation's shapes."""
+    for state in reversed(list(_models.values())):
+        model = state.model()
+        if model is not None and model._architecture == call_.architecture:
+            return model
+    raise BkfxError("torch.compile traced a DP model that no longer exists; compile the new model again")
+
+
 @torch.library.custom_op("bkfx::forward", mutates_args=(), tags=_TAGS)
 def _forward(site: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     call_ = _calls[site]
-    state, model = _model(call_)
+    state, model = _model_of(tensors[0])
     wants = set(call_.wants_grad)
     with _top_level(call_.autocast):
         inputs = [x.detach().requires_grad_() if k in wants else x for k, x in enumerate(tensors[1:])]
@@ -206,8 +235,9 @@ def _forward(site: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             with torch.no_grad():
                 out = model._forward(args, kwargs, options)
     tensors_out = _flat_outputs(call_, out)
-    for kept in state.kept.values():
-        kept.superseded, kept.outputs, kept.inputs = True, None, None  # its backward did not come before this call
+    _check_outputs(call_, tensors, tensors_out)
+    state.superseded.extend(state.kept)  # their backward did not come before this call: dropped
+    state.kept.clear()
     ticket = 0
     if call_.grad:
         ticket = next(_tickets)
@@ -234,18 +264,65 @@ def _detached(outs: list, inputs: list) -> list:
 @_forward.register_fake
 def _(site: int, tensors):
     call_ = _calls[site]
-    _, model = _model(call_)
     call_.cuda_graphs = call_.cuda_graphs or _asks_for_cuda_graphs()
     fake_mode = torch._guards.detect_fake_mode(tensors)
-    module = model.module
+    module = _template(call_).module
     state = {n: fake_mode.from_tensor(t, static_shapes=True)
              for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
     args, kwargs = call_.unflatten(tensors[1:])
     with torch.no_grad(), call_.autocast.apply():
         out = torch.func.functional_call(module, state, args, kwargs, tie_weights=False)
-    outs = _flat_outputs(call_, out)
-    return [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in outs] + \
-        [torch.empty((), dtype=torch.int64)]
+    outs = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in _flat_outputs(call_, out)]
+    call_.traced, call_.expected = (_size_symbols(tensors), [(_sizes(o), o.dtype, o.device) for o in outs]), {}
+    return outs + [torch.empty((), dtype=torch.int64)]
+
+
+def _size_symbols(tensors) -> dict:
+    """Each input size that is a symbol of the trace -> (input, dimension)."""
+    out = {}
+    for k, t in enumerate(tensors):
+        for d, size in enumerate(t.shape):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                out.setdefault(size.node.expr, (k, d))
+    return out
+
+
+def _sizes(t) -> tuple:
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in t.shape)
+
+
+def _check_outputs(call_: _Call, inputs: list, outs: list) -> None:
+    """The outputs are what the trace promised the compiled graph (it reads them as laid out then):
+    shapes at these input sizes, dtypes, devices. A model changed after the trace (a dtype, a
+    size-deciding attribute) or one that runs differently on fake tensors is refused."""
+    if call_.traced is None:
+        return
+    key = tuple(tuple(t.shape) for t in inputs)
+    expected = call_.expected.get(key)
+    if expected is None:
+        symbols, traced = call_.traced
+        values = {sym: sympy.Integer(inputs[k].shape[d]) for sym, (k, d) in symbols.items()}
+        expected = call_.expected[key] = [
+            (tuple(_value(s, values) for s in shape), dtype, device) for shape, dtype, device in traced]
+    for k, (o, (shape, dtype, device)) in enumerate(zip(outs, expected)):
+        if o.dtype != dtype or o.device != device or len(o.shape) != len(shape) or any(
+                want is not None and got != want for got, want in zip(o.shape, shape)):
+            raise BkfxError(
+                f"the DP model's output {k} is {tuple(o.shape)} {o.dtype} on {o.device}, but torch.compile traced "
+                f"{tuple('?' if w is None else w for w in shape)} {dtype} on {device} for this call: the model "
+                "changed after torch.compile traced it (a dtype, a device, an attribute that decides a size), or it "
+                "runs differently on fake tensors\n  what to do: call it again (a change to the model's parameters or "
+                "modules is traced anew), or torch._dynamo.reset() after changing anything else the model's outputs "
+                "depend on"
+            )
+
+
+def _value(size, values: dict):
+    """A traced size at these input sizes (None: not decided by them)."""
+    if isinstance(size, int):
+        return size
+    value = size.xreplace(values)
+    return int(value) if value.is_number else None
 
 
 def _asks_for_cuda_graphs() -> bool:
@@ -289,13 +366,13 @@ def _flat_outputs(call_: _Call, out) -> list:
 @torch.library.custom_op("bkfx::backward", mutates_args=(), tags=_TAGS)
 def _backward(site: int, ticket: torch.Tensor, grads: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     call_ = _calls[site]
-    state, _ = _model(call_)
+    state, _ = _model_of(inputs[0])
     key = int(ticket)
     kept = state.kept.get(key)
-    if kept is None or kept.superseded:
+    if kept is None:
         raise BkfxError(
             "backward through a compiled DP model call whose graph is gone: "
-            + ("another forward call of the model came before this call's backward" if kept is not None else
+            + ("another forward call of the model came before this call's backward" if key in state.superseded else
                "its backward already ran (call backward(retain_graph=True) the first time to run it twice)")
             + "\n  what to do: under torch.compile, call backward() after each forward call of the DP model "
             "(gradient accumulation works), and run forward calls that are not trained on under torch.no_grad()"
