@@ -20,9 +20,13 @@ graph, with no graph break:
   an eager step, and the inputs' gradients are returned to the outer graph.
 
 The parameters are not the operator's inputs (they are written by the inner backward, not by
-the outer graph's). A scalar "anchor" tensor that requires grad is: it makes the outputs
-require grad and keeps `bkfx::backward` in the compiled backward (its gradient is a zero).
-The operator is tagged `cudagraph_unsafe`, so that inductor's CUDA graphs never record it.
+the outer graph's). The model's "anchor", a scalar tensor that requires grad, is: it makes the
+outputs require grad, keeps `bkfx::backward` in the compiled backward (its gradient is a
+zero), and tells the operator which DP model it runs. The graph holds no model: dynamo guards
+on the model's architecture (`architecture_key`), so every DP model of one architecture runs
+through one graph, and each call's outputs are checked against the shapes, dtypes and devices
+the graph was traced for. The operator is tagged `cudagraph_unsafe`, so that inductor's CUDA
+graphs never record it.
 
 Each forward call is followed by its backward before the next forward call (gradient
 accumulation works); the graph of a call whose backward has not run is dropped at the next
