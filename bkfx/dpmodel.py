@@ -271,7 +271,7 @@ class DPModel(nn.Module):
         if self._open is not None and self._open.awaiting_backward():
             raise BkfxError(
                 f"the model changed ({change}) between a forward call and its backward pass\n"
-                "  what to do: change parameters, requires_grad, submodules, dtypes or devices between steps, "
+                "  what to do: change parameters, requires_grad, submodules, dtypes, devices or attributes between steps, "
                 "after backward()"
             )
         try:

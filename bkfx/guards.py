@@ -1,14 +1,18 @@
 """Guards: what a capture assumed about the model, checked cheaply on every call.
 
 A capture is valid for the modules, parameters and buffers it saw: their identity, each
-parameter's `requires_grad`, every tensor's dtype and device, and each module's training
-flag. `ModelGuard.check()` compares the model's present state with the snapshot taken
+parameter's `requires_grad`, every tensor's dtype and device, each module's training flag,
+and the plain Python attributes the forward may read (numbers, strings, flags and tuples of
+them on every module and on a Hugging Face config): the capture bakes them in, so a slice
+length or a dropout rate changed afterwards would otherwise be ignored. `ModelGuard.check()` compares the model's present state with the snapshot taken
 at capture (object identities are held, so an id cannot be reused by a new object), like
 torch.compile's guards: a change means the capture is stale (a replaced submodule would
 keep running the old weights; a parameter unfrozen after capture would get its plain,
 unclipped gradient), so the compiled model captures again.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -27,6 +31,37 @@ def _state(modules: list) -> tuple[tuple, tuple]:
     return tuple(out), tuple(modes)
 
 
+_PLAIN = (bool, int, float, str, type(None))
+_MISSING = object()
+
+
+def _plain(value) -> bool:
+    return type(value) in _PLAIN or (type(value) is tuple and all(type(v) in _PLAIN for v in value))
+
+
+def _attributes(model: torch.nn.Module) -> list[tuple[str, object, str]]:
+    """(what to call it, object, attribute) for every plain attribute of the model's modules and
+    of the configs they hold (an object with `to_json_string`, as Hugging Face's)."""
+    out, configs = [], {}
+    for prefix, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key == "training":  # the modes: a capture per combination, not a change
+                continue
+            if _plain(value):
+                out.append((f"{prefix}.{key}" if prefix else key, module, key))
+            elif hasattr(type(value), "to_json_string") and id(value) not in configs:
+                configs[id(value)] = (f"{prefix}.{key}" if prefix else key, value)
+    for label, config in configs.values():
+        out.extend((f"{label}.{key}", config, key) for key, value in vars(config).items() if _plain(value))
+    return out
+
+
+def _values(attributes) -> tuple:
+    """The attributes' present values (a loop in C: hundreds of them on a Hugging Face model)."""
+    return tuple(map(dict.get, [vars(obj) for _, obj, _ in attributes], [key for _, _, key in attributes],
+                     itertools.repeat(_MISSING)))
+
+
 class ModelGuard:
     """A snapshot of `model`'s module tree, parameters and buffers."""
 
@@ -38,12 +73,18 @@ class ModelGuard:
         self._flags = {n: p.requires_grad for n, p in self._params.items()}
         self._modules = list(model.modules())
         self._state, _ = _state(self._modules)
+        self._attributes = _attributes(model)
+        self._values = _values(self._attributes)
+        # their objects' __dict__s and names, read on every call
+        self._dicts = [vars(obj) for _, obj, _ in self._attributes]
+        self._keys = [key for _, _, key in self._attributes]
 
     def check(self) -> tuple | None:
         """None when the model's tree, parameters or buffers changed; else every module's
         training flag (a capture is made per combination of modes, like per input signature)."""
         state, modes = _state(self._modules)
-        return modes if state == self._state else None
+        same = tuple(map(dict.get, self._dicts, self._keys, itertools.repeat(_MISSING))) == self._values
+        return modes if state == self._state and same else None
 
     def describe_change(self) -> str:
         """What differs from the snapshot, in words."""
@@ -55,4 +96,7 @@ class ModelGuard:
                 lines.append(f"parameter {name} was {'added' if a is None else 'removed' if b is None else 'replaced'}")
             elif b.requires_grad != self._flags[name]:
                 lines.append(f"parameter {name} now has requires_grad={b.requires_grad}")
+        for (label, _, _), was, now in zip(self._attributes, self._values, _values(self._attributes)):
+            if was is not now and was != now:
+                lines.append(f"attribute {label} was {was!r}, now {'deleted' if now is _MISSING else repr(now)}")
         return "; ".join(lines) or "a module, buffer, dtype, device or training flag changed"

@@ -270,6 +270,54 @@ def test_a_dtype_change_recaptures():
     _check_step(dp, model, x, y, 0.05)
 
 
+class _Attributes(nn.Module):
+    """A forward that reads plain attributes: a slice length, a scale, a dropout rate."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.keep, self.scale = nn.Linear(D, 4), 3, 2.0
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.fc(x))[:, :self.keep] * self.scale
+
+
+def test_a_changed_attribute_recaptures():
+    """The capture bakes in the attributes the forward reads; changing one afterwards (a slice
+    length, a scale, a dropout rate, a Hugging Face config flag) captures again instead of
+    running the old values."""
+    torch.manual_seed(6)
+    model = _Attributes().double()
+    dp = bkfx.compile(model, max_grad_norm=0.05)
+    x, y = torch.randn(4, D, dtype=torch.float64), torch.randint(0, 2, (4,))
+    for change in (lambda: setattr(model, "keep", 2), lambda: setattr(model, "scale", 5.0)):
+        change()
+        assert torch.equal(dp(x), model(x))
+        _check_step(dp, model, x, y, 0.05)
+    model.drop.p = 1.0  # everything dropped: the output is zero
+    assert torch.equal(dp(x), torch.zeros(4, 2, dtype=torch.float64))
+    assert dp.capture_count == 1  # each change recaptured (the count is since the last change)
+    out = dp(x)
+    model.keep = 1
+    with pytest.raises(bkfx.BkfxError, match="attribute keep was 2, now 1"):
+        dp(x)  # between a forward and its backward
+    del out
+
+
+def test_a_changed_hugging_face_config_flag_recaptures():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=8, num_labels=3)
+    torch.manual_seed(7)
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    dp = bkfx.compile(model)
+    ids = torch.randint(0, 30, (3, 6))
+    with torch.no_grad():
+        assert dp(input_ids=ids).hidden_states is None
+        model.config.output_hidden_states = True
+        assert len(dp(input_ids=ids).hidden_states) == 2
+
+
 def test_a_change_between_forward_and_backward_is_refused():
     model = _fresh(4)
     dp = bkfx.compile(model)
