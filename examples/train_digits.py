@@ -3,6 +3,7 @@
     python examples/train_digits.py                        # ε = 3, δ = 1e-5, 30 epochs
     python examples/train_digits.py --target-epsilon 1     # more noise, lower accuracy
     python examples/train_digits.py --style layer-wise --clipping automatic
+    python examples/train_digits.py --compile              # forward+loss under torch.compile(fullgraph=True)
     torchrun --nproc_per_node 2 examples/train_digits.py --distributed   # data parallel, same ε
     torchrun --nproc_per_node 2 examples/train_digits.py --distributed --fsdp   # parameters sharded (FSDP2)
 
@@ -104,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--plot", default=None, help="where to save the plot (default examples/results/digits_eps<ε>.png)")
     ap.add_argument("--distributed", action="store_true", help="data parallel over torchrun's processes (gloo)")
     ap.add_argument("--fsdp", action="store_true", help="with --distributed: shard the model with FSDP2's fully_shard")
+    ap.add_argument("--compile", action="store_true",
+                    help="forward and loss as one torch.compile(fullgraph=True) graph, bkfx's BK step compiled inside")
     args = ap.parse_args(argv)
 
     if args.distributed:  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
@@ -142,9 +145,14 @@ def main(argv=None):
     curve = []
     progress = tqdm(total=args.epochs * len(loader) if hasattr(loader, "__len__") else None, unit="step",
                     dynamic_ncols=True, disable=not lead)
+    def forward_and_loss(x, y):
+        return F.cross_entropy(dp_model(x), y)
+
+    if args.compile:  # one graph for every (Poisson-drawn) batch size
+        forward_and_loss = torch.compile(forward_and_loss, fullgraph=True, dynamic=True)
     for epoch in range(1, args.epochs + 1):
         for x, y in loader:
-            loss = F.cross_entropy(dp_model(x), y)
+            loss = forward_and_loss(x, y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
