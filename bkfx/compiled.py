@@ -200,7 +200,10 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
                       grad_primals=[j for j, _ in grads])
         return [t.detach() for t in tensors] + [g for _, g in grads] + norms
 
-    with fake_mode, torch.no_grad():
+    # the python dispatcher as in the trace below: composite ops (matmul) run their Python forms, which
+    # keep the batch size symbolic (torch 2.11's C++ matmul reads a 3-d input's element count as an
+    # integer when the other operand takes no gradient, as a site's detached weight)
+    with enable_python_dispatcher(), fake_mode, torch.no_grad(), _symbolic_kernels():
         outs = [o for o in pytree.tree_leaves(call(primals[:n_state], primals[n_state:])) if isinstance(o, torch.Tensor)]
         tangents = [torch.empty_like(o) if o.is_floating_point() else torch.empty_like(o, dtype=torch.float32) for o in outs]
     functional = None
@@ -209,7 +212,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         return functional(primals, tangents)
 
     # as AOTAutograd traces: factories (arange) fake too, symbolic sizes through composite ops
-    with enable_python_dispatcher(), fake_mode, _symbolic_batch_rules():
+    with enable_python_dispatcher(), fake_mode, _symbolic_kernels():
         traced = make_fx(joint, decomposition_table=_decompositions())(primals, tangents)
         functional = torch.func.functionalize(traced, remove="mutations")
         joint_gm = make_fx(joint_functional, decomposition_table=_decompositions())(primals, tangents)
@@ -238,7 +241,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
 
 
 @contextlib.contextmanager
-def _symbolic_batch_rules():
+def _symbolic_kernels():
     """While bkfx traces: `vmap` batching rules that keep the batch size symbolic for the
     backward ops of indexing (`embedding_dense_backward`, `index_add`, `slice_backward`,
     `index_select`).
@@ -261,7 +264,7 @@ def _symbolic_batch_rules():
     try:
         yield
     finally:
-        library._destroy()  # torch's own rules again
+        library._destroy()  # torch's own kernels again
 
 
 def _embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):

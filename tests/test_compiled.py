@@ -425,7 +425,7 @@ class IndexedParameters(nn.Module):
 @pytest.mark.parametrize("model_name, backend", [("indexed", "aot_eager"), ("indexed", "inductor"), ("gpt2", "aot_eager")])
 def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_name, backend):
     """The pull-back through indexing backward ops (`vmap` in the ledger) keeps the batch size
-    symbolic (`bkfx.compiled._symbolic_batch_rules`): one trace for every batch size, GPT-2's
+    symbolic (`bkfx.compiled._symbolic_kernels`): one trace for every batch size, GPT-2's
     position embedding included; the gradients equal the eager step's, with inductor too (its
     in-place accumulation once summed the samples of zeros shared over the batch)."""
     torch.manual_seed(11)
@@ -456,12 +456,12 @@ def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_na
     assert program.guards == [] or all(program.admits(b) for b in (2, 3, 5, 64))
 
 
-def test_symbolic_batch_rules_equal_torchs_own():
-    """The batching rules bkfx uses while tracing (`_symbolic_batch_rules`) give exactly what
+def test_symbolic_kernels_equal_torchs_own():
+    """The batching rules bkfx uses while tracing (`_symbolic_kernels`) give exactly what
     torch's own give, on every case of the ops they replace."""
     from torch.func import vjp, vmap
 
-    from bkfx.compiled import _symbolic_batch_rules
+    from bkfx.compiled import _symbolic_kernels
 
     torch.manual_seed(12)
     w = torch.randn(10, 4, dtype=torch.float64)
@@ -480,7 +480,7 @@ def test_symbolic_batch_rules_equal_torchs_own():
         out, pullback = vjp(chain, w)
         G = torch.randn(3, *out.shape, dtype=torch.float64)
         (want,) = vmap(pullback)(G)
-        with _symbolic_batch_rules():
+        with _symbolic_kernels():
             (got,) = vmap(pullback)(G)
         assert torch.equal(got, want), k
         (again,) = vmap(pullback)(G)  # torch's own rules again after the trace
