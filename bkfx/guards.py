@@ -39,7 +39,7 @@ def _plain(value) -> bool:
     return type(value) in _PLAIN or (type(value) is tuple and all(type(v) in _PLAIN for v in value))
 
 
-def _attributes(model: torch.nn.Module) -> list[tuple[str, object, str]]:
+def plain_attributes(model: torch.nn.Module) -> list[tuple[str, object, str]]:
     """(what to call it, object, attribute) for every plain attribute of the model's modules and
     of the configs they hold (an object with `to_json_string`, as Hugging Face's)."""
     out, configs = [], {}
@@ -56,7 +56,7 @@ def _attributes(model: torch.nn.Module) -> list[tuple[str, object, str]]:
     return out
 
 
-def _values(attributes) -> tuple:
+def attribute_values(attributes) -> tuple:
     """The attributes' present values (a loop in C: hundreds of them on a Hugging Face model)."""
     return tuple(map(dict.get, [vars(obj) for _, obj, _ in attributes], [key for _, _, key in attributes],
                      itertools.repeat(_MISSING)))
@@ -73,8 +73,8 @@ class ModelGuard:
         self._flags = {n: p.requires_grad for n, p in self._params.items()}
         self._modules = list(model.modules())
         self._state, _ = _state(self._modules)
-        self._attributes = _attributes(model)
-        self._values = _values(self._attributes)
+        self._attributes = plain_attributes(model)
+        self._values = attribute_values(self._attributes)
         # their objects' __dict__s and names, read on every call
         self._dicts = [vars(obj) for _, obj, _ in self._attributes]
         self._keys = [key for _, _, key in self._attributes]
@@ -96,7 +96,7 @@ class ModelGuard:
                 lines.append(f"parameter {name} was {'added' if a is None else 'removed' if b is None else 'replaced'}")
             elif b.requires_grad != self._flags[name]:
                 lines.append(f"parameter {name} now has requires_grad={b.requires_grad}")
-        for (label, _, _), was, now in zip(self._attributes, self._values, _values(self._attributes)):
+        for (label, _, _), was, now in zip(self._attributes, self._values, attribute_values(self._attributes)):
             if was is not now and was != now:
                 lines.append(f"attribute {label} was {was!r}, now {'deleted' if now is _MISSING else repr(now)}")
         return "; ".join(lines) or "a module, buffer, dtype, device or training flag changed"
