@@ -37,15 +37,13 @@ def data(B, seed=0):
     return torch.randn(B, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
 
 
-def grads(model):
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-
-
 def eager_and_compiled(model, step=AOT, **options):
-    """Two DP models of copies of `model`: eager BK step, compiled BK step."""
+    """Two DP models of copies of `model`: eager BK step, compiled BK step (`step=None`: the
+    second is not compiled by `dp.compile`, as under `torch.compile` with its own options)."""
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     eager, compiled = bkfx.compile(a, **options), bkfx.compile(b, **options)
-    compiled.compile(**step)
+    if step is not None:
+        compiled.compile(**step)
     return eager, compiled
 
 

@@ -7,8 +7,6 @@ The outer graphs compile with backend="aot_eager" and the DP model's own step wi
 time on a 2-core CPU); one test compiles both with inductor."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,35 +17,9 @@ import bkfx
 from bkfx import operator
 from bkfx.errors import BkfxError
 from bkfx.testing.strategies import architectures, compile_options
+from test_compiled import AOT, assert_same_grads, data, eager_and_compiled, mlp
 
-AOT = {"backend": "aot_eager"}
 FULLGRAPH = {"backend": "aot_eager", "fullgraph": True, "dynamic": True}
-
-
-def mlp(seed=0, width=8):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 3)).double()
-
-
-def data(B, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
-
-
-def pair(model, step=AOT, **options):
-    """An eager DP model and one whose step is compiled, on copies of `model`."""
-    eager = bkfx.compile(copy.deepcopy(model), **options)
-    compiled = bkfx.compile(copy.deepcopy(model), **options)
-    if step is not None:
-        compiled.compile(**step)
-    return eager, compiled
-
-
-def assert_same_grads(m1, m2, tol=1e-12):
-    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
-        assert (p.grad is None) == (q.grad is None), n
-        if p.grad is not None:
-            assert torch.allclose(p.grad, q.grad, rtol=tol, atol=tol * p.grad.abs().max().item()), n
 
 
 def graphs() -> int:
@@ -71,7 +43,7 @@ def test_every_family_under_torch_compile_fullgraph_matches_the_reference(arch, 
 
 def test_one_graph_for_every_batch_size_and_the_same_gradients_as_eager():
     torch._dynamo.reset()
-    eager, compiled = pair(mlp(), max_grad_norm=0.1)
+    eager, compiled = eager_and_compiled(mlp(), max_grad_norm=0.1)
     step = torch.compile(lambda x, y: F.cross_entropy(compiled(x), y), **FULLGRAPH)
     before = graphs()
     for B in (3, 7, 2, 12):
@@ -88,7 +60,7 @@ def test_one_graph_for_every_batch_size_and_the_same_gradients_as_eager():
 
 def test_batch_sizes_zero_and_one_and_gradient_accumulation():
     torch._dynamo.reset()
-    eager, compiled = pair(mlp(1), max_grad_norm=0.05)
+    eager, compiled = eager_and_compiled(mlp(1), max_grad_norm=0.05)
     step = torch.compile(lambda x, y: F.cross_entropy(compiled(x), y, reduction="sum"), **FULLGRAPH)
     for B in (4, 1, 0, 5):  # accumulated: four separately clipped steps
         x, y = data(B, seed=B)
@@ -99,7 +71,7 @@ def test_batch_sizes_zero_and_one_and_gradient_accumulation():
 
 def test_inference_under_no_grad_keeps_no_graph():
     torch._dynamo.reset()
-    eager, compiled = pair(mlp(2))
+    eager, compiled = eager_and_compiled(mlp(2))
     forward = torch.compile(compiled, **FULLGRAPH)
     x, _ = data(6)
     with torch.no_grad():
@@ -111,7 +83,7 @@ def test_inference_under_no_grad_keeps_no_graph():
 
 def test_two_forward_calls_before_a_backward_are_refused_and_the_first_graph_dropped():
     torch._dynamo.reset()
-    _, compiled = pair(mlp(3))
+    _, compiled = eager_and_compiled(mlp(3))
     forward = torch.compile(compiled, **FULLGRAPH)
     x, y = data(4)
     first = F.cross_entropy(forward(x), y)
@@ -127,7 +99,7 @@ def test_two_forward_calls_before_a_backward_are_refused_and_the_first_graph_dro
 
 def test_retain_graph_runs_the_backward_twice():
     torch._dynamo.reset()
-    eager, compiled = pair(mlp(4), max_grad_norm=0.2)
+    eager, compiled = eager_and_compiled(mlp(4), max_grad_norm=0.2)
     forward = torch.compile(compiled, **FULLGRAPH)
     x, y = data(5)
     loss = F.cross_entropy(forward(x), y)
@@ -144,7 +116,7 @@ def test_retain_graph_runs_the_backward_twice():
 
 def test_input_gradients_reach_the_outer_graph():
     torch._dynamo.reset()
-    eager, compiled = pair(mlp(5))
+    eager, compiled = eager_and_compiled(mlp(5))
     embed = nn.Linear(4, 5).double()  # a non-private layer before the DP model: its gradient is the input's
     step = torch.compile(lambda z, y: F.cross_entropy(compiled(embed(z)), y), **FULLGRAPH)
     z = torch.randn(6, 4, dtype=torch.float64)
@@ -175,7 +147,7 @@ class SeveralOutputs(nn.Module):
 def test_several_outputs_keyword_arguments_and_constants():
     torch._dynamo.reset()
     torch.manual_seed(6)
-    eager, compiled = pair(SeveralOutputs().double(), max_grad_norm=0.3)
+    eager, compiled = eager_and_compiled(SeveralOutputs().double(), max_grad_norm=0.3)
     x, y = data(4)
     mask = (torch.rand(4, 6) > 0.3).double()
 
@@ -212,7 +184,7 @@ def test_hf_gpt2_with_padding_fullgraph_matches_eager():
     config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16, use_cache=False,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(7)
-    eager, compiled = pair(transformers.GPT2LMHeadModel(config).double(), max_grad_norm=0.1)
+    eager, compiled = eager_and_compiled(transformers.GPT2LMHeadModel(config).double(), max_grad_norm=0.1)
 
     def loss(dp, ids, mask):
         logits = dp(input_ids=ids, attention_mask=mask).logits
@@ -237,7 +209,7 @@ def test_autocast_reaches_the_dp_step():
     the same bf16 step as `dp.compile()` called directly (the operator's own implementation runs
     with autocast off)."""
     torch._dynamo.reset()
-    direct, compiled = pair(mlp(8).float())
+    direct, compiled = eager_and_compiled(mlp(8).float())
     direct.compile(**AOT)
     step = torch.compile(lambda x, y: F.cross_entropy(compiled(x), y), **FULLGRAPH)
     x, y = data(6)
@@ -256,7 +228,7 @@ def test_inductor_and_reduce_overhead_reach_bkfx_step():
     """The user's torch.compile mode reaches bkfx's compiled step (CUDA graphs on a GPU); the
     outer graph and bkfx's step both compiled by inductor."""
     torch._dynamo.reset()
-    eager, compiled = pair(mlp(9), step=None, max_grad_norm=0.1)
+    eager, compiled = eager_and_compiled(mlp(9), step=None, max_grad_norm=0.1)
     step = torch.compile(lambda x, y: F.cross_entropy(compiled(x), y), mode="reduce-overhead", dynamic=True,
                          fullgraph=True)
     for B in (4, 6):
@@ -270,7 +242,7 @@ def test_inductor_and_reduce_overhead_reach_bkfx_step():
 
 def test_dp_optimizer_training_matches_eager():
     torch._dynamo.reset()
-    eager, compiled = pair(mlp(10))
+    eager, compiled = eager_and_compiled(mlp(10))
     optimizers = [bkfx.DPOptimizer(torch.optim.SGD(dp.parameters(), lr=0.3), noise_multiplier=0.0,
                                    expected_batch_size=4, model=dp) for dp in (eager, compiled)]
     step = torch.compile(lambda x, y: F.cross_entropy(compiled(x), y), **FULLGRAPH)
@@ -293,12 +265,12 @@ def test_dp_models_of_one_architecture_share_one_graph():
     x, y = data(6)
     before = graphs()
     for seed in range(10):  # more than dynamo's recompile limit (8)
-        eager, compiled = pair(mlp(seed), max_grad_norm=0.1)
+        eager, compiled = eager_and_compiled(mlp(seed), max_grad_norm=0.1)
         step(compiled, x, y).backward()
         F.cross_entropy(eager(x), y).backward()
         assert_same_grads(eager.module, compiled.module)
     assert graphs() == before + 1
-    eager, compiled = pair(mlp(0, width=7), max_grad_norm=0.1)
+    eager, compiled = eager_and_compiled(mlp(0, width=7), max_grad_norm=0.1)
     step(compiled, x, y).backward()
     F.cross_entropy(eager(x), y).backward()
     assert_same_grads(eager.module, compiled.module)
