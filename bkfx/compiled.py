@@ -321,9 +321,10 @@ def _fresh_zeros(like, sizes):
 
 
 def _decompositions() -> dict:
-    """The decompositions torch.compile traces with (inductor's table): composite ops such as
-    `linear` and `matmul` in Python, which keep the batch size symbolic where their C++ forms
-    read concrete sizes on some devices."""
+    """The decompositions torch.compile traces with (inductor's table), so that the programs are
+    the ATen graphs inductor expects. (Composite ops such as `matmul` run their Python forms,
+    which keep the batch size symbolic, through the python dispatcher `build` enables, not
+    through this table.)"""
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
