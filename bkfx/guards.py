@@ -39,27 +39,34 @@ def _plain(value) -> bool:
     return type(value) in _PLAIN or (type(value) is tuple and all(type(v) in _PLAIN for v in value))
 
 
-def plain_attributes(model: torch.nn.Module) -> list[tuple[str, object, str]]:
-    """(what to call it, object, attribute) for every plain attribute of the model's modules and
-    of the configs they hold (an object with `to_json_string`, as Hugging Face's)."""
-    out, configs = [], {}
-    for prefix, module in model.named_modules():
-        for key, value in vars(module).items():
-            if key == "training":  # the modes: a capture per combination, not a change
-                continue
-            if _plain(value):
-                out.append((f"{prefix}.{key}" if prefix else key, module, key))
-            elif hasattr(type(value), "to_json_string") and id(value) not in configs:
-                configs[id(value)] = (f"{prefix}.{key}" if prefix else key, value)
-    for label, config in configs.values():
-        out.extend((f"{label}.{key}", config, key) for key, value in vars(config).items() if _plain(value))
-    return out
+class PlainAttributes:
+    """Every plain attribute of the model's modules and of the configs they hold (an object with
+    `to_json_string`, as Hugging Face's): their names, and their present values read in one
+    C-level loop (hundreds of them on a Hugging Face model, read on every call)."""
 
+    def __init__(self, model: torch.nn.Module):
+        self.labels, self._dicts, self._keys = [], [], []
+        configs = {}
+        for prefix, module in model.named_modules():
+            for key, value in vars(module).items():
+                if key == "training":  # the modes: a capture per combination, not a change
+                    continue
+                if _plain(value):
+                    self._add(f"{prefix}.{key}" if prefix else key, module, key)
+                elif hasattr(type(value), "to_json_string") and id(value) not in configs:
+                    configs[id(value)] = (f"{prefix}.{key}" if prefix else key, value)
+        for label, config in configs.values():
+            for key, value in vars(config).items():
+                if _plain(value):
+                    self._add(f"{label}.{key}", config, key)
 
-def attribute_values(attributes) -> tuple:
-    """The attributes' present values (a loop in C: hundreds of them on a Hugging Face model)."""
-    return tuple(map(dict.get, [vars(obj) for _, obj, _ in attributes], [key for _, _, key in attributes],
-                     itertools.repeat(_MISSING)))
+    def _add(self, label: str, owner, key: str) -> None:
+        self.labels.append(label)
+        self._dicts.append(vars(owner))
+        self._keys.append(key)
+
+    def values(self) -> tuple:
+        return tuple(map(dict.get, self._dicts, self._keys, itertools.repeat(_MISSING)))
 
 
 class ModelGuard:
@@ -73,18 +80,14 @@ class ModelGuard:
         self._flags = {n: p.requires_grad for n, p in self._params.items()}
         self._modules = list(model.modules())
         self._state, _ = _state(self._modules)
-        self._attributes = plain_attributes(model)
-        self._values = attribute_values(self._attributes)
-        # their objects' __dict__s and names, read on every call
-        self._dicts = [vars(obj) for _, obj, _ in self._attributes]
-        self._keys = [key for _, _, key in self._attributes]
+        self._attributes = PlainAttributes(model)
+        self._values = self._attributes.values()
 
     def check(self) -> tuple | None:
         """None when the model's tree, parameters or buffers changed; else every module's
         training flag (a capture is made per combination of modes, like per input signature)."""
         state, modes = _state(self._modules)
-        same = tuple(map(dict.get, self._dicts, self._keys, itertools.repeat(_MISSING))) == self._values
-        return modes if state == self._state and same else None
+        return modes if state == self._state and self._attributes.values() == self._values else None
 
     def describe_change(self) -> str:
         """What differs from the snapshot, in words."""
@@ -96,7 +99,7 @@ class ModelGuard:
                 lines.append(f"parameter {name} was {'added' if a is None else 'removed' if b is None else 'replaced'}")
             elif b.requires_grad != self._flags[name]:
                 lines.append(f"parameter {name} now has requires_grad={b.requires_grad}")
-        for (label, _, _), was, now in zip(self._attributes, self._values, attribute_values(self._attributes)):
+        for label, was, now in zip(self._attributes.labels, self._values, self._attributes.values()):
             if was is not now and was != now:
                 lines.append(f"attribute {label} was {was!r}, now {'deleted' if now is _MISSING else repr(now)}")
         return "; ".join(lines) or "a module, buffer, dtype, device or training flag changed"

@@ -45,7 +45,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from bkfx.errors import BkfxError
-from bkfx.guards import attribute_values, plain_attributes
+from bkfx.guards import PlainAttributes
 from bkfx.ledger import _keeping_graph
 from bkfx.precision import AUTOCAST_DEVICES, AutocastState
 
@@ -128,12 +128,12 @@ def architecture_key(model: torch.nn.Module) -> int:
     submodule's class, every parameter's and buffer's name, shape, dtype, device and whether it
     is trained, the plain attributes its forward may read (`bkfx.guards`; a config flag); the
     operator also checks each call's outputs against its trace."""
-    attributes = plain_attributes(model)
+    attributes = PlainAttributes(model)
     return hash((
         tuple((name, type(m).__module__, type(m).__qualname__) for name, m in model.named_modules()),
         tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()),
         tuple((n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers()),
-        tuple(label for label, _, _ in attributes), attribute_values(attributes),
+        tuple(attributes.labels), attributes.values(),
     ))
 
 
