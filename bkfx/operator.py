@@ -8,7 +8,8 @@ graph, with no graph break:
 
 - **Tracing** (dynamo, AOTAutograd): the operator's fake implementation runs the original
   module on fake tensors for the outputs' shapes (the batch size stays symbolic, so one graph
-  serves every batch size). It notes the call's autocast state, and whether inductor was asked
+  serves every batch size; an FSDP2-sharded model's parameters at their whole shapes, its
+  hooks set aside). It notes the call's autocast state, and whether inductor was asked
   for CUDA graphs (`mode="reduce-overhead"`, read while AOTAutograd traces under inductor's
   options): the user's mode then reaches bkfx's compiled step.
 - **Running**: the operator runs the DP model's own forward (`DPModel._forward`: the compiled BK
@@ -274,15 +275,50 @@ def _(site: int, tensors):
     call_ = _calls[site]
     call_.cuda_graphs = call_.cuda_graphs or _asks_for_cuda_graphs()
     fake_mode = torch._guards.detect_fake_mode(tensors)
-    module = _template(call_).module
-    state = {n: fake_mode.from_tensor(t, static_shapes=True)
+    template = _template(call_)
+    module = template.module
+    state = {n: _fake_state(t, fake_mode)
              for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
     args, kwargs = call_.unflatten(tensors[1:])
-    with torch.no_grad(), call_.autocast.apply():
+    # FSDP2: the step runs on the unsharded parameters (`DPModel._forward` all-gathers them), so the
+    # fake run takes their whole shapes, with FSDP's forward hooks (its collectives) turned off
+    hooks_off = _without_hooks(template.shards.modules) if template.shards is not None else contextlib.nullcontext()
+    with torch.no_grad(), call_.autocast.apply(), hooks_off:
         out = torch.func.functional_call(module, state, args, kwargs, tie_weights=False)
     outs = [torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in _flat_outputs(call_, out)]
     call_.traced, call_.expected = (_size_symbols(tensors), [(_sizes(o), o.dtype, o.device) for o in outs]), {}
     return outs + [torch.empty((), dtype=torch.int64)]
+
+
+@contextlib.contextmanager
+def _without_hooks(modules: list):
+    """The modules' forward hooks set aside: FSDP2's all-gather and reshard, which a fake run
+    must not reach (the step itself runs on parameters `DPModel._forward` unsharded)."""
+    saved = [(m, m._forward_pre_hooks, m._forward_hooks) for m in modules]
+    for m in modules:
+        m._forward_pre_hooks, m._forward_hooks = collections.OrderedDict(), collections.OrderedDict()
+    try:
+        yield
+    finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
+def _fake_state(t: torch.Tensor, fake_mode) -> torch.Tensor:
+    """A parameter or buffer as the fake run reads it: a sharded (DTensor) parameter as a plain
+    tensor of its whole shape, as the step sees it unsharded."""
+    if _is_dtensor(t):
+        with fake_mode:
+            return torch.empty(t.shape, dtype=t.dtype, device=t.device, requires_grad=t.requires_grad)
+    return fake_mode.from_tensor(t, static_shapes=True)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _size_symbols(tensors) -> dict:

@@ -90,6 +90,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         result = {}
         _data_parallel(rank, world, result)
         _fully_sharded(rank, world, result)
+        _fully_sharded_compiled(rank, world, result)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -195,6 +196,27 @@ def _fully_sharded(rank: int, world: int, result: dict) -> None:
     result["unsharded_error"] = _refused(unsharded_opt.step)
     hybrid = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
     result["hybrid_error"] = _refused(lambda: bkfx.compile(_fully_shard(_sharded_model(), hybrid)))
+
+
+def _fully_sharded_compiled(rank: int, world: int, result: dict) -> None:
+    """FSDP2 under torch.compile(fullgraph=True): the loss and the DP model (one bkfx::forward
+    operator, whose run all-gathers the shards) in one graph; step 1 of `_fully_sharded`."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    x, y = _sharded_data()
+    model = _fully_shard(_sharded_model(), init_device_mesh("cpu", (world,)))
+    dp_model = bkfx.compile(model, max_grad_norm=[0.5, 0.3], style="layer-wise", loss_reduction="sum")
+    optimizer = bkfx.DPOptimizer(torch.optim.SGD(dp_model.parameters(), lr=0.5), noise_multiplier=0.0,
+                                 expected_batch_size=5.0, model=dp_model, seed=0)
+    loss = torch.compile(lambda m, x, y: F.cross_entropy(m(x), y, reduction="sum"), fullgraph=True, dynamic=True)
+    idx = [i for i in range(10) if i % world == rank]
+    norms = []
+    for part in [idx[:2], idx[2:]] if rank == 0 else [idx]:
+        loss(dp_model, x[part], y[part]).backward()
+        norms.append(dp_model.per_sample_norms)
+    optimizer.step()
+    result["compiled_fsdp_norms"] = (idx, torch.cat(norms))
+    result["compiled_fsdp_after_1"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
 
 
 def _fully_shard_linear(mesh):
@@ -322,6 +344,15 @@ def test_fully_sharded_equals_one_process_on_the_union_batch(ranks):
             assert (r["fsdp_after_2"][name] - want).abs().max() <= 1e-10
     assert ranks[-1]["fsdp_local_after_1"]["2.weight"].shape[0] == (0 if world == 3 else 1)
     assert all((after_2[n] - after_1[n]).abs().max() > 1e-3 for n in after_1)
+
+
+def test_fully_sharded_under_torch_compile_equals_one_process(ranks):
+    norms, after_1, _ = _sharded_reference()
+    for r in ranks:
+        idx, got = r["compiled_fsdp_norms"]
+        assert (got - norms[idx]).abs().max() <= 1e-10
+        for name, want in after_1.items():
+            assert (r["compiled_fsdp_after_1"][name] - want).abs().max() <= 1e-10
 
 
 def test_fully_sharded_noise_is_added_once(ranks):
