@@ -178,7 +178,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         inputs = [x.detach().requires_grad_() if w else x for x, w in zip(primals[n_state:], wants_grad)]
         params = {model_name[id(state[n])]: leaf for n, leaf in zip(names, leaves) if n in trainable}
         batch = inputs[first_batched].shape[first_dim]
-        tape = Tape(compiled.sites, params, dp_model._clip, batch, compiled.tied)
+        tape = Tape(compiled.sites, params, dp_model._clip, batch, compiled.tied, traced=True)
         with recording(tape):
             out = call(leaves, inputs)
         outs, out_spec = pytree.tree_flatten(out)

@@ -249,7 +249,7 @@ def self_inner(a: Factored, grams=None) -> torch.Tensor:
     total, i = None, 0
     for j in range(n):
         for k in range(j + 1):
-            term = _rowdot(left[i], right[i]) * (1 if j == k else 2)
+            term = rowdot(left[i], right[i]) * (1 if j == k else 2)
             total = term if total is None else total + term
             i += 1
     return total
@@ -258,23 +258,23 @@ def self_inner(a: Factored, grams=None) -> torch.Tensor:
 def inner(a: Piece, b: Piece, shape: torch.Size, grams=gram) -> torch.Tensor:
     """`⟨G_i^a, G_i^b⟩` for every sample: `[B]`, accumulated in at least float32."""
     if isinstance(a, Explicit) and isinstance(b, Explicit):
-        return _rowdot(a.G, b.G)
+        return rowdot(a.G, b.G)
     if isinstance(a, Explicit):
         a, b = b, a
     if isinstance(b, Explicit):
         m, n = canonical_matrix(shape)
         G = b.G.reshape(b.G.shape[0], m, n)
-        return _rowdot(left_apply(a.L, G), a.R.t)
+        return rowdot(left_apply(a.L, G), a.R.t)
     if isinstance(a.L, Dense) and isinstance(b.L, Dense) and a.L.t.shape[1] == 1 and b.L.t.shape[1] == 1:
         # T = 1: the Gram matrices are scalars
-        return _rowdot(a.L.t, b.L.t) * _rowdot(a.R.t, b.R.t)
+        return rowdot(a.L.t, b.L.t) * rowdot(a.R.t, b.R.t)
     if a is b and isinstance(a.L, Dense) and gram_block_count(a.L.t.shape[1], a.L.t.device) > 1:
         return self_inner(a, grams if isinstance(grams, GramCache) else None)
     left, right = grams(a.L, b.L), grams(a.R, b.R)
-    return _rowdot(left if left.dtype != torch.bool else left.to(right.dtype), right)
+    return rowdot(left if left.dtype != torch.bool else left.to(right.dtype), right)
 
 
-def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`Σ_j x_ij y_ij` per sample in one kernel: `[B]`, in `accumulation_dtype` (bf16/fp16
     operands are upcast: the sum of many rounded products would lose the small terms)."""
     dtype = accumulation_dtype(torch.promote_types(x.dtype, y.dtype))
