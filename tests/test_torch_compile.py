@@ -300,3 +300,58 @@ def test_outputs_that_differ_from_the_trace_are_refused_then_traced_anew():
     with pytest.raises(BkfxError, match=r"output 0 is \(4, 3\) torch.float64.*traced \(4, 3\) torch.float32"):
         forward(x)
     assert forward(x).dtype == torch.float64
+
+
+class _Dropped(nn.Module):
+    """Dropout between two layers; returns the dropped activations too, which show the mask drawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(5, 16), nn.Dropout(0.5), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.a(x)))
+        return self.b(h), h
+
+
+class _Masked(nn.Module):
+    """`_Dropped` with a given mask for each sample: the reference's model."""
+
+    def __init__(self, dropped: _Dropped):
+        super().__init__()
+        self.a, self.b = dropped.a, dropped.b
+
+    def forward(self, x, mask):
+        return self.b(torch.tanh(self.a(x)) * mask)
+
+
+@pytest.mark.parametrize("how", ["dp.compile aot_eager", "dp.compile inductor", "torch.compile"])
+def test_dropout_clipped_sums_match_the_reference_for_the_mask_drawn(how):
+    """A random op in the compiled step (inductor draws with its own generator): the backward uses
+    the forward's mask. Checked per call against the vmap reference of the same model with the
+    mask the forward drew (read off its dropped activations), in float64."""
+    torch._dynamo.reset()
+    torch.manual_seed(17)
+    module = _Dropped().double()
+    dp = bkfx.compile(module, max_grad_norm=0.1)
+    if how.startswith("dp.compile"):
+        dp.compile(backend=how.split()[1])
+        forward = dp
+    else:
+        forward = torch.compile(dp, **FULLGRAPH)
+    x, y = data(8)
+    masks = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        out, h = forward(x)
+        F.cross_entropy(out, y).backward()
+        mask = (h != 0).double() * 2  # 1 / (1 - p) where kept
+        torch.testing.assert_close(h, torch.tanh(module.a(x)).detach() * mask)
+        masks.append(mask)
+        grads = bkfx.testing.per_sample_gradients(_Masked(module), F.cross_entropy, (x, mask), y)
+        want, _ = bkfx.testing.clipped_sum_reference(grads, max_grad_norm=0.1)
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-12)
+        dp.zero_grad(set_to_none=True)
+    assert not torch.equal(masks[0], masks[1])
+    assert getattr(dp, "compiled_step_failure", None) is None
