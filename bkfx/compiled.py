@@ -216,6 +216,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         traced = make_fx(joint, decomposition_table=_decompositions())(primals, tangents)
         functional = torch.func.functionalize(traced, remove="mutations")
         joint_gm = make_fx(joint_functional, decomposition_table=_decompositions())(primals, tangents)
+    _recompute_views_of_inputs(joint_gm)
     forward_graph, backward_graph = min_cut_rematerialization_partition(
         joint_gm, primals + tangents, num_fwd_outputs=layout["n_outputs"]
     )
@@ -238,6 +239,20 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     if options.cuda_graphs and cuda:
         program.graphs = CudaGraphs()
     return program
+
+
+def _recompute_views_of_inputs(joint: torch.fx.GraphModule) -> None:
+    """Views of the step's inputs (a weight's transposes, which the backward's input gradient
+    reads) are recomputed by the backward program, not saved by the forward one: a saved view of
+    an input is an output that aliases an input, which AOTAutograd's wrapper of a compiled
+    program rebuilds in Python on every call (view by view); a saved input is handed back as it is."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    rooted = {n for n in joint.graph.nodes if n.op == "placeholder"}
+    for node in joint.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "is_view", False) and node.args and node.args[0] in rooted:
+            rooted.add(node)
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
 
 @contextlib.contextmanager
