@@ -66,7 +66,7 @@ from bkfx.accounting import check_noise_multiplier, check_sample_rate
 from bkfx.distributed import all_reduce_sum_
 from bkfx.errors import BkfxError
 
-NOISE_CHUNK = 1 << 20  # entries per independently seeded draw of the noise
+NOISE_CHUNK = 1 << 18  # entries per independently seeded draw of the noise (256K: a few chunks of work for every thread)
 SECURE_DRAWS = 4  # secure mode's noise: the sum of 4 standard normal draws, halved (÷√4 is exact)
 
 
@@ -401,11 +401,13 @@ def add_gaussian_noise_(
     """`t += std · N(0, I)` for each (contiguous) tensor, in place, drawn on the tensors' device
     (which must be `generator`'s): no copy between host and device.
 
-    The CPU's stream: the tensors' entries, in order, are cut into chunks of `NOISE_CHUNK`
-    consecutive entries of one tensor; one `torch.randint(0, 2**63 - 1, (chunks,), generator=generator)`
-    draws a seed per chunk, and chunk k's noise is `torch.randn(size, generator=G_k)` with `G_k`
-    a new CPU generator seeded with seed k. The chunks are independent, so `pool` (a thread
-    pool) may draw them at once; the result does not depend on it.
+    The CPU's stream: per dtype (in order of first appearance), the entries of that dtype's
+    tensors, in order, one after another, are cut into chunks of `NOISE_CHUNK` consecutive
+    entries (a chunk may span several small tensors: a model's biases and norm weights share one);
+    one `torch.randint(0, 2**63 - 1, (chunks,), generator=generator)` draws a seed per chunk, and
+    chunk k's noise is `torch.randn(size, generator=G_k, dtype=...)` with `G_k` a new CPU generator
+    seeded with seed k, split among the entries it covers. The chunks are independent, so `pool`
+    (a thread pool) may draw them at once; the result does not depend on it.
 
     A GPU's stream: per dtype (in order of first appearance), one `torch.randn(n, generator=generator)`
     for the n entries of that dtype's tensors, in order, split among them; one fused add (the
@@ -437,7 +439,7 @@ def add_gaussian_noise_(
             parts = [part.view(t.shape) for part, t in zip(noise.split([t.numel() for t in group]), group)]
             torch._foreach_add_(group, parts, alpha=std)
         return
-    chunks = [(t, start, min(start + NOISE_CHUNK, t.numel())) for t in tensors for start in range(0, t.numel(), NOISE_CHUNK)]
+    chunks = _chunks(tensors)
     if not chunks:
         return
     if secure_key is None:
@@ -447,20 +449,46 @@ def add_gaussian_noise_(
                  for k in range(len(chunks))]
 
     def draw(k: int) -> None:
-        t, start, stop = chunks[k]
+        segments = chunks[k]
+        size = sum(stop - start for _, start, stop in segments)
         g = torch.Generator() if device.type == "cpu" else generator
         g.manual_seed(seeds[k])
-        part = t.view(-1)[start:stop]
         if secure_key is None:
-            part.add_(torch.randn(stop - start, generator=g, dtype=t.dtype), alpha=std)
+            noise = torch.randn(size, generator=g, dtype=segments[0][0].dtype)
         else:
-            part.add_(secure_standard_normal(stop - start, g), alpha=std)
+            noise = secure_standard_normal(size, g)
+        parts = [t.view(-1)[start:stop] for t, start, stop in segments]
+        torch._foreach_add_(parts, list(noise.split([stop - start for _, start, stop in segments])), alpha=std)
 
     if pool is None or len(chunks) == 1 or device.type != "cpu":
         for k in range(len(chunks)):
             draw(k)
     else:
         list(pool.map(draw, range(len(chunks))))
+
+
+def _chunks(tensors: list[torch.Tensor]) -> list[list[tuple]]:
+    """The noise stream's chunks (see `add_gaussian_noise_`): each a list of `(tensor, start, stop)`
+    segments of one dtype, `NOISE_CHUNK` entries in all (the last of a dtype fewer)."""
+    by_dtype: dict = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    chunks = []
+    for group in by_dtype.values():
+        current, filled = [], 0
+        for t in group:
+            start = 0
+            while start < t.numel():
+                stop = min(t.numel(), start + NOISE_CHUNK - filled)
+                current.append((t, start, stop))
+                filled += stop - start
+                start = stop
+                if filled == NOISE_CHUNK:
+                    chunks.append(current)
+                    current, filled = [], 0
+        if current:
+            chunks.append(current)
+    return chunks
 
 
 def secure_standard_normal(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -64,17 +64,17 @@ def assert_params(model, expected: dict[str, torch.Tensor], tol: float = 1e-12):
 
 
 def documented_noise(shapes, generator, dtype) -> list[torch.Tensor]:
-    """The noise stream as `bkfx.optimizer.add_gaussian_noise_` documents it: per-chunk seeds
-    from one randint draw, each chunk from its own generator."""
+    """The noise stream as `bkfx.optimizer.add_gaussian_noise_` documents it (one dtype): the
+    tensors' entries one after another cut into chunks of NOISE_CHUNK, per-chunk seeds from one
+    randint draw, each chunk from its own generator."""
     from bkfx.optimizer import NOISE_CHUNK
 
-    sizes = [(k, min(NOISE_CHUNK, math.prod(s) - start)) for k, s in enumerate(shapes)
-             for start in range(0, math.prod(s), NOISE_CHUNK)]
+    total = sum(math.prod(s) for s in shapes)
+    sizes = [min(NOISE_CHUNK, total - start) for start in range(0, total, NOISE_CHUNK)]
     seeds = torch.randint(0, 2**63 - 1, (len(sizes),), generator=generator).tolist()
-    parts = [[] for _ in shapes]
-    for (k, size), seed in zip(sizes, seeds):
-        parts[k].append(torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=dtype))
-    return [torch.cat(p).reshape(s) for p, s in zip(parts, shapes)]
+    stream = torch.cat([torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+                        for size, seed in zip(sizes, seeds)])
+    return [part.reshape(s) for part, s in zip(stream.split([math.prod(s) for s in shapes]), shapes)]
 
 
 def test_noise_does_not_depend_on_threads_and_covers_chunked_parameters():
@@ -84,7 +84,7 @@ def test_noise_does_not_depend_on_threads_and_covers_chunked_parameters():
 
     from bkfx.optimizer import NOISE_CHUNK, add_gaussian_noise_
 
-    shapes = [(NOISE_CHUNK * 2 + 5,), (7, 3)]
+    shapes = [(NOISE_CHUNK * 2 + 5,), (7, 3), (NOISE_CHUNK - 30,), (4,)]  # chunks spanning tensors, one ending on one
     serial = [torch.zeros(s) for s in shapes]
     add_gaussian_noise_(serial, 1.0, torch.Generator().manual_seed(5))
     with ThreadPoolExecutor(2) as pool:

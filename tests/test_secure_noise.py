@@ -41,17 +41,19 @@ def test_secure_noise_is_gaussian():
 
 def test_secure_stream_is_the_documented_one(device):
     """Chunk k's seed: BLAKE2b(str(k), key) (8 bytes, top bit dropped); its noise: (z1+z2+z3+z4)/2,
-    consecutive float64 randn draws from a generator seeded with it."""
+    consecutive float64 randn draws from a generator seeded with it; chunk 1 spans two tensors."""
     key = bytes(range(32))
     sizes = [NOISE_CHUNK + 5, 3]
     tensors = [torch.zeros(s, dtype=torch.float64, device=device) for s in sizes]
     add_gaussian_noise_(tensors, 2.0, torch.Generator(device=device), secure_key=key)
-    chunks = [(0, 0, NOISE_CHUNK), (0, NOISE_CHUNK, NOISE_CHUNK + 5), (1, 0, 3)]
-    for k, (i, start, stop) in enumerate(chunks):
+    chunks = [[(0, 0, NOISE_CHUNK)], [(0, NOISE_CHUNK, NOISE_CHUNK + 5), (1, 0, 3)]]
+    for k, segments in enumerate(chunks):
         seed = int.from_bytes(hashlib.blake2b(str(k).encode(), key=key, digest_size=8).digest(), "little") >> 1
         g = torch.Generator(device=device).manual_seed(seed)
-        z = sum(torch.randn(stop - start, generator=g, dtype=torch.float64, device=device) for _ in range(4))
-        torch.testing.assert_close(tensors[i][start:stop], 2.0 * (z / 2), rtol=0, atol=0)
+        size = sum(stop - start for _, start, stop in segments)
+        z = sum(torch.randn(size, generator=g, dtype=torch.float64, device=device) for _ in range(4))
+        got = torch.cat([tensors[i][start:stop] for i, start, stop in segments])
+        torch.testing.assert_close(got, 2.0 * (z / 2), rtol=0, atol=0)
 
 
 def _optimizer(**options):
