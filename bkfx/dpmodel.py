@@ -150,7 +150,7 @@ class DPModel(nn.Module):
         groups = groups_for(self._style, list(self._params))
         self._clip.groups, self._clip.thresholds = groups, _thresholds(self._max_grad_norm, groups)
         self._guard = ModelGuard(model)
-        self._architecture = compile_operator.architecture_key(model)  # torch.compile guards on it
+        self._architecture = compile_operator.architecture_key(model, self._guard.attributes)  # dynamo guards on it
         self._captures: dict[tuple, Compiled] = {}
         self._last: Compiled | None = None
 

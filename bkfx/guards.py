@@ -4,11 +4,12 @@ A capture is valid for the modules, parameters and buffers it saw: their identit
 parameter's `requires_grad`, every tensor's dtype and device, each module's training flag,
 and the plain Python attributes the forward may read (numbers, strings, flags and tuples of
 them on every module and on a Hugging Face config): the capture bakes them in, so a slice
-length or a dropout rate changed afterwards would otherwise be ignored. `ModelGuard.check()` compares the model's present state with the snapshot taken
-at capture (object identities are held, so an id cannot be reused by a new object), like
-torch.compile's guards: a change means the capture is stale (a replaced submodule would
-keep running the old weights; a parameter unfrozen after capture would get its plain,
-unclipped gradient), so the compiled model captures again.
+length or a dropout rate changed afterwards would otherwise be ignored. `ModelGuard.check()`
+compares the model's present state with the snapshot taken at capture (object identities
+are held, so an id cannot be reused by a new object), like torch.compile's guards: a change
+means the capture is stale (a replaced submodule would keep running the old weights; a
+parameter unfrozen after capture would get its plain, unclipped gradient), so the compiled
+model captures again.
 """
 from __future__ import annotations
 
@@ -80,14 +81,14 @@ class ModelGuard:
         self._flags = {n: p.requires_grad for n, p in self._params.items()}
         self._modules = list(model.modules())
         self._state, _ = _state(self._modules)
-        self._attributes = PlainAttributes(model)
-        self._values = self._attributes.values()
+        self.attributes = PlainAttributes(model)
+        self._values = self.attributes.values()
 
     def check(self) -> tuple | None:
         """None when the model's tree, parameters or buffers changed; else every module's
         training flag (a capture is made per combination of modes, like per input signature)."""
         state, modes = _state(self._modules)
-        return modes if state == self._state and self._attributes.values() == self._values else None
+        return modes if state == self._state and self.attributes.values() == self._values else None
 
     def describe_change(self) -> str:
         """What differs from the snapshot, in words."""
@@ -99,7 +100,7 @@ class ModelGuard:
                 lines.append(f"parameter {name} was {'added' if a is None else 'removed' if b is None else 'replaced'}")
             elif b.requires_grad != self._flags[name]:
                 lines.append(f"parameter {name} now has requires_grad={b.requires_grad}")
-        for label, was, now in zip(self._attributes.labels, self._values, self._attributes.values()):
+        for label, was, now in zip(self.attributes.labels, self._values, self.attributes.values()):
             if was is not now and was != now:
                 lines.append(f"attribute {label} was {was!r}, now {'deleted' if now is _MISSING else repr(now)}")
         return "; ".join(lines) or "a module, buffer, dtype, device or training flag changed"

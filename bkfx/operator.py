@@ -124,12 +124,11 @@ def register(model) -> torch.Tensor:
     return anchor
 
 
-def architecture_key(model: torch.nn.Module) -> int:
+def architecture_key(model: torch.nn.Module, attributes: PlainAttributes) -> int:
     """What decides a model's outputs' structure, shapes and dtypes besides its inputs: every
     submodule's class, every parameter's and buffer's name, shape, dtype, device and whether it
-    is trained, the plain attributes its forward may read (`bkfx.guards`; a config flag); the
-    operator also checks each call's outputs against its trace."""
-    attributes = PlainAttributes(model)
+    is trained, the plain attributes its forward may read (`attributes`, the model guard's: a
+    config flag); the operator also checks each call's outputs against its trace."""
     return hash((
         tuple((name, type(m).__module__, type(m).__qualname__) for name, m in model.named_modules()),
         tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()),
@@ -277,7 +276,8 @@ def _(site: int, tensors):
     fake_mode = torch._guards.detect_fake_mode(tensors)
     template = _template(call_)
     module = template.module
-    state = {n: _fake_state(t, fake_mode)
+    sharded = {id(p) for p in template.shards.sharded.values()} if template.shards is not None else set()
+    state = {n: _fake_state(t, fake_mode, id(t) in sharded)
              for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
     args, kwargs = call_.unflatten(tensors[1:])
     # FSDP2: the step runs on the unsharded parameters (`DPModel._forward` all-gathers them), so the
@@ -304,21 +304,13 @@ def _without_hooks(modules: list):
             m._forward_pre_hooks, m._forward_hooks = pre, post
 
 
-def _fake_state(t: torch.Tensor, fake_mode) -> torch.Tensor:
-    """A parameter or buffer as the fake run reads it: a sharded (DTensor) parameter as a plain
-    tensor of its whole shape, as the step sees it unsharded."""
-    if _is_dtensor(t):
+def _fake_state(t: torch.Tensor, fake_mode, sharded: bool) -> torch.Tensor:
+    """A parameter or buffer as the fake run reads it: a sharded parameter (FSDP2's DTensor) as a
+    plain tensor of its whole shape, as the step sees it unsharded."""
+    if sharded:
         with fake_mode:
             return torch.empty(t.shape, dtype=t.dtype, device=t.device, requires_grad=t.requires_grad)
     return fake_mode.from_tensor(t, static_shapes=True)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def _size_symbols(tensors) -> dict:
