@@ -431,10 +431,7 @@ def add_gaussian_noise_(
         if _device_key(t.device) != _device_key(device):
             raise ValueError(f"noise for a tensor on {t.device} requested from a generator on {device}")
     if secure_key is None and device.type != "cpu":
-        by_dtype: dict = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for dtype, group in by_dtype.items():  # one draw and one fused add per dtype: few kernels for many tensors
+        for dtype, group in _by_dtype(tensors).items():  # one draw and one fused add per dtype: few kernels
             noise = torch.randn(sum(t.numel() for t in group), generator=generator, dtype=dtype, device=device)
             parts = [part.view(t.shape) for part, t in zip(noise.split([t.numel() for t in group]), group)]
             torch._foreach_add_(group, parts, alpha=std)
@@ -470,11 +467,8 @@ def add_gaussian_noise_(
 def _chunks(tensors: list[torch.Tensor]) -> list[list[tuple]]:
     """The noise stream's chunks (see `add_gaussian_noise_`): each a list of `(tensor, start, stop)`
     segments of one dtype, `NOISE_CHUNK` entries in all (the last of a dtype fewer)."""
-    by_dtype: dict = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
     chunks = []
-    for group in by_dtype.values():
+    for group in _by_dtype(tensors).values():
         current, filled = [], 0
         for t in group:
             start = 0
@@ -489,6 +483,14 @@ def _chunks(tensors: list[torch.Tensor]) -> list[list[tuple]]:
         if current:
             chunks.append(current)
     return chunks
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> dict:
+    """dtype -> its tensors, in order; dtypes in order of first appearance (the noise stream's order)."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
 
 
 def secure_standard_normal(n: int, generator: torch.Generator) -> torch.Tensor:
