@@ -152,19 +152,9 @@ def _fully_sharded(rank: int, world: int, result: dict) -> None:
 
     mesh = init_device_mesh("cpu", (world,))
     x, y = _sharded_data()
-    model = _fully_shard(_sharded_model(), mesh)
-    dp_model = bkfx.compile(model, max_grad_norm=[0.5, 0.3], style="layer-wise", loss_reduction="sum")
-    optimizer = bkfx.DPOptimizer(torch.optim.SGD(dp_model.parameters(), lr=0.5), noise_multiplier=0.0,
-                                 expected_batch_size=5.0, model=dp_model, seed=0)
-    # step 1: x[:10] split over the ranks; rank 0 runs its part as two backward calls
-    idx = [i for i in range(10) if i % world == rank]
-    parts = [idx[:2], idx[2:]] if rank == 0 else [idx]
-    norms = []
-    for part in parts:
-        F.cross_entropy(dp_model(x[part]), y[part], reduction="sum").backward()
-        norms.append(dp_model.per_sample_norms)
-    result["fsdp_norms"] = (idx, torch.cat(norms))
-    optimizer.step()
+    model, dp_model, optimizer = _sharded_dp(mesh)
+    result["fsdp_norms"] = _sharded_step_1(rank, world, dp_model, optimizer,
+                                           lambda x, y: F.cross_entropy(dp_model(x), y, reduction="sum"))
     optimizer.zero_grad()
     result["fsdp_local_after_1"] = {n: p.detach().to_local().clone() for n, p in model.named_parameters()}
     result["fsdp_after_1"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
@@ -203,20 +193,32 @@ def _fully_sharded_compiled(rank: int, world: int, result: dict) -> None:
     operator, whose run all-gathers the shards) in one graph; step 1 of `_fully_sharded`."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    x, y = _sharded_data()
-    model = _fully_shard(_sharded_model(), init_device_mesh("cpu", (world,)))
+    model, dp_model, optimizer = _sharded_dp(init_device_mesh("cpu", (world,)))
+    loss = torch.compile(lambda m, x, y: F.cross_entropy(m(x), y, reduction="sum"), fullgraph=True, dynamic=True)
+    result["compiled_fsdp_norms"] = _sharded_step_1(rank, world, dp_model, optimizer, lambda x, y: loss(dp_model, x, y))
+    result["compiled_fsdp_after_1"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+
+
+def _sharded_dp(mesh):
+    """The fully sharded model, its DP model (layer-wise, two thresholds) and optimizer (σ = 0)."""
+    model = _fully_shard(_sharded_model(), mesh)
     dp_model = bkfx.compile(model, max_grad_norm=[0.5, 0.3], style="layer-wise", loss_reduction="sum")
     optimizer = bkfx.DPOptimizer(torch.optim.SGD(dp_model.parameters(), lr=0.5), noise_multiplier=0.0,
                                  expected_batch_size=5.0, model=dp_model, seed=0)
-    loss = torch.compile(lambda m, x, y: F.cross_entropy(m(x), y, reduction="sum"), fullgraph=True, dynamic=True)
+    return model, dp_model, optimizer
+
+
+def _sharded_step_1(rank: int, world: int, dp_model, optimizer, loss):
+    """Step 1: x[:10] split over the ranks, rank 0's part as two backward calls of `loss(x, y)`;
+    (this rank's examples, their per-sample norms)."""
+    x, y = _sharded_data()
     idx = [i for i in range(10) if i % world == rank]
     norms = []
     for part in [idx[:2], idx[2:]] if rank == 0 else [idx]:
-        loss(dp_model, x[part], y[part]).backward()
+        loss(x[part], y[part]).backward()
         norms.append(dp_model.per_sample_norms)
     optimizer.step()
-    result["compiled_fsdp_norms"] = (idx, torch.cat(norms))
-    result["compiled_fsdp_after_1"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    return idx, torch.cat(norms)
 
 
 def _fully_shard_linear(mesh):
