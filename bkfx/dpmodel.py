@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import math
+import os
 import warnings
 import weakref
 
@@ -91,6 +92,11 @@ def compile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bkfx.compile takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DPModel):
+        raise BkfxError(
+            "bkfx.compile got a model that bkfx.compile already compiled (a DPModel)\n"
+            "  what to do: use it as it is, or compile its original module (dp_model.module) again with other options"
+        )
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise BkfxError(
             "bkfx.compile got a DistributedDataParallel model: bkfx's sites detach the parameters, so DDP's reducer "
@@ -184,7 +190,7 @@ class DPModel(nn.Module):
             return self._step_options
         return compiled_step.StepOptions(mode="reduce-overhead" if cuda_graphs else None)
 
-    def compile(self, *args, backend="inductor", mode=None, options=None, **ignored) -> None:
+    def compile(self, *args, backend="inductor", mode=None, options=None, **unknown) -> None:
         """Run the BK step compiled (`bkfx.compiled`): the forward and the BK backward (input
         gradients, per-sample norms, clip factors, clipped sums) each as one program compiled by
         `torch.compile(backend=, mode=, options=)` with a dynamic batch size. `mode="reduce-overhead"`
@@ -192,6 +198,9 @@ class DPModel(nn.Module):
         The eager BK step stays the reference: `dp_model.compile(backend=None)` returns to it."""
         if args:
             raise TypeError("DPModel.compile takes keyword arguments only (backend=, mode=, options=)")
+        if unknown:
+            raise TypeError(f"DPModel.compile takes backend=, mode= and options= only, got {sorted(unknown)}: bkfx "
+                            "compiles its own forward and BK backward programs; torch.compile(dp_model) for the rest")
         self._step_options = None if backend is None else compiled_step.StepOptions(
             backend, mode, tuple(sorted((options or {}).items())))
 
@@ -243,6 +252,8 @@ class DPModel(nn.Module):
             except BkfxError:
                 raise
             except Exception as e:  # torch's tracing or compilation failed: the eager step is exact, only slower
+                if isinstance(e, _INTERNAL_ERRORS) and not _raised_by_torch(e):
+                    raise  # bkfx's own invariant or code broke: a bug, never hidden behind a fallback
                 lines = str(e).strip().splitlines()
                 reason = f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
                 compiled.step_failures[key] = self.compiled_step_failure = reason
@@ -388,14 +399,20 @@ class DPModel(nn.Module):
 
         return explain(self._require_capture(), batch)
 
-    def graph_nx(self):
-        """The rewritten graph of the last capture as a networkx DiGraph (`bkfx.graph.to_networkx`)."""
-        from bkfx.graph import to_networkx
-
-        return to_networkx(self)
-
 
 _COMPILED: "weakref.WeakSet[DPModel]" = weakref.WeakSet()  # every live compiled model (DPOptimizer finds its own)
+
+
+_INTERNAL_ERRORS = (AssertionError, NameError, ImportError)  # a broken invariant or code, not a limit of tracing
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _raised_by_torch(e: BaseException) -> bool:
+    """Whether the innermost frame of `e`'s traceback is torch's code (its tracing or compilers), not bkfx's."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_TORCH)
 
 
 def compiled_models_of(params) -> list["DPModel"]:
