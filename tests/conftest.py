@@ -30,8 +30,9 @@ import torch  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=[pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES])
 def device(request) -> str:
     """Each device a device-independent test runs on: the CPU, and CUDA when one is present
-    (so a GPU machine runs them on both, a CPU-only CI only on the CPU)."""
+    (so a GPU machine runs them on both, a CPU-only CI only on the CPU; the CUDA runs carry the
+    `gpu` marker)."""
     return request.param

@@ -7,16 +7,15 @@ import copy
 import subprocess
 import sys
 
+import accelerate  # noqa: F401  (the Trainer needs it)
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # the Trainer needs it
-
-import bkfx  # noqa: E402
-from bkfx.errors import BkfxError  # noqa: E402
-from bkfx.integrations.transformers import DPTrainer, PrivacyArguments, per_sample_loss  # noqa: E402
+import bkfx
+from bkfx.errors import BkfxError
+from bkfx.integrations.transformers import DPTrainer, PrivacyArguments, per_sample_loss
 
 transformers.logging.set_verbosity_error()
 

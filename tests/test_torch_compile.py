@@ -179,7 +179,7 @@ def test_outputs_that_are_not_tensors_are_refused():
 
 
 def test_hf_gpt2_with_padding_fullgraph_matches_eager():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch._dynamo.reset()
     config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16, use_cache=False,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
