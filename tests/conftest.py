@@ -2,6 +2,8 @@
 
 `BKFX_HYPOTHESIS_PROFILE=ci` (the default) keeps the whole suite to a few minutes on a
 2-core CPU; `BKFX_HYPOTHESIS_PROFILE=thorough` draws 1000 architectures per property.
+The markers (`slow`, `distributed`, `gpu`, `compiled`) are registered in pyproject.toml; the
+quick lane is `python -m pytest -m "not slow and not distributed"` (docs/testing.md).
 """
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ from bkfx.errors import BkfxError
 from bkfx.testing import assert_matches_reference
 from bkfx.testing.strategies import architectures, compile_options
 
+pytestmark = pytest.mark.compiled
+
 AOT = {"backend": "aot_eager"}
 
 

@@ -293,6 +293,7 @@ def test_resuming_without_the_sampler_position_is_refused(tmp_path):
         DPTrainer(model=model, args=args, **options).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
+@pytest.mark.compiled
 def test_torch_compile_argument_compiles_the_dp_step(tmp_path):
     """TrainingArguments(torch_compile=True) runs bkfx's compiled BK step (with the backend and
     mode given): the same updates as the eager step, up to float64 rounding."""

@@ -11,6 +11,8 @@ import transformers
 
 from bkfx.testing import assert_matches_reference
 
+pytestmark = pytest.mark.slow  # Hugging Face models against a per-sample loop reference
+
 transformers.logging.set_verbosity_error()
 
 B, L, V = 3, 7, 40
