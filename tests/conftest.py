@@ -2,6 +2,8 @@
 
 `BKFX_HYPOTHESIS_PROFILE=ci` (the default) keeps the whole suite to a few minutes on a
 2-core CPU; `BKFX_HYPOTHESIS_PROFILE=thorough` draws 1000 architectures per property.
+The markers (`slow`, `distributed`, `gpu`, `compiled`) are registered in pyproject.toml; the
+quick lane is `python -m pytest -m "not slow and not distributed"` (docs/testing.md).
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import torch  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=[pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES])
 def device(request) -> str:
     """Each device a device-independent test runs on: the CPU, and CUDA when one is present
-    (so a GPU machine runs them on both, a CPU-only CI only on the CPU)."""
+    (so a GPU machine runs them on both, a CPU-only CI only on the CPU; the CUDA runs carry the
+    `gpu` marker)."""
     return request.param

@@ -89,6 +89,7 @@ def test_a_crashing_workload_is_recorded_not_fatal():
     assert status == "timed out after 1 s"
 
 
+@pytest.mark.compiled
 def test_compiled_benchmark_runs_end_to_end(tmp_path):
     """`benchmarks/compiled.py` at tiny sizes: every method (the eager, dp_model.compile and
     torch.compile(fullgraph=True) bkfx steps, non-private eager and compiled) is timed, the first

@@ -20,6 +20,8 @@ from bkfx.errors import BkfxError
 from bkfx.testing import assert_matches_reference
 from bkfx.testing.strategies import architectures, compile_options
 
+pytestmark = pytest.mark.compiled
+
 AOT = {"backend": "aot_eager"}
 
 
@@ -54,6 +56,7 @@ def assert_same_grads(m1, m2, tol=1e-12):
             assert torch.allclose(p.grad, q.grad, rtol=tol, atol=tol * p.grad.abs().max().item()), n
 
 
+@pytest.mark.slow
 @given(arch=architectures(), options=compile_options())  # the profile's examples: 20 in CI, 1000 thorough
 def test_every_family_compiled_matches_the_reference(arch, options):
     dp, errors = arch.check(step=AOT, **options)
@@ -283,6 +286,7 @@ def _hf_models():
 HF = _hf_models()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HF))
 def test_hugging_face_models_compiled_match_the_reference(name):
     """Padding masks, an encoder-decoder, audio and vision towers, GPT-2's tied head: compiled
@@ -420,7 +424,8 @@ class IndexedParameters(nn.Module):
         return self.head(torch.tanh(h + self.embed(ids))).mean(1)
 
 
-@pytest.mark.parametrize("model_name, backend", [("indexed", "aot_eager"), ("indexed", "inductor"), ("gpt2", "aot_eager")])
+@pytest.mark.parametrize("model_name, backend", [("indexed", "aot_eager"), ("indexed", "inductor"),
+                                                pytest.param("gpt2", "aot_eager", marks=pytest.mark.slow)])
 def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_name, backend):
     """The pull-back through indexing backward ops (`vmap` in the ledger) keeps the batch size
     symbolic (`bkfx.compiled._symbolic_kernels`): one trace for every batch size, GPT-2's

@@ -229,7 +229,11 @@ def _fully_shard_linear(mesh):
     return fully_shard(layer, mesh=mesh)
 
 
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}ranks")
+# the tests that read `ranks` spawn each world size's processes once (tens of seconds): marked distributed and slow
+_SPAWNED = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", params=[pytest.param(w, marks=_SPAWNED) for w in WORLDS], ids=lambda w: f"{w}ranks")
 def ranks(request, tmp_path_factory):
     """Run the workers of one world size once (bounded by DEADLINE_S) and load what each saved."""
     world = request.param
@@ -348,6 +352,7 @@ def test_fully_sharded_equals_one_process_on_the_union_batch(ranks):
     assert all((after_2[n] - after_1[n]).abs().max() > 1e-3 for n in after_1)
 
 
+@pytest.mark.compiled
 def test_fully_sharded_under_torch_compile_equals_one_process(ranks):
     norms, after_1, _ = _sharded_reference()
     for r in ranks:

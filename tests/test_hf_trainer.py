@@ -7,16 +7,15 @@ import copy
 import subprocess
 import sys
 
+import accelerate  # noqa: F401  (the Trainer needs it)
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # the Trainer needs it
-
-import bkfx  # noqa: E402
-from bkfx.errors import BkfxError  # noqa: E402
-from bkfx.integrations.transformers import DPTrainer, PrivacyArguments, per_sample_loss  # noqa: E402
+import bkfx
+from bkfx.errors import BkfxError
+from bkfx.integrations.transformers import DPTrainer, PrivacyArguments, per_sample_loss
 
 transformers.logging.set_verbosity_error()
 
@@ -114,6 +113,7 @@ def by_hand(model, task, dataset, steps, *, noise_multiplier, max_grad_norm, see
     return after
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_each_step_equals_bkfx_and_dp_optimizer_by_hand(name, tmp_path):
     make, task = MODELS[name]
@@ -152,6 +152,7 @@ def test_each_step_equals_bkfx_and_dp_optimizer_by_hand(name, tmp_path):
     assert report.epsilon_pld < report.epsilon_rdp
 
 
+@pytest.mark.slow
 def test_physical_batches_accumulate_one_logical_batch(tmp_path):
     """A logical batch in physical batches of 1 or all at once: the same update (up to float64 summation order)."""
     finals = []
@@ -294,6 +295,8 @@ def test_resuming_without_the_sampler_position_is_refused(tmp_path):
         DPTrainer(model=model, args=args, **options).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
+@pytest.mark.slow
+@pytest.mark.compiled
 def test_torch_compile_argument_compiles_the_dp_step(tmp_path):
     """TrainingArguments(torch_compile=True) runs bkfx's compiled BK step (with the backend and
     mode given): the same updates as the eager step, up to float64 rounding."""

@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 
 from bkfx.testing import assert_matches_reference
 
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # Hugging Face models against a per-sample loop reference
+
 transformers.logging.set_verbosity_error()
 
 B, L, V = 3, 7, 40

@@ -7,13 +7,13 @@ import hashlib
 import math
 
 import pytest
+import scipy.stats as scipy_stats
 import torch
 from torch import nn
 
 import bkfx
 from bkfx.optimizer import NOISE_CHUNK, add_gaussian_noise_
 
-scipy_stats = pytest.importorskip("scipy.stats")
 
 LEVEL = 1e-6  # two-sided; the key is fixed, so the tests are deterministic too
 Z = 5.33  # the normal quantile of 1 - LEVEL / 2, rounded up

@@ -305,7 +305,7 @@ def test_a_changed_attribute_recaptures():
 
 
 def test_a_changed_hugging_face_config_flag_recaptures():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=8, num_labels=3)
     torch.manual_seed(7)
@@ -445,7 +445,7 @@ def test_dp_optimizer_finds_the_compiled_model_so_a_mean_loss_is_not_divided_twi
 
 
 def _causal_lms():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     V = 40
     common = dict(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     return V, {

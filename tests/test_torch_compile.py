@@ -19,6 +19,8 @@ from bkfx.errors import BkfxError
 from bkfx.testing.strategies import architectures, compile_options
 from test_compiled import AOT, assert_same_grads, data, eager_and_compiled, mlp
 
+pytestmark = pytest.mark.compiled
+
 FULLGRAPH = {"backend": "aot_eager", "fullgraph": True, "dynamic": True}
 
 
@@ -31,6 +33,7 @@ def kept(dp) -> dict:
     return operator._models[dp._anchor._bkfx_model].kept
 
 
+@pytest.mark.slow
 @given(arch=architectures(), options=compile_options())  # the profile's examples: 20 in CI, 1000 thorough
 def test_every_family_under_torch_compile_fullgraph_matches_the_reference(arch, options):
     torch._dynamo.reset()  # every example a new model: dynamo's recompile limit would run later ones eagerly
@@ -178,8 +181,9 @@ def test_outputs_that_are_not_tensors_are_refused():
         torch.compile(dp, **FULLGRAPH)(data(4)[0])
 
 
+@pytest.mark.slow
 def test_hf_gpt2_with_padding_fullgraph_matches_eager():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch._dynamo.reset()
     config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16, use_cache=False,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -204,6 +208,7 @@ def test_hf_gpt2_with_padding_fullgraph_matches_eager():
     assert graphs() == before + 1
 
 
+@pytest.mark.slow
 def test_autocast_reaches_the_dp_step():
     """Under autocast the operator runs the DP step in the autocast state the call was traced in:
     the same bf16 step as `dp.compile()` called directly (the operator's own implementation runs
@@ -224,6 +229,7 @@ def test_autocast_reaches_the_dp_step():
     assert_same_grads(direct.module, compiled.module, tol=1e-6)  # float32 gradients; the loss compiled or not
 
 
+@pytest.mark.slow
 def test_inductor_and_reduce_overhead_reach_bkfx_step():
     """The user's torch.compile mode reaches bkfx's compiled step (CUDA graphs on a GPU); the
     outer graph and bkfx's step both compiled by inductor."""
@@ -257,6 +263,7 @@ def test_dp_optimizer_training_matches_eager():
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_dp_models_of_one_architecture_share_one_graph():
     """Every DP model of one architecture runs through the same compiled graph (the operator finds
     its model by the anchor it is passed); another architecture gets a graph of its own."""
@@ -277,6 +284,7 @@ def test_dp_models_of_one_architecture_share_one_graph():
     assert graphs() == before + 2
 
 
+@pytest.mark.slow
 def test_outputs_that_differ_from_the_trace_are_refused_then_traced_anew():
     """A change to the model between dynamo's guard and the DP step (here `.double()`: bkfx
     recaptures inside the call) gives outputs the compiled graph was not traced for: refused;
@@ -325,7 +333,8 @@ class _Masked(nn.Module):
         return self.b(torch.tanh(self.a(x)) * mask)
 
 
-@pytest.mark.parametrize("how", ["dp.compile aot_eager", "dp.compile inductor", "torch.compile"])
+@pytest.mark.parametrize("how", ["dp.compile aot_eager", pytest.param("dp.compile inductor", marks=pytest.mark.slow),
+                                 "torch.compile"])
 def test_dropout_clipped_sums_match_the_reference_for_the_mask_drawn(how):
     """A random op in the compiled step (inductor draws with its own generator): the backward uses
     the forward's mask. Checked per call against the vmap reference of the same model with the
