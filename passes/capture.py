@@ -369,7 +369,9 @@ def _refuse_reduced_outputs(gm, from_samples: set) -> None:
 # normalisations whose schemas do not mark the running statistics they update as written:
 # op name -> (the arguments written, the argument that turns the update on)
 _UNANNOTATED_WRITES = {"instance_norm": (("running_mean", "running_var"), "use_input_stats")}
-# batch norms in training mix samples, and passes.sample_dim refuses them for that first
+# writes that passes.sample_dim refuses with their own reason (batch norms in training mix samples;
+# nn.Embedding(max_norm=) renormalises the rows of the batch's ids): left to it, it says more
+_RENORMS = {"embedding_renorm"}
 _BATCH_NORMS = {"batch_norm", "native_batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm",
                 "_native_batch_norm_legit", "_native_batch_norm_legit_functional", "_batch_norm_with_update"}
 
@@ -429,7 +431,7 @@ class _StateWrites:
         written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         if name in _UNANNOTATED_WRITES and args.get(_UNANNOTATED_WRITES[name][1]):
             written += list(_UNANNOTATED_WRITES[name][0])
-        if name in _BATCH_NORMS and args.get("training", name == "_batch_norm_with_update"):
+        if name in _RENORMS or (name in _BATCH_NORMS and args.get("training", name == "_batch_norm_with_update")):
             written = []
         for arg in written:
             targets = states.get(args.get(arg), frozenset())
