@@ -8,7 +8,8 @@ original parameter names and the original Parameter objects.
 The capture refuses what its graph cannot represent faithfully:
 - a `torch.autograd.Function` applied during the trace (every `Function.apply` is recorded while
   torch.export runs): export inlines its forward, and differentiating that is not the backward the
-  Function defines (a straight-through estimator's gradient would be 0);
+  Function defines (a straight-through estimator's gradient would be 0). A subclass that overrides
+  `apply` without calling `Function.apply` escapes the record;
 - a trainable complex parameter (per-sample norms are of real gradients);
 - a scalar output computed from the samples (a loss computed inside the model over the batch);
 - a write into a buffer or parameter of a value computed from the samples' values or sizes
