@@ -18,6 +18,11 @@ class UnsupportedOperationError(BkfxError):
     """bkfx cannot compute per-sample gradients through this operation exactly."""
 
 
+class StateWriteError(BkfxError):
+    """The forward writes a value computed from the samples into a buffer or parameter, which would
+    carry private data out of the step without noise."""
+
+
 class InPlaceModificationError(BkfxError):
     """A tensor saved for the per-sample norms was modified in place before backward."""
 

@@ -4,10 +4,27 @@
 batched tensor input (dim 0, or the input's `batch_dim`) marked dynamic (one shared `Dim`),
 so one capture serves every batch size, 0 and 1 included. The unlifted module keeps the
 original parameter names and the original Parameter objects.
+
+The capture refuses what its graph cannot represent faithfully:
+- a `torch.autograd.Function` applied during the trace (every `Function.apply` is recorded while
+  torch.export runs): export inlines its forward, and differentiating that is not the backward the
+  Function defines (a straight-through estimator's gradient would be 0). A subclass that overrides
+  `apply` without calling `Function.apply` escapes the record;
+- a trainable complex parameter (per-sample norms are of real gradients);
+- a scalar output computed from the samples (a loss computed inside the model over the batch);
+- a write into a buffer or parameter of a value computed from the samples' values or sizes
+  (running statistics of private data would leave the step un-noised). Writes that do not read the
+  samples (a step counter) stay. The writes are found on the graph itself: in-place ATen ops by
+  their schemas' write annotations (through views, and inside `no_grad` regions), and the
+  normalisations whose schemas do not annotate the running statistics they update
+  (`_UNANNOTATED_WRITES`); `ExportedProgram.graph_signature` misses the latter.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import operator
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -16,9 +33,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from bkfx.errors import CaptureError
+from bkfx.errors import CaptureError, SampleMixingError, StateWriteError, UnsupportedOperationError, located_error, node_error
 from bkfx.meta import META_BATCH, META_BATCH_DIMS
-from bkfx.source import _TORCH_DIR
+from bkfx.node import arguments, attribute, op_name
+from bkfx.source import _OWN_DIRS, _TORCH_DIR, _frames, user_source_line
 
 
 
@@ -128,13 +146,23 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, batch_dim=0) -> C
         name: pytree.tree_map(lambda t: {dims[id(t)]: batch} if isinstance(t, torch.Tensor) and id(t) in dims else None, value)
         for name, value in bound.items()
     }
+    applied: list[_Applied] = []
     try:
-        exported = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+        with _functions_recorded(applied):
+            exported = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # torch.export raises many classes; all mean the same thing here
+        if applied:  # the Function is refused whatever else failed after it
+            raise _function_error(applied, None) from e
         raise CaptureError(_capture_failure(e, batch_dim)) from e
     gm = exported.module()
+    if applied:
+        raise _function_error(applied, gm)
     _share_original_parameters(gm, model)
+    _refuse_complex_parameters(gm)
     symbol = _batch_symbol(gm)
+    from_samples = _from_samples(gm, symbol, through_sizes=False)
+    _refuse_reduced_outputs(gm, from_samples)
+    _refuse_state_writes(gm, _from_samples(gm, symbol, through_sizes=True))
     gm.meta[META_BATCH] = symbol
     gm.meta[META_BATCH_DIMS] = _placeholder_batch_dims(gm, symbol)
     return Capture(gm, symbol, (tuple(args), dict(kwargs)))
@@ -194,3 +222,241 @@ def _batch_symbol(gm: torch.fx.GraphModule) -> sympy.Symbol:
                     if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
                         return s.node.expr
     raise CaptureError("torch.export kept no symbolic batch size; the model may ignore its batched inputs.")
+
+
+# ---- torch.autograd.Function ---------------------------------------------------------------------
+
+
+@dataclass
+class _Applied:
+    function: type  # the torch.autograd.Function subclass
+    source: str  # the innermost frame of the call outside torch and bkfx: 'file:line (func): code'
+
+
+_ADVICE = {  # torch's own Functions that models reach, with what to do instead
+    "torch.utils.checkpoint.CheckpointFunction": "call torch.utils.checkpoint.checkpoint with use_reentrant=False "
+    "(its recomputation is not a Function, and bkfx captures it exactly)",
+}
+
+
+@contextlib.contextmanager
+def _functions_recorded(applied: list):
+    """Record every `torch.autograd.Function` this thread applies (nested ones and those inside
+    library code too) while the block runs. No Function of torch itself is exempt: none is applied
+    when GPT-2, Llama, BERT, T5, OPT, Qwen2, DistilBERT, Whisper or CLIP is captured."""
+    original = torch.autograd.Function.__dict__["apply"]
+    thread = threading.get_ident()
+
+    def apply(cls, *args, **kwargs):
+        if threading.get_ident() == thread:
+            applied.append(_Applied(cls, _caller()))
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
+
+
+def _caller() -> str:
+    frames = [f for f in traceback.extract_stack()[:-2] if not f.filename.startswith((_TORCH_DIR, *_OWN_DIRS))]
+    if not frames:
+        return "no source line outside torch"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({f.name}): {f.line}"
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _function_error(applied: list, gm) -> UnsupportedOperationError:
+    first = applied[0]
+    name = _qualname(first.function)
+    node = _first_node_of(gm, first.function) if gm is not None else None
+    others = sorted({_qualname(a.function) for a in applied[1:]} - {name})
+    also = f" (also applied: {', '.join(others)})" if others else ""
+    return located_error(
+        UnsupportedOperationError,
+        f"the model applies the torch.autograd.Function {name}{also}: torch.export records its forward's operations, "
+        "and bkfx would differentiate those instead of the backward the Function defines (a straight-through "
+        "estimator would get a zero gradient; a backward that mixes samples would go unseen)",
+        node.name if node is not None else "none recorded (the Function's forward records no operation)",
+        op_name(node) if node is not None else "-",
+        first.source,
+        _ADVICE.get(name, "write the operation in plain torch, so that its gradient is what autograd derives (a "
+                          "straight-through estimator: x + (torch.round(x) - x).detach()), or register it as a custom "
+                          "op (torch.library.custom_op with register_autograd), which bkfx keeps as one operation and "
+                          "checks like any operation without a sample rule"),
+    )
+
+
+def _first_node_of(gm, function: type):
+    """The first graph node traced inside `function.forward`, found by its stack trace."""
+    try:
+        lines, start = inspect.getsourcelines(function.forward)
+        file = inspect.getsourcefile(function.forward)
+    except (OSError, TypeError):
+        return None
+    for node in gm.graph.nodes:
+        for f, line, _, _ in _frames(node.meta.get("stack_trace") or ""):
+            if f == file and start <= int(line) < start + len(lines):
+                return node
+    return None
+
+
+# ---- complex parameters --------------------------------------------------------------------------
+
+
+def _refuse_complex_parameters(gm) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = attribute(gm, node.target)
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad and value.is_complex():
+            user = next(iter(node.users), node)
+            raise node_error(
+                UnsupportedOperationError, user,
+                f"parameter {node.target!r} is complex ({value.dtype}); bkfx clips the norms of real per-sample gradients",
+                "keep the real and imaginary parts as two real parameters and combine them in the forward "
+                "(torch.complex(re, im)), or freeze the parameter (requires_grad_(False))",
+            )
+
+
+# ---- what the samples reach ----------------------------------------------------------------------
+
+
+def _from_samples(gm, symbol, through_sizes: bool) -> set:
+    """The nodes of `gm`'s graph (not of its sub-graphs) computed from the batched inputs: from
+    their values, and with `through_sizes` also from their sizes (the batch size counts samples)."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) and s.node.expr.has(symbol) for s in val.shape):
+                out.add(node)
+        elif node.op == "call_function" and (through_sizes or not _size_only(node)):
+            if any(n in out for n in node.all_input_nodes):
+                out.add(node)
+    return out
+
+
+_SIZE_ONLY = {"sym_size", "sym_numel", "sym_stride", "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like",
+              "ones_like", "empty_like", "full_like"}  # ops that read only their inputs' sizes, dtypes and devices
+
+
+def _size_only(node) -> bool:
+    return op_name(node) in _SIZE_ONLY
+
+
+def _refuse_reduced_outputs(gm, from_samples: set) -> None:
+    """An output that is a scalar computed from the samples has reduced them (a loss over the batch)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for leaf in pytree.tree_leaves(output.args):
+        val = leaf.meta.get("val") if isinstance(leaf, torch.fx.Node) else None
+        if leaf in from_samples and isinstance(val, torch.Tensor) and val.dim() == 0:
+            raise node_error(
+                SampleMixingError, leaf,
+                "the model returns a scalar computed from every sample (a loss computed inside the model over the "
+                "batch, as a Hugging Face model computes when called with labels=), so it has no per-sample gradients",
+                "compute the loss outside the model from its per-sample outputs: call it without labels= (or the "
+                "target argument) and apply the loss to its logits; bkfx applies the loss_reduction you declared",
+            )
+
+
+# ---- writes into buffers and parameters ------------------------------------------------------------
+
+# normalisations whose schemas do not mark the running statistics they update as written:
+# op name -> (the arguments written, the argument that turns the update on)
+_UNANNOTATED_WRITES = {"instance_norm": (("running_mean", "running_var"), "use_input_stats")}
+# writes that passes.sample_dim refuses with their own reason (batch norms in training mix samples;
+# nn.Embedding(max_norm=) renormalises the rows of the batch's ids): left to it, it says more
+_RENORMS = {"embedding_renorm"}
+_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm",
+                "_native_batch_norm_legit", "_native_batch_norm_legit_functional", "_batch_norm_with_update"}
+
+
+def _refuse_state_writes(gm, from_samples: set) -> None:
+    """Refuse a write into a buffer or parameter (or a view of one) by an op that reads the samples."""
+    _StateWrites(from_samples).walk(gm, gm, {}, set())
+
+
+class _StateWrites:
+    """One walk over a graph and the sub-graphs of its higher-order ops (no_grad and autocast
+    regions): `states[node]` is the set of module tensors (by name) that the node's value aliases."""
+
+    def __init__(self, from_samples: set):
+        self.from_samples = from_samples
+
+    def walk(self, root, gm, states: dict, reads: set) -> list:
+        """`states`/`reads`: the placeholders' aliases and whether they read the samples (sub-graphs).
+        Returns, for the graph's outputs, (aliases, reads samples) each."""
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                value = attribute(gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    states[node] = frozenset({_state_name(root, gm, node.target)})
+            elif node.op == "placeholder":
+                if node in self.from_samples:
+                    reads.add(node)
+            elif node.op == "call_function":
+                if any(n in reads or n in self.from_samples for n in node.all_input_nodes):
+                    reads.add(node)
+                states[node] = self._call(root, gm, node, states, reads)
+            elif node.op == "output":
+                return [(states.get(n, frozenset()), n in reads) for n in pytree.tree_leaves(node.args)
+                        if isinstance(n, torch.fx.Node)]
+        return []
+
+    def _call(self, root, gm, node, states: dict, reads: set) -> frozenset:
+        if node.target is operator.getitem:
+            return states.get(node.args[0], frozenset())
+        sub = next((a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                    and isinstance(attribute(gm, a.target), torch.fx.GraphModule)), None)
+        if sub is not None:  # a higher-order op: its sub-graph takes the arguments after it
+            module = attribute(gm, sub.target)
+            operands = node.args[node.args.index(sub) + 1:]
+            placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+            inner = {p: states.get(a, frozenset()) for p, a in zip(placeholders, operands)}
+            inner_reads = {p for p, a in zip(placeholders, operands) if a in reads}
+            outs = _StateWrites(set()).walk(root, module, inner, inner_reads)
+            if any(r for _, r in outs):
+                reads.add(node)
+            return frozenset().union(*(s for s, _ in outs))
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            return frozenset()
+        args = arguments(node)
+        name = op_name(node)
+        written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if name in _UNANNOTATED_WRITES and args.get(_UNANNOTATED_WRITES[name][1]):
+            written += list(_UNANNOTATED_WRITES[name][0])
+        if name in _RENORMS or (name in _BATCH_NORMS and args.get("training", name == "_batch_norm_with_update")):
+            written = []
+        for arg in written:
+            targets = states.get(args.get(arg), frozenset())
+            if targets and node in reads:
+                raise node_error(
+                    StateWriteError, node,
+                    f"this operation writes a value computed from the samples into {_listed(targets)}, which would "
+                    "carry private data (batch statistics, a running average of the inputs) out of the step without "
+                    "noise",
+                    "do not keep statistics of the training samples in the model (for normalisation layers: "
+                    "track_running_stats=False, or eval mode); a write that does not read the samples, such as "
+                    "a step counter, is allowed",
+                )
+        return frozenset().union(*(
+            states.get(args.get(a.name), frozenset()) for a in schema.arguments
+            if a.alias_info is not None and any(r.alias_info is not None and r.alias_info.before_set & a.alias_info.before_set
+                                                 for r in schema.returns)
+        ))
+
+
+def _state_name(root, gm, target: str) -> str:
+    return target if gm is root else f"{target} (in a region of the graph)"
+
+
+def _listed(targets) -> str:
+    names = sorted(targets)
+    return ("module tensor " if len(names) == 1 else "module tensors ") + ", ".join(repr(n) for n in names)

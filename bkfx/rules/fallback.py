@@ -10,10 +10,17 @@ gradients of those outputs that received one. Arguments whose sizes name the bat
 view to `[B, ...]`) cannot be split per sample and are refused when the site is planned, and
 so is an op that draws random numbers (RNN dropout between layers): re-run per sample, it
 would draw others than the forward pass did.
+
+A parameter operand whose size names the batch (DeBERTa's relative-position keys, repeated to
+`[B * heads, ...]` to meet the queries in one bmm) cannot go with one sample's arguments: called
+on them (on meta tensors, at no cost), the op does not give one sample's output shape. Then
+`G_i = vjp(P ↦ op(x, P), P)(g ⊙ 1_i)`: the whole call's pullback of the output gradient with
+every sample but i zeroed, exact for any op, at the cost of B pullbacks of the whole call.
 """
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 from torch.func import vjp, vmap
 
 from bkfx.errors import UnsupportedOperationError, node_error
@@ -70,9 +77,11 @@ def _pull_back(call, paths) -> dict:
         return {p: Explicit(w.new_zeros(call.batch, *w.shape)) for p, w in zip(paths, params)}
     sample_paths = list(call.layouts)
     in_layouts = [call.layouts[p] for p in sample_paths]
+    used_layouts = [out_layouts[k] for k in used]
+    if not _runs_per_sample(call, [(p, call.layouts[p]) for p in sample_paths], [(gs[k], lo) for k, lo in zip(used, used_layouts)]):
+        return _pull_back_whole_call(call, paths, params, [gs[k] for k in used], used_layouts, used if several else None)
     samples, dims = zip(*[_split(get_path(call.args, p), lo) for p, lo in zip(sample_paths, in_layouts)]) \
         if sample_paths else ((), ())
-    used_layouts = [out_layouts[k] for k in used]
     cotangents_in, out_dims = zip(*[_split(gs[k], lo) for k, lo in zip(used, used_layouts)])
 
     def per_sample(g_i, xs):
@@ -91,6 +100,49 @@ def _pull_back(call, paths) -> dict:
 
     grads = vmap(per_sample, in_dims=(tuple(out_dims), tuple(dims)))(tuple(cotangents_in), tuple(samples))
     return {p: Explicit(G) for p, G in zip(paths, grads)}
+
+
+def _runs_per_sample(call, inputs, outputs) -> bool:
+    """Whether the op, called on one sample's arguments (meta tensors), gives one sample's outputs'
+    shapes; not when a parameter operand's size names the batch."""
+    def one_sample(t, layout):
+        part, d = _split(t.to("meta"), layout)
+        return _join(part.select(d, 0), layout)
+
+    args = pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, call.args)
+    kwargs = pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, call.kwargs)
+    for path, layout in inputs:
+        args = set_path(args, path, one_sample(get_path(call.args, path), layout))
+    try:
+        out = call.op(*args, **kwargs)
+    except (RuntimeError, NotImplementedError):  # mismatched sizes, or no meta kernel: the whole call is exact
+        return False
+    outs = out if isinstance(call.g, tuple) else (out,)
+    expected = [one_sample(g, lo).shape for g, lo in outputs]
+    got = [o.shape for o, g in zip(outs, call.g if isinstance(call.g, tuple) else (call.g,)) if g is not None]
+    return got == expected
+
+
+def _pull_back_whole_call(call, paths, params, gs, layouts, used) -> dict:
+    """`G_i = vjp(P ↦ op(x, P), P)(g ⊙ 1_i)` for each sample i, vectorised over i."""
+    def f(*ps):
+        args = call.args
+        for p, w in zip(paths, ps):
+            args = set_path(args, p, w)
+        out = call.op(*args, **call.kwargs)
+        return tuple(out[k] for k in used) if used is not None else out
+
+    _, pullback = vjp(f, *params)
+    masked = [_each_sample_alone(g, lo, call.batch) for g, lo in zip(gs, layouts)]
+    grads = vmap(lambda *c: pullback(c if used is not None else c[0]))(*masked)
+    return {p: Explicit(G) for p, G in zip(paths, grads)}
+
+
+def _each_sample_alone(g: torch.Tensor, layout, batch: int) -> torch.Tensor:
+    """`[B, *g.shape]`: entry i is `g` with every sample but i zeroed."""
+    part, d = _split(g, layout)
+    eye = torch.eye(batch, dtype=g.dtype, device=g.device)
+    return (part.unsqueeze(0) * eye.view(batch, *[batch if k == d else 1 for k in range(part.dim())])).reshape(batch, *g.shape)
 
 
 def _split(t: torch.Tensor, layout):

@@ -1,0 +1,124 @@
+"""Buffers never carry un-noised statistics of the samples out of a step: a write into a buffer
+(or parameter) of a value computed from the samples' values or sizes is refused at capture,
+naming the module tensor, the node and the user's line; writes that do not read the samples
+(counters) and eval-mode normalisation stay, and match the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bkfx
+from bkfx.errors import StateWriteError
+from bkfx.testing import assert_matches_reference
+
+f64 = torch.float64
+
+
+def line_of(marker: str) -> int:
+    with open(__file__) as f:
+        lines = [i for i, text in enumerate(f, 1) if text.rstrip().endswith(f"# {marker}")]
+    assert len(lines) == 1, marker
+    return lines[0]
+
+
+class InstanceNormed(nn.Module):
+    def __init__(self, track=True):
+        super().__init__()
+        self.fc = nn.Linear(4, 12)
+        self.norm = nn.InstanceNorm1d(4, track_running_stats=track, affine=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.norm(self.fc(x).view(-1, 4, 3))  # instance norm
+        return self.head(h.flatten(1))
+
+
+class RunningMean(nn.Module):
+    """Keeps a running mean of its hidden values in a buffer, in one of several spellings."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.fc, self.head, self.spelling = nn.Linear(4, 5), nn.Linear(5, 3), spelling
+        self.register_buffer("mean", torch.zeros(5))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if self.spelling == "copy_":
+            self.mean.copy_(0.9 * self.mean + 0.1 * h.detach().mean(0))  # copy_
+        elif self.spelling == "add_":
+            self.mean.mul_(0.9).add_(0.1 * h.detach().mean(0))  # add_
+        elif self.spelling == "no_grad":
+            with torch.no_grad():
+                self.mean.copy_(h.mean(0))  # no_grad
+        elif self.spelling == "slice":
+            self.mean[:2] = h[0, :2].detach()  # slice
+        elif self.spelling == "sample count":
+            self.steps.add_(x.shape[0])  # sample count
+        elif self.spelling == "counter":
+            self.steps.add_(1)
+            with torch.no_grad():
+                self.mean.mul_(0.5)  # decays without reading the samples
+        return self.head(h)
+
+
+def _refusal(model, x) -> str:
+    with pytest.raises(StateWriteError) as info:
+        bkfx.compile(model)(x)
+    message = str(info.value)
+    for part in ("node:", "operation:", "source:", "what to do:"):
+        assert part in message, message
+    return message
+
+
+def test_instance_norm_with_tracked_statistics_in_training_is_refused():
+    model = InstanceNormed().double()
+    before = model.norm.running_mean.clone()
+    message = _refusal(model, torch.randn(4, 4, dtype=f64))
+    assert "'norm.running_mean'" in message and "operation: instance_norm" in message, message
+    assert f"test_buffer_writes.py:{line_of('instance norm')}" in message, message
+    assert "track_running_stats=False" in message
+    assert torch.equal(model.norm.running_mean, before)  # the refused call wrote nothing
+
+
+@pytest.mark.parametrize("spelling", ["copy_", "add_", "no_grad", "slice", "sample count"])
+def test_a_running_mean_of_the_samples_in_a_buffer_is_refused(spelling):
+    message = _refusal(RunningMean(spelling).double(), torch.randn(4, 4, dtype=f64))
+    name = "'steps'" if spelling == "sample count" else "'mean'"
+    assert name in message, message
+    assert f"test_buffer_writes.py:{line_of(spelling)}" in message, message
+
+
+def test_a_write_in_eval_mode_is_refused_too():
+    """The mode does not make a running mean of private data public."""
+    _refusal(RunningMean("copy_").double().eval(), torch.randn(3, 4, dtype=f64))
+
+
+def test_writes_that_do_not_read_the_samples_stay_and_match_the_reference():
+    torch.manual_seed(0)
+    model = RunningMean("counter").double()
+    model.mean.fill_(1.0)
+    x, y = torch.randn(5, 4, dtype=f64), torch.randint(0, 3, (5,))
+    dp, _ = assert_matches_reference(model, F.cross_entropy, x, y, method="loop", max_grad_norm=0.3)
+    steps, mean = int(model.steps), model.mean.clone()
+    dp(x)
+    assert int(model.steps) == steps + 1 and torch.equal(model.mean, mean * 0.5)
+
+
+def test_instance_norm_in_eval_mode_and_without_tracking_matches_the_reference():
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 4, dtype=f64), torch.randint(0, 3, (5,))
+    tracked = InstanceNormed().double().eval()
+    tracked.norm.running_mean.normal_()
+    tracked.norm.running_var.uniform_(0.5, 2)
+    assert_matches_reference(tracked, F.cross_entropy, x, y, max_grad_norm=0.3)
+    assert_matches_reference(InstanceNormed(track=False).double(), F.cross_entropy, x, y, max_grad_norm=0.3)
+
+
+def test_batch_norm_in_training_keeps_its_mixing_refusal():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+    with pytest.raises(bkfx.SampleMixingError, match="replace_batchnorm"):
+        bkfx.compile(model)(torch.randn(3, 4, dtype=f64))
+
