@@ -10,6 +10,7 @@ from bkfx.data import PhysicalBatches, PoissonSampler, poisson_loader, split_phy
 from bkfx.privacy import PrivateTraining, make_private
 from bkfx.checkpoint import load_checkpoint, save_checkpoint
 from bkfx.report import PrivacyReport, privacy_report
+from bkfx import audit
 from bkfx.errors import (
     BkfxError,
     CaptureError,
