@@ -210,8 +210,7 @@ class DPModel(nn.Module):
         batch = batch_size(batched)
         compiled = self._captures.get(key)
         if compiled is None:
-            with self.shards.capturing() if self.shards is not None else contextlib.nullcontext():
-                compiled = self._captures[key] = self._compile(args, kwargs, batch)
+            compiled = self._captures[key] = self._capture(args, kwargs, batch)
         self._last = compiled
         options = self._step_options or default_options
         if options is not None and compiled_step.eager_reason(self, batch) is None:
@@ -281,6 +280,25 @@ class DPModel(nn.Module):
                 f"the model changed after compile ({change}), and its clipping options no longer fit: {e}\n"
                 "  what to do: compile the changed model again with matching style= and max_grad_norm="
             ) from e
+
+    def _capture(self, args, kwargs, batch: int) -> Compiled:
+        """A capture whose run of the forward left the Python state it read as it found it.
+        torch.export runs the forward's Python once and cannot replay its side effects: a state
+        filled on the first call (a cache) is read again by a second capture; a state that every
+        call changes (a counter) cannot be captured."""
+        for _ in range(2):
+            with self.shards.capturing() if self.shards is not None else contextlib.nullcontext():
+                compiled = self._compile(args, kwargs, batch)
+            change = self._guard.changed_since()
+            if change is None:
+                return compiled
+            self._track_parameters()  # the earlier captures, too, read the state before the change
+        raise BkfxError(
+            f"the model's forward changes Python state that bkfx guards each time it runs ({change}), so no "
+            "capture of it stays valid\n"
+            "  what to do: keep state the forward updates out of the model (or in a buffer it updates in place), "
+            "and compute per-call values from the inputs"
+        )
 
     def _compile(self, args, kwargs, batch: int) -> Compiled:
         captured = capture(self.module, args, kwargs, self.batch_dim)
