@@ -284,20 +284,24 @@ class DPModel(nn.Module):
     def _capture(self, args, kwargs, batch: int) -> Compiled:
         """A capture whose run of the forward left the Python state it read as it found it.
         torch.export runs the forward's Python once and cannot replay its side effects: a state
-        filled on the first call (a cache) is read again by a second capture; a state that every
-        call changes (a counter) cannot be captured."""
+        changed by the capture's run outside the model's attributes is read by a second capture; an
+        attribute the forward assigns (a counter, a cache it fills) is refused: export restores
+        module attributes after its trace, so the capture would run with the traced value."""
         for _ in range(2):
-            with self.shards.capturing() if self.shards is not None else contextlib.nullcontext():
+            with self.shards.capturing() if self.shards is not None else contextlib.nullcontext(), \
+                    self._guard.watching_the_trace() as assigned:
                 compiled = self._compile(args, kwargs, batch)
-            change = self._guard.changed_since()
+            change = assigned[0] if assigned else self._guard.changed_since()
             if change is None:
                 return compiled
+            if assigned:  # export restored what the forward assigned: a second trace would assign it again
+                break
             self._track_parameters()  # the earlier captures, too, read the state before the change
         raise BkfxError(
             f"the model's forward changes Python state that bkfx guards each time it runs ({change}), so no "
             "capture of it stays valid\n"
             "  what to do: keep state the forward updates out of the model (or in a buffer it updates in place), "
-            "and compute per-call values from the inputs"
+            "compute per-call values from the inputs, and fill a cache before compiling (one call of the model)"
         )
 
     def _compile(self, args, kwargs, batch: int) -> Compiled:

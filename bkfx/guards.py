@@ -32,8 +32,9 @@ changed. Limits (what is not seen) are in docs/guards.md.
 """
 from __future__ import annotations
 
-import enum
+import contextlib
 import copy
+import enum
 import functools
 import itertools
 import operator
@@ -498,6 +499,28 @@ class ModelGuard:
         """What changed since this snapshot, or None (after a capture: what the capture's own
         run of the forward changed)."""
         return None if self._revalidate() else self.describe_change()
+
+    @contextlib.contextmanager
+    def watching_the_trace(self):
+        """While torch.export traces the model: the values the forward assigned to the state it
+        reads, seen at the end of its run (export restores module attributes after its trace,
+        so a counter the forward increments would otherwise run frozen at its traced value).
+        Yields a list that holds the description, if any."""
+        changes: list[str] = []
+
+        def after_forward(module, args, output):
+            walk = _Walk(self.model)  # during the trace: parameters are export's, hooks and patches its own
+            was = {k: v for k, v in self._walk.entries.items() if k.startswith(("attribute ", "global "))
+                   and not k.startswith("global torch.") and k in walk.entries}
+            change = _difference(was, {k: walk.entries[k] for k in was})
+            if change:
+                changes.append(change)
+
+        handle = self.model.register_forward_hook(after_forward, always_call=True)
+        try:
+            yield changes
+        finally:
+            handle.remove()
 
     def describe_change(self) -> str:
         """What differs from the snapshot, in words."""
