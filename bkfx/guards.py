@@ -8,27 +8,34 @@ would leave the old capture running. torch.compile stays sound because dynamo gu
 value it read; bkfx gets the same property without listing attribute kinds: a generic walk
 of all the Python state reachable from the model that a forward can read (`_Walk`):
 
-- every module in the tree: its class (and every class of its MRO: a method patched on the
-  class), its whole instance `__dict__` (parameters, buffers, submodules, every hook dict, and
-  every other attribute, walked generically), the training flags aside (a capture is made per
-  combination of modes, like per input signature);
-- values, generically: plain values by value; tensors that are not parameters or buffers by
-  identity, metadata and version counter (an in-place change); lists, dicts, sets and tuples
-  recursively; functions by identity, code, defaults and closure cells; bound methods and
-  partials by their parts; objects of user classes (a Hugging Face config) by their `__dict__`;
-- the module-level globals that the code of every user forward reads (`co_names`, also of
-  nested code), and, transitively, of the user functions and methods it names, within a bound;
-- torch's global module hooks (`torch.nn.modules.module._global_*`).
+- every module in the tree: its whole instance `__dict__` (parameters, buffers, submodules,
+  the forward and backward hook dicts, every other attribute, walked generically), the
+  training flags aside (a capture is made per combination of modes, like per input
+  signature); on its class and every class of its MRO up to the one defining it, each name a
+  call looks up (`forward`, `__call__`, ...) and each name its forward's code reads
+  (`self.helper`, a class attribute): a method patched on the class, or an override added;
+- values, generically: plain values by value and type; tensors that are not parameters or
+  buffers by identity, metadata and version counter (an in-place change); lists, dicts, sets
+  and tuples recursively; functions by identity, code, defaults and closure cells; bound
+  methods and partials by their parts; objects of user classes (a Hugging Face config) by
+  their `__dict__`;
+- the module-level globals that the code of every user forward names (`co_names`, also of
+  nested code), and, transitively, of the user functions, methods and autograd Functions it
+  names, within bounds; torch's global module hooks (`torch.nn.modules.module._global_*`).
 
 The walk yields a *fingerprint* (label -> value, compared by value at a change) and *watch
-lists* that one call checks cheaply (`ModelGuard.check`): every watched container's length,
-keys and the identities of its values, the watched globals' identities, tensors' version
-counters, functions' code, defaults and closures, parameters' `requires_grad`, dtype, device
-and shape, all read with C-level `map`s. The walk holds every object it names, so no new
-object can take a watched one's id. When the cheap check differs, a new walk is compared with
-the capture's fingerprint: equal values (an int recomputed, a dict replaced by an equal one)
-keep the capture; a difference means it is stale, and the DP model captures again, saying what
-changed. Limits (what is not seen) are in docs/guards.md.
+lists* that one call checks cheaply (`ModelGuard.check`): every watched container against a
+shallow copy (`copies == containers`, one C-level comparison in which identical values cost a
+pointer test; the empty ones, most hook dicts, with one `any`), and, read with C-level `map`s,
+the identities of what `==` cannot tell apart (a tensor, a config with its own `__eq__`), the
+types of numbers (`1 == 1.0 == True`), the globals and class attributes read by name, the
+version counters, functions' code, defaults and closures, and the parameters' `requires_grad`,
+dtype, device and shape. The walk holds every object it names, so no new object can take a
+watched one's id. When the cheap check differs, a new walk is compared with the capture's
+fingerprint: equal values (an int recomputed, a dict replaced by an equal one) keep the
+capture; a difference means it is stale, and the DP model captures again, saying what changed.
+A forward that assigns the state it reads while it is traced is refused (`watching_the_trace`).
+Limits (what is not seen) are in docs/guards.md.
 """
 from __future__ import annotations
 
