@@ -114,6 +114,8 @@ class _Same:
         return type(other) is _Same and self.obj is other.obj
 
     def __repr__(self):
+        if self.obj is _MISSING:
+            return "not defined"
         name = getattr(self.obj, "__qualname__", None) or getattr(self.obj, "__name__", None)
         return f"{type(self.obj).__name__} {name}" if name else f"a {type(self.obj).__name__} object"
 
