@@ -219,8 +219,7 @@ class DPModel(nn.Module):
         batch = batch_size(batched)
         compiled = self._captures.get(key)
         if compiled is None:
-            with self.shards.capturing() if self.shards is not None else contextlib.nullcontext():
-                compiled = self._captures[key] = self._compile(args, kwargs, batch)
+            compiled = self._captures[key] = self._capture(args, kwargs, batch)
         self._last = compiled
         options = self._step_options or default_options
         if options is not None and compiled_step.eager_reason(self, batch) is None:
@@ -292,6 +291,29 @@ class DPModel(nn.Module):
                 f"the model changed after compile ({change}), and its clipping options no longer fit: {e}\n"
                 "  what to do: compile the changed model again with matching style= and max_grad_norm="
             ) from e
+
+    def _capture(self, args, kwargs, batch: int) -> Compiled:
+        """A capture whose run of the forward left the Python state it read as it found it.
+        torch.export runs the forward's Python once and cannot replay its side effects: a state
+        changed by the capture's run outside the model's attributes is read by a second capture; an
+        attribute the forward assigns (a counter, a cache it fills) is refused: export restores
+        module attributes after its trace, so the capture would run with the traced value."""
+        for _ in range(2):
+            with self.shards.capturing() if self.shards is not None else contextlib.nullcontext(), \
+                    self._guard.watching_the_trace() as assigned:
+                compiled = self._compile(args, kwargs, batch)
+            change = assigned[0] if assigned else self._guard.changed_since()
+            if change is None:
+                return compiled
+            if assigned:  # export restored what the forward assigned: a second trace would assign it again
+                break
+            self._track_parameters()  # the earlier captures, too, read the state before the change
+        raise BkfxError(
+            f"the model's forward changes Python state that bkfx guards each time it runs ({change}), so no "
+            "capture of it stays valid\n"
+            "  what to do: keep state the forward updates out of the model (or in a buffer it updates in place), "
+            "compute per-call values from the inputs, and fill a cache before compiling (one call of the model)"
+        )
 
     def _compile(self, args, kwargs, batch: int) -> Compiled:
         captured = capture(self.module, args, kwargs, self.batch_dim)
