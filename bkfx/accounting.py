@@ -162,6 +162,11 @@ class Accountant:
         _check_method(method)
         self.method = method
         self.history: list[Run] = []
+        self.notes: dict = {}  # what else was accounted, for `privacy_report` (adaptive clipping, the unit, ...)
+
+    def note(self, key: str, value) -> None:
+        """Record a fact about the mechanism (a dict of numbers and strings) for `privacy_report`."""
+        self.notes[key] = value
 
     def step(self, *, noise_multiplier: float, sample_rate: float, count: int = 1) -> None:
         _check_run(noise_multiplier, sample_rate, count)
@@ -180,12 +185,16 @@ class Accountant:
         return _epsilon_of(self.history, delta, self.method)
 
     def state_dict(self) -> dict:
-        return {"method": self.method, "history": [(r.noise_multiplier, r.sample_rate, r.count) for r in self.history]}
+        state = {"method": self.method, "history": [(r.noise_multiplier, r.sample_rate, r.count) for r in self.history]}
+        if self.notes:
+            state["notes"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.notes.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         _check_method(state["method"])
         self.method = state["method"]
         self.history = [Run(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self.notes = dict(state.get("notes", {}))
 
     def __repr__(self) -> str:
         runs = ", ".join(f"(σ={r.noise_multiplier:g}, q={r.sample_rate:g}) x {r.count}" for r in self.history)

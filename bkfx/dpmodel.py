@@ -134,6 +134,8 @@ class DPModel(nn.Module):
         self._open: Tape | None = None  # the tape of forward calls still awaiting their backward
         self._step_options: compiled_step.StepOptions | None = None  # set by `compile()`: the compiled BK step
         self._pending = None  # weakref to the last compiled call's `_Pending`
+        self._threshold_values = None  # (thresholds, device, their 0-dim tensors): `threshold_tensors`
+        self.unclipped_count = None  # adaptive clipping's `bkfx.adaptive.UnclippedCount`, set by DPOptimizer
         self._last_program: compiled_step.Program | None = None
         self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
         self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
@@ -231,7 +233,9 @@ class DPModel(nn.Module):
 
     def _forward_compiled(self, compiled: Compiled, options, args, kwargs, batched, batch: int):
         """One call through the compiled BK step: the trace that admits this batch size, or a new one."""
-        key = (options, self._clip.sum_output, tuple(self._clip.thresholds), self._clip.clipping, self._clip.gamma,
+        # the thresholds are inputs of the programs (`threshold_tensors`), not part of the key: a new R
+        # (adaptive clipping) runs the same programs
+        key = (options, self._clip.sum_output, self._clip.clipping, self._clip.gamma,
                AutocastState.current())  # the trace bakes in autocast's casts
         if key in compiled.step_failures:
             return _EAGER
@@ -265,6 +269,12 @@ class DPModel(nn.Module):
 
     def _compiled_backward_done(self, program, norms) -> None:
         self._last_tape = compiled_step.StepRecord(program, norms, len(self._clip.groups))
+        self._after_backward(self._last_tape)
+
+    def _after_backward(self, record) -> None:
+        """What a backward pass's norms feed besides inspection: adaptive clipping's count."""
+        if self.unclipped_count is not None and record.per_sample_norms is not None:
+            self.unclipped_count.add(record.group_norms, self._clip.thresholds, record.per_sample_norms.shape[0])
 
     def _recapture_after_change(self) -> None:
         change = self._guard.describe_change()
@@ -295,6 +305,7 @@ class DPModel(nn.Module):
 
     def _finalised(self, tape: Tape) -> None:
         self._last_tape = tape
+        self._after_backward(tape)
 
     # -- inspection -----------------------------------------------------------------------
     @property
@@ -339,6 +350,39 @@ class DPModel(nn.Module):
     def max_grad_norms(self) -> list[float]:
         """The clipping threshold of each group."""
         return list(self._clip.thresholds)
+
+    @property
+    def max_grad_norm(self):
+        """The clipping threshold R the next backward clips at: a number (one group) or a list (one
+        per group). Settable between steps (adaptive clipping sets it after every step): a value read
+        at run time by the eager ledger and an input of the compiled step's programs, so a new R
+        neither recaptures nor recompiles."""
+        values = list(self._clip.thresholds)
+        return values[0] if len(values) == 1 else values
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        if isinstance(value, (list, tuple)) and len(self._clip.groups) == 1 and len(value) == 1:
+            value = value[0]
+        self._clip.thresholds = _thresholds(value, self._clip.groups)
+        self._max_grad_norm = value if isinstance(value, (int, float)) else list(value)  # kept by a recapture
+
+    def threshold_tensors(self, device) -> list[torch.Tensor]:
+        """The thresholds as 0-dim float64 tensors on `device`, the compiled step's inputs (made
+        again only when R changes, so CUDA graphs copy a new value into their static input)."""
+        values = tuple(self._clip.thresholds)
+        cached = self._threshold_values
+        if cached is None or cached[0] != values or cached[1] != device:
+            dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+            tensors = [torch.tensor(r, dtype=dtype, device=device) for r in values]
+            cached = self._threshold_values = (values, device, tensors)
+        return cached[2]
+
+    @property
+    def compiled_step_count(self) -> int:
+        """How many compiled BK steps (`bkfx.compiled`: a traced and compiled forward/backward pair)
+        the captures hold: one per batch-size range and option set, not one per clipping threshold."""
+        return sum(len(programs) for c in self._captures.values() for programs in c.programs.values())
 
     @property
     def capture_count(self) -> int:
