@@ -114,7 +114,8 @@ class Program:
     tangents: list[int] = field(default_factory=list)  # the backward's tangent inputs, as tensor output positions
     graphs: "CudaGraphs | None" = None  # mode="reduce-overhead" on CUDA: the programs replayed as CUDA graphs
     traced_at: int = 0  # the batch size the trace was made at (its guards hold there by construction)
-    threshold_device: object = None  # where the thresholds, the programs' last inputs, live
+    threshold_device: object = None  # where the thresholds, the programs' last inputs (but the mask), live
+    masked: bool = False  # the programs take a padding mask as their last input
     _admits: dict = field(default_factory=dict)
 
     def admits(self, batch: int) -> bool:
@@ -167,9 +168,10 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     # the clipping thresholds are the last primals, 0-dim tensors read at run time: a new R (adaptive
     # clipping) runs the same programs
     thresholds = dp_model.threshold_tensors(_device_of(state, flat, positions))
+    mask = dp_model._call_mask  # padding rows (`bkfx.data.Padding`): an input of the batch's size, after R
     primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions] + \
-        [fake(t, None) for t in thresholds]
-    n_state, n_inputs = len(names), len(positions)
+        [fake(t, None) for t in thresholds] + ([fake(mask, 0)] if mask is not None else [])
+    n_state, n_inputs, n_thresholds = len(names), len(positions), len(thresholds)
     batch_symbol = primals[n_state + first_batched].shape[first_dim].node.expr
     layout: dict = {}
 
@@ -185,8 +187,9 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         inputs = [x.detach().requires_grad_() if w else x for x, w in zip(primals[n_state:n_state + n_inputs], wants_grad)]
         params = {model_name[id(state[n])]: leaf for n, leaf in zip(names, leaves) if n in trainable}
         batch = inputs[first_batched].shape[first_dim]
-        config = dataclasses.replace(dp_model._clip, thresholds=list(primals[n_state + n_inputs:]))
-        tape = Tape(compiled.sites, params, config, batch, compiled.tied, traced=True)
+        config = dataclasses.replace(dp_model._clip, thresholds=list(primals[n_state + n_inputs:][:n_thresholds]))
+        tape = Tape(compiled.sites, params, config, batch, compiled.tied, traced=True,
+                    mask=primals[-1] if mask is not None else None)
         with recording(tape):
             out = call(leaves, inputs)
         outs, out_spec = pytree.tree_flatten(out)
@@ -244,6 +247,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     )
     program.traced_at = int(flat[positions[first_batched]].shape[first_dim])
     program.threshold_device = thresholds[0].device if thresholds else torch.device("cpu")
+    program.masked = mask is not None
     program.tangents = [int(n.name.rpartition("_")[2]) - 1 for n in backward_graph.graph.find_nodes(op="placeholder")
                         if n.name.startswith("tangents")]
     if options.cuda_graphs and cuda:
@@ -390,7 +394,9 @@ def run(program: Program, owner, args, kwargs):
     backward, and `pending` says whether it has run."""
     pending = _Pending(owner)
     inputs = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    outs = _Step.apply(program, pending, *program.state, *inputs, *owner.threshold_tensors(program.threshold_device))
+    mask = [owner._call_mask] if program.masked else []
+    pending.mask = owner._call_mask
+    outs = _Step.apply(program, pending, *program.state, *inputs, *owner.threshold_tensors(program.threshold_device), *mask)
     return pending, _unflatten(program, outs)
 
 
@@ -410,6 +416,7 @@ class _Pending:
         self.joined = False  # another compiled call was made before this one's backward
         self.saved = None  # the forward program's saved values, until the backward has used them
         self.graph_key = None  # with CUDA graphs: the forward graph that ran this call
+        self.mask = None  # the call's padding mask (`bkfx.data.Padding`), for adaptive clipping's count
 
     def __repr__(self):
         return f"_Pending(done={self.done}, joined={self.joined})"
@@ -465,7 +472,7 @@ class _Step(torch.autograd.Function):
         pending.done = True
         owner = pending.owner()
         if owner is not None:
-            owner._compiled_backward_done(program, norms)
+            owner._compiled_backward_done(program, norms, pending.mask)
         return tuple(gradients)
 
 

@@ -18,6 +18,7 @@ import weakref
 from bkfx import compiled as compiled_step
 from bkfx import operator as compile_operator
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
+from bkfx.data import current_padding
 from bkfx.distributed import FSDPShards, check_not_sharded_after_compile
 from bkfx.errors import BkfxError, NotCapturedError
 from bkfx.guards import ModelGuard
@@ -136,6 +137,8 @@ class DPModel(nn.Module):
         self._pending = None  # weakref to the last compiled call's `_Pending`
         self._threshold_values = None  # (thresholds, device, their 0-dim tensors): `threshold_tensors`
         self.unclipped_count = None  # adaptive clipping's `bkfx.adaptive.UnclippedCount`, set by DPOptimizer
+        self._call_mask = None  # the padding mask of the call in progress (`_padding_mask`)
+        self.truncation_probability = 0.0  # the largest per-step truncation probability of the batches seen
         self._last_program: compiled_step.Program | None = None
         self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
         self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
@@ -210,6 +213,7 @@ class DPModel(nn.Module):
         batched = batch_dims_of(self.batch_dim, args, kwargs, self.module.forward)
         key = (modes, signature(self.module, args, kwargs, batched))
         batch = batch_size(batched)
+        self._call_mask = self._padding_mask(batched, batch)
         compiled = self._captures.get(key)
         if compiled is None:
             with self.shards.capturing() if self.shards is not None else contextlib.nullcontext():
@@ -224,7 +228,8 @@ class DPModel(nn.Module):
         if tape is not None and tape.batch != batch:
             tape.superseded, tape = True, None  # not the same samples: its backward, if any, is refused
         if tape is None:
-            tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised)
+            tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised,
+                        mask=self._call_mask)
         else:
             tape.join(compiled.sites)
         self._open = tape
@@ -236,7 +241,7 @@ class DPModel(nn.Module):
         # the thresholds are inputs of the programs (`threshold_tensors`), not part of the key: a new R
         # (adaptive clipping) runs the same programs
         key = (options, self._clip.sum_output, self._clip.clipping, self._clip.gamma,
-               AutocastState.current())  # the trace bakes in autocast's casts
+               AutocastState.current(), self._call_mask is not None)  # the trace bakes in autocast's casts
         if key in compiled.step_failures:
             return _EAGER
         programs = compiled.programs.setdefault(key, [])
@@ -267,14 +272,25 @@ class DPModel(nn.Module):
         self._pending = weakref.ref(pending)
         return out
 
-    def _compiled_backward_done(self, program, norms) -> None:
+    def _compiled_backward_done(self, program, norms, mask=None) -> None:
         self._last_tape = compiled_step.StepRecord(program, norms, len(self._clip.groups))
-        self._after_backward(self._last_tape)
+        self._after_backward(self._last_tape, mask)
 
-    def _after_backward(self, record) -> None:
+    def _after_backward(self, record, mask=None) -> None:
         """What a backward pass's norms feed besides inspection: adaptive clipping's count."""
         if self.unclipped_count is not None and record.per_sample_norms is not None:
-            self.unclipped_count.add(record.group_norms, self._clip.thresholds, record.per_sample_norms.shape[0])
+            self.unclipped_count.add(record.group_norms, self._clip.thresholds, record.per_sample_norms.shape[0], mask)
+
+    def _padding_mask(self, batched, batch: int):
+        """The padding of this call's batch (`bkfx.data.current_padding`, set by a padded
+        `poisson_loader`): `[B]` bool on the inputs' device, or None. A mark of another batch size is
+        not this batch's. The truncation probability it carries is kept for the accountant."""
+        padding = current_padding()
+        if padding is None or padding.mask.shape[0] != batch:
+            return None
+        self.truncation_probability = max(self.truncation_probability, padding.truncation_probability)
+        device = batched[0][0].device if batched else padding.mask.device
+        return padding.mask.to(device)
 
     def _recapture_after_change(self) -> None:
         change = self._guard.describe_change()
@@ -305,7 +321,7 @@ class DPModel(nn.Module):
 
     def _finalised(self, tape: Tape) -> None:
         self._last_tape = tape
-        self._after_backward(tape)
+        self._after_backward(tape, tape.mask)
 
     # -- inspection -----------------------------------------------------------------------
     @property

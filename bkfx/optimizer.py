@@ -51,6 +51,10 @@ R and the noise is scaled to it. The accountant charges each step at the combine
 multiplier of the gradient's σ and the count's σ_b (`accounted_noise_multiplier`). The
 thresholds are in `state_dict()`.
 
+Truncated Poisson batches (`bkfx.poisson_loader(max_batch_size=M)`): the model notes the loader's
+per-step truncation probability when it runs on its batches, and every step is accounted with it
+(`bkfx.accounting._epsilon_of` adds it to δ).
+
 `secure_mode=True` draws noise that resists the floating-point attacks on naive Gaussian
 samplers (see `add_gaussian_noise_`); it takes no seed (its key comes from the OS).
 
@@ -347,7 +351,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.adaptive_clipping is not None:
             self._adapt_threshold()
         if self.accountant is not None:
-            self.accountant.step(noise_multiplier=self.accounted_noise_multiplier, sample_rate=self.sample_rate)
+            self.accountant.step(noise_multiplier=self.accounted_noise_multiplier, sample_rate=self.sample_rate,
+                                 truncation_probability=getattr(self._model, "truncation_probability", 0.0))
         self.optimizer.step()
         return loss
 

@@ -17,6 +17,7 @@ With `target_epsilon`, the noise multiplier is the smallest that keeps
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -46,7 +47,7 @@ def make_private(
     max_grad_norm, clipping: str = "abadi", style="all-layer", batch_size: int | None = None,
     sample_rate: float | None = None, loss_reduction: str = "mean", max_physical_batch_size: int | None = None,
     seed: int | None = None, accountant: str = "rdp", adaptive_clipping: AdaptiveClipping | None = None,
-    **compile_options,
+    max_batch_size: int | None = None, pad_to_multiple_of: int | None = None, **compile_options,
 ) -> PrivateTraining:
     """Compile `model`, wrap `optimizer` and Poisson-sample `data` for (ε, δ)-DP training.
 
@@ -65,6 +66,8 @@ def make_private(
         (torch.distributed initialised): every rank passes the same seed and gets its shard of the
         global Poisson batch; `batch_size` is the global expected batch size.
     accountant: "rdp" or "pld", for both the noise calibration and the accountant.
+    max_batch_size, pad_to_multiple_of: fixed-shape batches (truncated Poisson sampling, padded;
+        see `bkfx.poisson_loader`); the accountant adds the truncation probability to δ.
     adaptive_clipping: a `bkfx.AdaptiveClipping`: R follows a quantile of the norms (max_grad_norm
         is its start unless `initial` is given). noise_multiplier is then the gradient's z_Δ; with
         target_epsilon, the calibrated σ is the combined z of gradient and count, and
@@ -84,11 +87,18 @@ def make_private(
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # data parallel: this rank's shard
         shard = {"rank": torch.distributed.get_rank(), "world_size": torch.distributed.get_world_size()}
     loader = poisson_loader(
-        dataset, sample_rate, seed=None if sampling_seed is None else int(sampling_seed), **shard, **loader_options
+        dataset, sample_rate, seed=None if sampling_seed is None else int(sampling_seed), **shard, **loader_options,
+        max_batch_size=max_batch_size, pad_to_multiple_of=pad_to_multiple_of,
     )
     if target_epsilon is not None:
         steps = epochs * len(loader)
-        noise_multiplier = noise_multiplier_for(target_epsilon, sample_rate, steps, target_delta, accountant)
+        # truncation: the untruncated mechanism must meet δ − (1 + e^ε)·T·p (`bkfx.accounting._epsilon_of`)
+        sampler_delta = target_delta - (1 + math.exp(target_epsilon)) * steps * loader.batch_sampler.truncation_probability
+        if not sampler_delta > 0:
+            raise ValueError(f"max_batch_size={max_batch_size} truncates too often for target_delta={target_delta}: "
+                             f"P[batch > max_batch_size] = {loader.batch_sampler.truncation_probability:.3g} a step; "
+                             "raise max_batch_size (a few standard deviations above the expected batch size)")
+        noise_multiplier = noise_multiplier_for(target_epsilon, sample_rate, steps, sampler_delta, accountant)
         if adaptive_clipping is not None:  # the calibrated σ is the pair's: the gradient gets z_Δ
             noise_multiplier = gradient_noise_multiplier(noise_multiplier, adaptive_clipping.count_noise_multiplier)
 

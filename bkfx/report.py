@@ -53,6 +53,11 @@ class PrivacyReport:
             rows.append(("adaptive clipping", f"gradient z_Δ {z:.4g} + count σ_b {s:.4g} (target quantile "
                          f"{adaptive['target_unclipped_quantile']:g}, {adaptive['groups']} group(s)) charged as one "
                          "Gaussian z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2) (Andrew et al. 2021, Thm. 1)"))
+        truncation = self.notes.get("truncation")
+        if truncation is not None:
+            rows.append(("truncation", f"batches cut at max_batch_size with probability ≤ {truncation['per_step']:.3g} a step, "
+                         f"{truncation['probability']:.3g} over the run, added to δ as (1 + e^ε)·{truncation['probability']:.3g} "
+                         "(the truncated mechanism differs from Poisson sampling only when a batch is cut)"))
         return rows
 
     def epsilon(self, accountant: str) -> float:
@@ -98,10 +103,14 @@ def privacy_report(accountant: Accountant | None = None, *, delta: float, noise_
             other = Accountant(method)
             other.load_state_dict({**state, "method": method})
             epsilons[method] = other.epsilon(delta)
-    runs = tuple((float(s), float(q), int(n)) for s, q, n in state["history"] if n > 0)
+    runs = tuple((float(s), float(q), int(n)) for s, q, n, *_ in state["history"] if n > 0)
+    tail = sum(int(n) * float(rest[0]) for _, _, n, *rest in state["history"] if rest)
+    notes = dict(state.get("notes", {}))
+    if tail:
+        notes["truncation"] = {"probability": tail, "per_step": max(float(h[3]) for h in state["history"] if len(h) > 3)}
     one = runs[0] if len(runs) == 1 else None
     return PrivacyReport(
         delta=float(delta), epsilon_rdp=epsilons["rdp"], epsilon_pld=epsilons["pld"],
         steps=sum(n for _, _, n in runs), noise_multiplier=one[0] if one else None,
-        sample_rate=one[1] if one else None, runs=runs, notes=dict(state.get("notes", {})),
+        sample_rate=one[1] if one else None, runs=runs, notes=notes,
     )
