@@ -138,6 +138,8 @@ def eager_reason(dp_model, batch: int) -> str | None:
         return "a GradScaler's loss scale"
     if dp_model.shards is not None:
         return "FSDP2-sharded parameters (bkfx.distributed drives the shards around the eager step)"
+    if getattr(dp_model, "_call_units", None) is not None:
+        return "user-level units (a user's rows clipped as one: the eager ledger reshapes them per batch)"
     return None
 
 

@@ -112,14 +112,19 @@ class PoissonSampler(Sampler):
     def _batches(self, skip: int) -> Iterator[list[int]]:
         for k in range(self.steps):
             included = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            batch = self._select(included.nonzero().flatten())  # its draws too are redrawn for skipped batches
             if k < skip:
                 continue
             if not self.counted_by_loader:
                 self.delivered(k + 1)
-            indices = self.truncate(included.nonzero().flatten())
-            if self.world_size > 1:
-                indices = indices[indices % self.world_size == self.rank]
-            yield indices.tolist()
+            yield batch
+
+    def _select(self, indices: torch.Tensor) -> list[int]:
+        """The batch of the Poisson-drawn `indices`: truncated, this rank's shard."""
+        indices = self.truncate(indices)
+        if self.world_size > 1:
+            indices = indices[indices % self.world_size == self.rank]
+        return indices.tolist()
 
     def truncate(self, indices: torch.Tensor) -> torch.Tensor:
         """Truncated Poisson sampling: a batch of more than `max_batch_size` (M) indices becomes a
@@ -213,6 +218,7 @@ class Padding:
 
     mask: torch.Tensor
     truncation_probability: float = 0.0
+    rows_per_unit: int | None = None  # user-level privacy: each run of this many rows is one user (`UserSampler`)
 
 
 _padding: contextvars.ContextVar[Padding | None] = contextvars.ContextVar("bkfx_padding", default=None)
@@ -225,10 +231,10 @@ def current_padding() -> Padding | None:
 
 
 @contextlib.contextmanager
-def padded(mask: torch.Tensor, truncation_probability: float = 0.0):
+def padded(mask: torch.Tensor, truncation_probability: float = 0.0, rows_per_unit: int | None = None):
     """Mark rows of the batches run inside as padding (`mask[i]` False): the DP model gives them
     clip factor 0, and they enter no `.grad`, norm or count. For loops that pad batches themselves."""
-    token = _padding.set(Padding(torch.as_tensor(mask, dtype=torch.bool), float(truncation_probability)))
+    token = _padding.set(Padding(torch.as_tensor(mask, dtype=torch.bool), float(truncation_probability), rows_per_unit))
     try:
         yield
     finally:
@@ -246,13 +252,13 @@ class _Padded:
     """A padded batch on its way from a worker to the loader: the batch and its number of real rows
     (the first ones). Pinned like the batch it carries."""
 
-    def __init__(self, batch, real: int):
-        self.batch, self.real = batch, real
+    def __init__(self, batch, real: int, mask: torch.Tensor | None = None, rows_per_unit: int | None = None):
+        self.batch, self.real, self.mask, self.rows_per_unit = batch, real, mask, rows_per_unit
 
     def pin_memory(self, device=None):
         from torch.utils.data._utils.pin_memory import pin_memory
 
-        return _Padded(pin_memory(self.batch, device), self.real)
+        return _Padded(pin_memory(self.batch, device), self.real, self.mask, self.rows_per_unit)
 
 
 class PaddedCollate(EmptyBatchCollate):
@@ -278,8 +284,8 @@ class PaddedCollate(EmptyBatchCollate):
 def poisson_loader(
     dataset, sample_rate: float, *, steps: int | None = None, generator: torch.Generator | None = None,
     seed: int | None = None, collate_fn=None, rank: int | None = None, world_size: int | None = None,
-    max_batch_size: int | None = None, pad_to_multiple_of: int | None = None,
-    **loader_options,
+    max_batch_size: int | None = None, pad_to_multiple_of: int | None = None, user_ids=None,
+    examples_per_user: int = 1, **loader_options,
 ) -> DataLoader:
     """A DataLoader over `dataset` whose batches are Poisson samples at rate `sample_rate`.
 
@@ -299,6 +305,12 @@ def poisson_loader(
     unless truncated; the accountant adds the truncation probability `P[Bin(N+1, q) > M]` per step
     to δ (`bkfx.accounting.truncation_probability`). With a loss reduced by "mean", the loss
     divides by the padded size; the DP model's clipped sums do not depend on it.
+
+    User-level privacy: with `user_ids=` (the user of each example) the steps sample users with
+    probability q (`sample_rate` is then per user), at most `examples_per_user` examples each,
+    padded to that many rows per user (`UserSampler`); the DP model clips per user, and the
+    expected batch size for `DPOptimizer` is q × the number of users (`loader.batch_sampler
+    .expected_batch_size`).
     """
     fixed = sorted({"batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"} & set(loader_options))
     if fixed:
@@ -311,6 +323,15 @@ def poisson_loader(
     if max_batch_size is not None and world_size not in (None, 1):
         raise ValueError("max_batch_size with a sharded sampler (world_size > 1) is not supported: each rank's shard "
                          "of the truncated batch would still vary in size")
+    if user_ids is not None:
+        if max_batch_size is not None or world_size not in (None, 1):
+            raise ValueError("user_ids= (user-level sampling) cannot be combined with max_batch_size= or a sharded sampler")
+        if len(user_ids) != len(dataset):
+            raise ValueError(f"user_ids has {len(user_ids)} entries for {len(dataset)} examples: give each example's user")
+        sampler = UserSampler(user_ids, sample_rate, examples_per_user=examples_per_user, steps=steps,
+                              generator=generator, seed=seed)
+        return PoissonLoader(_MarkedDataset(dataset), batch_sampler=sampler,
+                             collate_fn=UserCollate(dataset, collate_fn, examples_per_user), **loader_options)
     sampler = PoissonSampler(len(dataset), sample_rate, steps=steps, generator=generator, seed=seed,
                              rank=rank, world_size=world_size, max_batch_size=max_batch_size)
     collate = EmptyBatchCollate(dataset, collate_fn) if max_batch_size is None else \
@@ -342,10 +363,10 @@ class PoissonLoader(DataLoader):
                 sampler.delivered(done)
                 if isinstance(batch, _Padded):  # the loop's batch has padding rows until the next one
                     size = batch_size_of(batch.batch)
-                    mask = torch.arange(size) < batch.real
+                    mask = torch.arange(size) < batch.real if batch.mask is None else batch.mask
                     if token is not None:
                         _reset(token)
-                    token = _padding.set(Padding(mask, sampler.truncation_probability))
+                    token = _padding.set(Padding(mask, sampler.truncation_probability, batch.rows_per_unit))
                     batch = batch.batch
                 yield batch
         finally:
@@ -446,3 +467,65 @@ class PhysicalBatches:
     def logical_batches(self) -> int:
         """The number of logical batches (optimizer steps) per pass."""
         return len(self.loader)
+
+
+class UserSampler(PoissonSampler):
+    """User-level Poisson sampling: each step samples every user with probability q (users, not
+    examples, are the unit of privacy) and takes at most `examples_per_user` (k) of each sampled
+    user's examples (a uniformly random k of them when the user has more). A batch is the sampled
+    users' examples, user by user, each user padded to exactly k rows (padding index -1), so the DP
+    model clips each run of k rows as one unit (`Padding.rows_per_unit`): the gradient of the sum of
+    the user's examples' losses, clipped. `expected_batch_size` is q U, the expected number of users,
+    which `DPOptimizer` divides the noisy sum by."""
+
+    def __init__(self, user_ids, sample_rate: float, *, examples_per_user: int, steps: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None):
+        ids = torch.as_tensor(user_ids)
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("user_ids must be a non-empty 1-d sequence: the user of each example")
+        if not isinstance(examples_per_user, int) or isinstance(examples_per_user, bool) or examples_per_user <= 0:
+            raise ValueError(f"examples_per_user must be a positive int, got {examples_per_user!r}")
+        users, inverse = torch.unique(ids, return_inverse=True)
+        super().__init__(len(users), sample_rate, steps=steps, generator=generator, seed=seed)
+        self.examples_per_user = examples_per_user
+        order = torch.argsort(inverse, stable=True)
+        counts = torch.bincount(inverse, minlength=len(users))
+        self._examples = list(order.split(counts.tolist()))  # each user's example indices
+
+    def _select(self, users: torch.Tensor) -> list[int]:
+        """The sampled users' examples, at most k each (a uniformly random k), each padded to k rows."""
+        k, batch = self.examples_per_user, []
+        for u in users.tolist():
+            examples = self._examples[u]
+            if examples.numel() > k:
+                examples = examples[torch.randperm(examples.numel(), generator=self.generator)[:k].sort().values]
+            batch += examples.tolist() + [-1] * (k - examples.numel())
+        return batch
+
+
+class _MarkedDataset(torch.utils.data.Dataset):
+    """`(dataset[i], True)`, or for the padding index -1 `(dataset[0], False)`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (self.dataset[0], False) if i < 0 else (self.dataset[i], True)
+
+
+class UserCollate(EmptyBatchCollate):
+    """Collates a user-level batch of marked examples (`_MarkedDataset`): the batch, with the
+    padding mask and the rows per user (`_Padded`)."""
+
+    def __init__(self, dataset, collate_fn, rows_per_unit: int):
+        super().__init__(dataset, collate_fn)
+        self.rows_per_unit = rows_per_unit
+
+    def __call__(self, marked: list):
+        if not marked:
+            return _Padded(super().__call__([]), 0, torch.zeros(0, dtype=torch.bool), self.rows_per_unit)
+        examples, real = zip(*marked)
+        return _Padded(self.collate_fn(list(examples)), sum(real), torch.tensor(real), self.rows_per_unit)

@@ -138,6 +138,8 @@ class DPModel(nn.Module):
         self._threshold_values = None  # (thresholds, device, their 0-dim tensors): `threshold_tensors`
         self.unclipped_count = None  # adaptive clipping's `bkfx.adaptive.UnclippedCount`, set by DPOptimizer
         self._call_mask = None  # the padding mask of the call in progress (`_padding_mask`)
+        self._call_units = None  # user-level privacy: the rows per user of the call in progress
+        self.privacy_unit = ("example", 1)  # what one clipped unit is: ("user", k) once user batches ran
         self.truncation_probability = 0.0  # the largest per-step truncation probability of the batches seen
         self._last_program: compiled_step.Program | None = None
         self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
@@ -229,7 +231,7 @@ class DPModel(nn.Module):
             tape.superseded, tape = True, None  # not the same samples: its backward, if any, is refused
         if tape is None:
             tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised,
-                        mask=self._call_mask)
+                        mask=self._call_mask, rows_per_unit=self._call_units)
         else:
             tape.join(compiled.sites)
         self._open = tape
@@ -286,8 +288,12 @@ class DPModel(nn.Module):
         `poisson_loader`): `[B]` bool on the inputs' device, or None. A mark of another batch size is
         not this batch's. The truncation probability it carries is kept for the accountant."""
         padding = current_padding()
+        self._call_units = None
         if padding is None or padding.mask.shape[0] != batch:
             return None
+        if padding.rows_per_unit is not None:  # user-level: runs of k rows are clipped as one user
+            self._call_units = padding.rows_per_unit
+            self.privacy_unit = ("user", padding.rows_per_unit)
         self.truncation_probability = max(self.truncation_probability, padding.truncation_probability)
         device = batched[0][0].device if batched else padding.mask.device
         return padding.mask.to(device)
@@ -321,7 +327,7 @@ class DPModel(nn.Module):
 
     def _finalised(self, tape: Tape) -> None:
         self._last_tape = tape
-        self._after_backward(tape, tape.mask)
+        self._after_backward(tape, tape.unit_mask)
 
     # -- inspection -----------------------------------------------------------------------
     @property

@@ -88,6 +88,7 @@ class Tape:
     _group_squares: dict = field(default_factory=dict)
     _partial: dict = field(default_factory=dict)  # group -> Σ squared norms of its untied parameters so far
     mask: torch.Tensor | None = None  # [B] bool, False for padding rows (`bkfx.data.Padding`): clip factor 0
+    rows_per_unit: int | None = None  # user-level privacy: each run of k rows is one unit, clipped as one (`_to_units`)
 
     def __post_init__(self):
         self._group_of = {n: g for g, names in enumerate(self.config.groups) for n in names}
@@ -124,6 +125,8 @@ class Tape:
 
     def add(self, site: Site, parts: list) -> None:
         """Book-keep one site's pieces `[(parameter name, piece)]`; untied parameters' norms now."""
+        if self.rows_per_unit is not None:
+            parts = [(name, self._to_units(piece)) for name, piece in parts]
         by_name: dict[str, list] = {}
         for name, piece in parts:
             by_name.setdefault(name, []).append(piece)
@@ -204,14 +207,43 @@ class Tape:
         are the first n (as `bkfx.poisson_loader` pads), n: the clipped sums are then taken over
         those rows only, with the very shapes (so the very sums) of the unpadded batch. A compiled
         step keeps the padded shape (its point) and sums the zero-weighted rows too."""
-        mask = self.mask.to(c.device)
+        mask = self.unit_mask.to(c.device)
         c = torch.where(mask, c, torch.zeros_like(c))
-        if self.traced:
+        if self.traced or self.rows_per_unit is not None:
             return c, None
         n = int(mask.sum())
         if not bool(mask[:n].all()):
             return c, None
         return c[:n], n
+
+    @property
+    def unit_mask(self) -> torch.Tensor | None:
+        """`[units]` bool: the units with a real row (a unit is a row, or k rows for users)."""
+        if self.mask is None or self.rows_per_unit is None:
+            return self.mask
+        return self.mask.view(-1, self.rows_per_unit).any(1)
+
+    def _to_units(self, piece):
+        """User-level privacy: the piece of each unit of k consecutive rows (a user's examples, padded
+        to k), padding rows zeroed first. A unit's gradient is the sum of its rows' gradients:
+        explicit pieces are summed over the k rows; factored ones `Σ_j L_jᵀ R_j = [L_1; ...; L_k]ᵀ
+        [R_1; ...; R_k]` have their rows' factors concatenated along T (exact, cross terms of the
+        unit's rows included, so ghost norms stay exact per unit)."""
+        k = self.rows_per_unit
+        keep = None if self.mask is None else self.mask.to(_device_of_piece(piece))
+        if isinstance(piece, Explicit):
+            G = piece.G if keep is None else piece.G * keep.view((-1,) + (1,) * (piece.G.dim() - 1)).to(piece.G.dtype)
+            return Explicit(G.reshape(-1, k, *G.shape[1:]).sum(1))
+        L, R = piece.L, piece.R
+        units = R.t.shape[0] // k
+        if isinstance(L, Dense):
+            t = L.t if keep is None else L.t * keep[:, None, None].to(L.t.dtype)
+            L = Dense(t.reshape(units, -1, t.shape[2]))
+        else:
+            mask = L.mask if keep is None else (keep[:, None] if L.mask is None else L.mask & keep[:, None])
+            mask = None if mask is None else mask.expand(L.idx.shape).reshape(units, -1)
+            L = OneHot(L.idx.reshape(units, -1), L.size, mask)
+        return Factored(L, Dense(R.t.reshape(units, -1, R.t.shape[2])))
 
     def _norm_scale(self, squared: torch.Tensor):
         """Recorded norms to per-sample norms: `× B` for a mean loss, `÷ S` for a GradScaler's
@@ -237,7 +269,7 @@ class Tape:
             return
         squares, self._group_squares = self._group_squares, {}
         if self.mask is not None:  # padding rows have no norm
-            mask = self.mask
+            mask = self.unit_mask
             squares = {g: torch.where(mask.to(v.device), v, torch.zeros_like(v)) for g, v in squares.items()}
         scale = self._norm_scale(next(iter(squares.values())))
         self.group_norms = [
@@ -311,6 +343,10 @@ class _SmallExplicit:
         self._flat = None
         sizes = [params[n].numel() for n in self.names]
         return [(n, part.view(params[n].shape)) for n, part in zip(self.names, total.split(sizes))]
+
+
+def _device_of_piece(piece) -> torch.device:
+    return piece.G.device if isinstance(piece, Explicit) else piece.R.t.device
 
 
 def _first_rows(piece, rows: int | None):

@@ -353,6 +353,9 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.accounted_noise_multiplier, sample_rate=self.sample_rate,
                                  truncation_probability=getattr(self._model, "truncation_probability", 0.0))
+            unit, rows = getattr(self._model, "privacy_unit", ("example", 1))
+            if unit == "user":  # the model clipped users (`bkfx.data.UserSampler`): q is the users' rate
+                self.accountant.note("unit", {"name": "user", "examples_per_user": rows})
         self.optimizer.step()
         return loss
 

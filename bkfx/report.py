@@ -53,6 +53,10 @@ class PrivacyReport:
             rows.append(("adaptive clipping", f"gradient z_Δ {z:.4g} + count σ_b {s:.4g} (target quantile "
                          f"{adaptive['target_unclipped_quantile']:g}, {adaptive['groups']} group(s)) charged as one "
                          "Gaussian z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2) (Andrew et al. 2021, Thm. 1)"))
+        unit = self.notes.get("unit")
+        if unit is not None and unit.get("name") == "user":
+            rows.append(("unit", f"one user (at most {unit['examples_per_user']} examples each, their gradients summed, "
+                         "then clipped); q is the rate users are sampled at"))
         truncation = self.notes.get("truncation")
         if truncation is not None:
             rows.append(("truncation", f"batches cut at max_batch_size with probability ≤ {truncation['per_step']:.3g} a step, "
