@@ -7,7 +7,7 @@ from bkfx.dpmodel import DPModel, compile
 from bkfx.optimizer import DPOptimizer
 from bkfx.adaptive import AdaptiveClipping
 from bkfx.accounting import Accountant, epsilon, noise_multiplier_for
-from bkfx.data import PhysicalBatches, PoissonSampler, poisson_loader, split_physical_batches
+from bkfx.data import PhysicalBatches, PoissonSampler, UserSampler, poisson_loader, split_physical_batches
 from bkfx.privacy import PrivateTraining, make_private
 from bkfx.checkpoint import load_checkpoint, save_checkpoint
 from bkfx.report import PrivacyReport, privacy_report
@@ -22,7 +22,7 @@ from bkfx.errors import (
 
 __all__ = [
     "compile", "DPModel", "DPOptimizer", "AdaptiveClipping", "make_private", "PrivateTraining", "Accountant", "epsilon",
-    "noise_multiplier_for", "privacy_report", "PrivacyReport", "PoissonSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
+    "noise_multiplier_for", "privacy_report", "PrivacyReport", "PoissonSampler", "UserSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
     "save_checkpoint", "load_checkpoint",
     "replace_batchnorm", "BkfxError", "CaptureError", "InPlaceModificationError",
     "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",
