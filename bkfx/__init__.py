@@ -5,8 +5,9 @@ from bkfx.batchnorm import replace_batchnorm
 from bkfx import dpmodel
 from bkfx.dpmodel import DPModel, compile
 from bkfx.optimizer import DPOptimizer
+from bkfx.adaptive import AdaptiveClipping
 from bkfx.accounting import Accountant, epsilon, noise_multiplier_for
-from bkfx.data import PhysicalBatches, PoissonSampler, poisson_loader, split_physical_batches
+from bkfx.data import PhysicalBatches, PoissonSampler, UserSampler, poisson_loader, split_physical_batches
 from bkfx.privacy import PrivateTraining, make_private
 from bkfx.checkpoint import load_checkpoint, save_checkpoint
 from bkfx.report import PrivacyReport, privacy_report
@@ -21,8 +22,8 @@ from bkfx.errors import (
 )
 
 __all__ = [
-    "compile", "DPModel", "DPOptimizer", "make_private", "PrivateTraining", "Accountant", "epsilon",
-    "noise_multiplier_for", "privacy_report", "PrivacyReport", "PoissonSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
+    "compile", "DPModel", "DPOptimizer", "AdaptiveClipping", "make_private", "PrivateTraining", "Accountant", "epsilon",
+    "noise_multiplier_for", "privacy_report", "PrivacyReport", "PoissonSampler", "UserSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
     "save_checkpoint", "load_checkpoint",
     "replace_batchnorm", "BkfxError", "CaptureError", "InPlaceModificationError",
     "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",

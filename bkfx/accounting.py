@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 
 METHODS = ("rdp", "pld")
@@ -59,6 +60,7 @@ class Run:
     noise_multiplier: float
     sample_rate: float
     count: int
+    truncation: float = 0.0  # per step: the probability that truncated Poisson sampling cut the batch
 
     def event(self):
         """`SelfComposed(PoissonSampled(q, Gaussian(σ)), count)`; σ = 0 is no privacy at all."""
@@ -72,15 +74,53 @@ class Run:
         return dp_accounting.SelfComposedDpEvent(step, self.count)
 
 
+def truncation_probability(num_samples: int, sample_rate: float, max_batch_size: int) -> float:
+    """`P[Binomial(num_samples, q) > max_batch_size]`: the probability that a Poisson batch is cut."""
+    from scipy.stats import binom
+
+    return float(binom.sf(max_batch_size, num_samples, sample_rate))
+
+
 def _epsilon_of(runs: list[Run], delta: float, accountant: str) -> float:
+    """ε at δ of the runs. Truncated Poisson sampling (`Run.truncation` = p per step, P = Σ steps·p):
+    the truncated mechanism M' equals the untruncated M except on the event that some batch was
+    cut, of probability at most P for either neighbouring dataset (p is that of the larger one), so
+    `P[M'(D) ∈ S] ≤ P[M(D) ∈ S] + P ≤ e^ε P[M(D') ∈ S] + δ_M + P ≤ e^ε P[M'(D') ∈ S] + δ_M + (1 + e^ε) P`:
+    M' is (ε, δ)-DP when M is (ε, δ − (1 + e^ε) P)-DP (a coupling argument: M and M' run on the same
+    draws differ in total variation by at most P; the truncation probability is added to δ, counted
+    on both sides of the inequality, hence 1 + e^ε). Solved for the smallest such ε by iteration
+    (each round raises ε, and stops once the untruncated mechanism meets the δ left)."""
+    _check_method(accountant)
+    _check_delta(delta)
+    tail = sum(r.count * r.truncation for r in runs)
+    engine = _composed(runs, accountant)
+    epsilon = float(engine.get_epsilon(delta))  # the answer without truncation: a lower bound; each round raises it
+    if tail == 0:
+        return epsilon
+    for _ in range(100):
+        rest = delta - (1 + math.exp(min(epsilon, 700))) * tail
+        if rest <= 0:
+            return math.inf
+        needed = float(engine.get_epsilon(rest))
+        if needed <= epsilon:
+            return epsilon
+        epsilon = needed * (1 + 1e-12) + 1e-15
+    return math.inf
+
+
+def _mechanism_epsilon(runs: list[Run], delta: float, accountant: str) -> float:
+    """ε at δ of the runs' sampled Gaussians, truncation left out."""
+    return float(_composed(runs, accountant).get_epsilon(delta))
+
+
+def _composed(runs: list[Run], accountant: str):
+    """A dp_accounting engine that has composed the runs (ε at any δ without composing again)."""
     import dp_accounting  # imported on first use: it pulls in scipy.signal, about 2 s
     from dp_accounting import pld, rdp
 
-    _check_method(accountant)
-    _check_delta(delta)
     engine = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
     engine.compose(dp_accounting.ComposedDpEvent([r.event() for r in runs]))
-    return float(engine.get_epsilon(delta))
+    return engine
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
@@ -162,14 +202,25 @@ class Accountant:
         _check_method(method)
         self.method = method
         self.history: list[Run] = []
+        self.notes: dict = {}  # what else was accounted, for `privacy_report` (adaptive clipping, the unit, ...)
 
-    def step(self, *, noise_multiplier: float, sample_rate: float, count: int = 1) -> None:
+    def note(self, key: str, value) -> None:
+        """Record a fact about the mechanism (a dict of numbers and strings) for `privacy_report`."""
+        self.notes[key] = value
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, count: int = 1,
+             truncation_probability: float = 0.0) -> None:
+        """Record `count` steps; `truncation_probability`: truncated Poisson sampling's per-step
+        probability of a cut batch (`bkfx.data.PoissonSampler.truncation_probability`), added to δ."""
         _check_run(noise_multiplier, sample_rate, count)
+        if not 0 <= truncation_probability <= 1:
+            raise ValueError(f"truncation_probability must be in [0, 1], got {truncation_probability}")
         last = self.history[-1] if self.history else None
-        if last is not None and (last.noise_multiplier, last.sample_rate) == (noise_multiplier, sample_rate):
-            self.history[-1] = Run(last.noise_multiplier, last.sample_rate, last.count + count)
+        if last is not None and (last.noise_multiplier, last.sample_rate, last.truncation) == \
+                (noise_multiplier, sample_rate, truncation_probability):
+            self.history[-1] = Run(last.noise_multiplier, last.sample_rate, last.count + count, last.truncation)
         else:
-            self.history.append(Run(float(noise_multiplier), float(sample_rate), int(count)))
+            self.history.append(Run(float(noise_multiplier), float(sample_rate), int(count), float(truncation_probability)))
 
     @property
     def steps(self) -> int:
@@ -180,12 +231,17 @@ class Accountant:
         return _epsilon_of(self.history, delta, self.method)
 
     def state_dict(self) -> dict:
-        return {"method": self.method, "history": [(r.noise_multiplier, r.sample_rate, r.count) for r in self.history]}
+        state = {"method": self.method, "history": [(r.noise_multiplier, r.sample_rate, r.count) + ((r.truncation,) if r.truncation else ())
+                                                    for r in self.history]}
+        if self.notes:
+            state["notes"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.notes.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         _check_method(state["method"])
         self.method = state["method"]
-        self.history = [Run(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self.history = [Run(float(s), float(q), int(n), *(float(t) for t in rest)) for s, q, n, *rest in state["history"]]
+        self.notes = dict(state.get("notes", {}))
 
     def __repr__(self) -> str:
         runs = ", ".join(f"(σ={r.noise_multiplier:g}, q={r.sample_rate:g}) x {r.count}" for r in self.history)

@@ -10,7 +10,8 @@ once, as a trace, and compiles what it did:
    clipped sums written to `.grad` of the traced parameter leaves). The result is one flat
    ATen graph of the whole step; its outputs are the model's outputs, the clipped sums, the
    input gradients and the per-sample norms. It is then functionalised (the ledger's
-   in-place `add_`/`index_add_` become pure ops). Only the batch size is symbolic (one
+   in-place `add_`/`index_add_` become pure ops). The clipping thresholds are inputs (0-dim
+   tensors, `DPModel.threshold_tensors`), so a new R runs the same programs. Only the batch size is symbolic (one
    symbol for every batched input); every other size is the capture's. The guards the trace
    put on the batch size (a site explicit up to some batch, ghost above) are kept and
    checked on every call: a batch size they do not admit gets a trace of its own.
@@ -33,6 +34,7 @@ with what to do instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 import weakref
@@ -112,6 +114,8 @@ class Program:
     tangents: list[int] = field(default_factory=list)  # the backward's tangent inputs, as tensor output positions
     graphs: "CudaGraphs | None" = None  # mode="reduce-overhead" on CUDA: the programs replayed as CUDA graphs
     traced_at: int = 0  # the batch size the trace was made at (its guards hold there by construction)
+    threshold_device: object = None  # where the thresholds, the programs' last inputs (but the mask), live
+    masked: bool = False  # the programs take a padding mask as their last input
     _admits: dict = field(default_factory=dict)
 
     def admits(self, batch: int) -> bool:
@@ -134,6 +138,8 @@ def eager_reason(dp_model, batch: int) -> str | None:
         return "a GradScaler's loss scale"
     if dp_model.shards is not None:
         return "FSDP2-sharded parameters (bkfx.distributed drives the shards around the eager step)"
+    if getattr(dp_model, "_call_units", None) is not None:
+        return "user-level units (a user's rows clipped as one: the eager ledger reshapes them per batch)"
     return None
 
 
@@ -161,8 +167,13 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         sizes = [DimDynamic.DUCK if k == dim else DimDynamic.STATIC for k in range(t.dim())]
         return fake_mode.from_tensor(t.detach(), symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
-    primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions]
-    n_state = len(names)
+    # the clipping thresholds are the last primals, 0-dim tensors read at run time: a new R (adaptive
+    # clipping) runs the same programs
+    thresholds = dp_model.threshold_tensors(_device_of(state, flat, positions))
+    mask = dp_model._call_mask  # padding rows (`bkfx.data.Padding`): an input of the batch's size, after R
+    primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions] + \
+        [fake(t, None) for t in thresholds] + ([fake(mask, 0)] if mask is not None else [])
+    n_state, n_inputs, n_thresholds = len(names), len(positions), len(thresholds)
     batch_symbol = primals[n_state + first_batched].shape[first_dim].node.expr
     layout: dict = {}
 
@@ -175,10 +186,12 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
 
     def joint(primals, tangents):
         leaves = [p.detach().requires_grad_() if n in trainable else p for n, p in zip(names, primals[:n_state])]
-        inputs = [x.detach().requires_grad_() if w else x for x, w in zip(primals[n_state:], wants_grad)]
+        inputs = [x.detach().requires_grad_() if w else x for x, w in zip(primals[n_state:n_state + n_inputs], wants_grad)]
         params = {model_name[id(state[n])]: leaf for n, leaf in zip(names, leaves) if n in trainable}
         batch = inputs[first_batched].shape[first_dim]
-        tape = Tape(compiled.sites, params, dp_model._clip, batch, compiled.tied, traced=True)
+        config = dataclasses.replace(dp_model._clip, thresholds=list(primals[n_state + n_inputs:][:n_thresholds]))
+        tape = Tape(compiled.sites, params, config, batch, compiled.tied, traced=True,
+                    mask=primals[-1] if mask is not None else None)
         with recording(tape):
             out = call(leaves, inputs)
         outs, out_spec = pytree.tree_flatten(out)
@@ -204,7 +217,8 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     # keep the batch size symbolic (torch 2.11's C++ matmul reads a 3-d input's element count as an
     # integer when the other operand takes no gradient, as a site's detached weight)
     with enable_python_dispatcher(), fake_mode, torch.no_grad(), _symbolic_kernels():
-        outs = [o for o in pytree.tree_leaves(call(primals[:n_state], primals[n_state:])) if isinstance(o, torch.Tensor)]
+        outs = [o for o in pytree.tree_leaves(call(primals[:n_state], primals[n_state:n_state + n_inputs]))
+                if isinstance(o, torch.Tensor)]
         tangents = [torch.empty_like(o) if o.is_floating_point() else torch.empty_like(o, dtype=torch.float32) for o in outs]
     functional = None
 
@@ -234,11 +248,20 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
         [saved.index(name) for name in taken],
     )
     program.traced_at = int(flat[positions[first_batched]].shape[first_dim])
+    program.threshold_device = thresholds[0].device if thresholds else torch.device("cpu")
+    program.masked = mask is not None
     program.tangents = [int(n.name.rpartition("_")[2]) - 1 for n in backward_graph.graph.find_nodes(op="placeholder")
                         if n.name.startswith("tangents")]
     if options.cuda_graphs and cuda:
         program.graphs = CudaGraphs()
     return program
+
+
+def _device_of(state: dict, flat: list, positions: list) -> torch.device:
+    """Where the thresholds live: the device of the parameters (else of the inputs)."""
+    for t in [*state.values(), *(flat[k] for k in positions)]:
+        return t.device
+    return torch.device("cpu")
 
 
 def _recompute_views_of_inputs(joint: torch.fx.GraphModule) -> None:
@@ -373,7 +396,9 @@ def run(program: Program, owner, args, kwargs):
     backward, and `pending` says whether it has run."""
     pending = _Pending(owner)
     inputs = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    outs = _Step.apply(program, pending, *program.state, *inputs)
+    mask = [owner._call_mask] if program.masked else []
+    pending.mask = owner._call_mask
+    outs = _Step.apply(program, pending, *program.state, *inputs, *owner.threshold_tensors(program.threshold_device), *mask)
     return pending, _unflatten(program, outs)
 
 
@@ -393,6 +418,7 @@ class _Pending:
         self.joined = False  # another compiled call was made before this one's backward
         self.saved = None  # the forward program's saved values, until the backward has used them
         self.graph_key = None  # with CUDA graphs: the forward graph that ran this call
+        self.mask = None  # the call's padding mask (`bkfx.data.Padding`), for adaptive clipping's count
 
     def __repr__(self):
         return f"_Pending(done={self.done}, joined={self.joined})"
@@ -448,7 +474,7 @@ class _Step(torch.autograd.Function):
         pending.done = True
         owner = pending.owner()
         if owner is not None:
-            owner._compiled_backward_done(program, norms)
+            owner._compiled_backward_done(program, norms, pending.mask)
         return tuple(gradients)
 
 

@@ -19,6 +19,7 @@ import weakref
 from bkfx import compiled as compiled_step
 from bkfx import operator as compile_operator
 from bkfx.clipping import CLIPPINGS, groups_for, thresholds
+from bkfx.data import current_padding
 from bkfx.distributed import FSDPShards, check_not_sharded_after_compile
 from bkfx.errors import BkfxError, NotCapturedError
 from bkfx.guards import ModelGuard
@@ -140,6 +141,12 @@ class DPModel(nn.Module):
         self._open: Tape | None = None  # the tape of forward calls still awaiting their backward
         self._step_options: compiled_step.StepOptions | None = None  # set by `compile()`: the compiled BK step
         self._pending = None  # weakref to the last compiled call's `_Pending`
+        self._threshold_values = None  # (thresholds, device, their 0-dim tensors): `threshold_tensors`
+        self.unclipped_count = None  # adaptive clipping's `bkfx.adaptive.UnclippedCount`, set by DPOptimizer
+        self._call_mask = None  # the padding mask of the call in progress (`_padding_mask`)
+        self._call_units = None  # user-level privacy: the rows per user of the call in progress
+        self.privacy_unit = ("example", 1)  # what one clipped unit is: ("user", k) once user batches ran
+        self.truncation_probability = 0.0  # the largest per-step truncation probability of the batches seen
         self._last_program: compiled_step.Program | None = None
         self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
         self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
@@ -217,6 +224,7 @@ class DPModel(nn.Module):
         batched = batch_dims_of(self.batch_dim, args, kwargs, self.module.forward)
         key = (modes, signature(self.module, args, kwargs, batched))
         batch = batch_size(batched)
+        self._call_mask = self._padding_mask(batched, batch)
         compiled = self._captures.get(key)
         if compiled is None:
             compiled = self._captures[key] = self._capture(args, kwargs, batch)
@@ -230,7 +238,8 @@ class DPModel(nn.Module):
         if tape is not None and tape.batch != batch:
             tape.superseded, tape = True, None  # not the same samples: its backward, if any, is refused
         if tape is None:
-            tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised)
+            tape = Tape(compiled.sites, self._params, self._clip, batch, compiled.tied, on_finalise=self._finalised,
+                        mask=self._call_mask, rows_per_unit=self._call_units)
         else:
             tape.join(compiled.sites)
         self._open = tape
@@ -239,8 +248,10 @@ class DPModel(nn.Module):
 
     def _forward_compiled(self, compiled: Compiled, options, args, kwargs, batched, batch: int):
         """One call through the compiled BK step: the trace that admits this batch size, or a new one."""
-        key = (options, self._clip.sum_output, tuple(self._clip.thresholds), self._clip.clipping, self._clip.gamma,
-               AutocastState.current())  # the trace bakes in autocast's casts
+        # the thresholds are inputs of the programs (`threshold_tensors`), not part of the key: a new R
+        # (adaptive clipping) runs the same programs
+        key = (options, self._clip.sum_output, self._clip.clipping, self._clip.gamma,
+               AutocastState.current(), self._call_mask is not None)  # the trace bakes in autocast's casts
         if key in compiled.step_failures:
             return _EAGER
         programs = compiled.programs.setdefault(key, [])
@@ -273,8 +284,29 @@ class DPModel(nn.Module):
         self._pending = weakref.ref(pending)
         return out
 
-    def _compiled_backward_done(self, program, norms) -> None:
+    def _compiled_backward_done(self, program, norms, mask=None) -> None:
         self._last_tape = compiled_step.StepRecord(program, norms, len(self._clip.groups))
+        self._after_backward(self._last_tape, mask)
+
+    def _after_backward(self, record, mask=None) -> None:
+        """What a backward pass's norms feed besides inspection: adaptive clipping's count."""
+        if self.unclipped_count is not None and record.per_sample_norms is not None:
+            self.unclipped_count.add(record.group_norms, self._clip.thresholds, record.per_sample_norms.shape[0], mask)
+
+    def _padding_mask(self, batched, batch: int):
+        """The padding of this call's batch (`bkfx.data.current_padding`, set by a padded
+        `poisson_loader`): `[B]` bool on the inputs' device, or None. A mark of another batch size is
+        not this batch's. The truncation probability it carries is kept for the accountant."""
+        padding = current_padding()
+        self._call_units = None
+        if padding is None or padding.mask.shape[0] != batch:
+            return None
+        if padding.rows_per_unit is not None:  # user-level: runs of k rows are clipped as one user
+            self._call_units = padding.rows_per_unit
+            self.privacy_unit = ("user", padding.rows_per_unit)
+        self.truncation_probability = max(self.truncation_probability, padding.truncation_probability)
+        device = batched[0][0].device if batched else padding.mask.device
+        return padding.mask.to(device)
 
     def _recapture_after_change(self) -> None:
         change = self._guard.describe_change()
@@ -328,6 +360,7 @@ class DPModel(nn.Module):
 
     def _finalised(self, tape: Tape) -> None:
         self._last_tape = tape
+        self._after_backward(tape, tape.unit_mask)
 
     # -- inspection -----------------------------------------------------------------------
     @property
@@ -372,6 +405,39 @@ class DPModel(nn.Module):
     def max_grad_norms(self) -> list[float]:
         """The clipping threshold of each group."""
         return list(self._clip.thresholds)
+
+    @property
+    def max_grad_norm(self):
+        """The clipping threshold R the next backward clips at: a number (one group) or a list (one
+        per group). Settable between steps (adaptive clipping sets it after every step): a value read
+        at run time by the eager ledger and an input of the compiled step's programs, so a new R
+        neither recaptures nor recompiles."""
+        values = list(self._clip.thresholds)
+        return values[0] if len(values) == 1 else values
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        if isinstance(value, (list, tuple)) and len(self._clip.groups) == 1 and len(value) == 1:
+            value = value[0]
+        self._clip.thresholds = _thresholds(value, self._clip.groups)
+        self._max_grad_norm = value if isinstance(value, (int, float)) else list(value)  # kept by a recapture
+
+    def threshold_tensors(self, device) -> list[torch.Tensor]:
+        """The thresholds as 0-dim float64 tensors on `device`, the compiled step's inputs (made
+        again only when R changes, so CUDA graphs copy a new value into their static input)."""
+        values = tuple(self._clip.thresholds)
+        cached = self._threshold_values
+        if cached is None or cached[0] != values or cached[1] != device:
+            dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+            tensors = [torch.tensor(r, dtype=dtype, device=device) for r in values]
+            cached = self._threshold_values = (values, device, tensors)
+        return cached[2]
+
+    @property
+    def compiled_step_count(self) -> int:
+        """How many compiled BK steps (`bkfx.compiled`: a traced and compiled forward/backward pair)
+        the captures hold: one per batch-size range and option set, not one per clipping threshold."""
+        return sum(len(programs) for c in self._captures.values() for programs in c.programs.values())
 
     @property
     def capture_count(self) -> int:

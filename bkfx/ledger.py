@@ -35,7 +35,7 @@ from torch.func import vjp, vmap
 
 from bkfx.clipping import clip_factor
 from bkfx.errors import BkfxError, InPlaceModificationError, located_error
-from bkfx.factors import Dense, Explicit, Factored, GramCache, ScaledCache, inner, rowdot, weighted_sum
+from bkfx.factors import Dense, Explicit, Factored, OneHot, GramCache, ScaledCache, inner, rowdot, weighted_sum
 from bkfx.plan import Site, get_path
 from bkfx.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
 from bkfx.rules import SiteCall
@@ -87,6 +87,8 @@ class Tape:
     superseded: bool = False  # a later forward call of another batch size opened a new tape before this one's backward
     _group_squares: dict = field(default_factory=dict)
     _partial: dict = field(default_factory=dict)  # group -> Σ squared norms of its untied parameters so far
+    mask: torch.Tensor | None = None  # [B] bool, False for padding rows (`bkfx.data.Padding`): clip factor 0
+    rows_per_unit: int | None = None  # user-level privacy: each run of k rows is one unit, clipped as one (`_to_units`)
 
     def __post_init__(self):
         self._group_of = {n: g for g, names in enumerate(self.config.groups) for n in names}
@@ -123,6 +125,8 @@ class Tape:
 
     def add(self, site: Site, parts: list) -> None:
         """Book-keep one site's pieces `[(parameter name, piece)]`; untied parameters' norms now."""
+        if self.rows_per_unit is not None:
+            parts = [(name, self._to_units(piece)) for name, piece in parts]
         by_name: dict[str, list] = {}
         for name, piece in parts:
             by_name.setdefault(name, []).append(piece)
@@ -177,10 +181,13 @@ class Tape:
                         self.config.gamma)
         if self.config.sum_output:
             c = c * scale
+        rows = None
+        if self.mask is not None:
+            c, rows = self._without_padding(c)
         scaled = ScaledCache()
         with torch.no_grad():
             if small is not None:
-                for name, grad in small.clipped_sums(c, self.params):
+                for name, grad in small.clipped_sums(c, self.params, rows):
                     p = self.params[name]
                     if p.grad is None:
                         p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
@@ -189,11 +196,54 @@ class Tape:
             for name in names:
                 p, pieces = self.params[name], self.pieces.pop(name)
                 while pieces:  # each factor is released as soon as its part of the sum is written
-                    grad = weighted_sum(pieces.pop(), c, p.shape, scaled)
+                    grad = weighted_sum(_first_rows(pieces.pop(), rows), c, p.shape, scaled)
                     if p.grad is None:
                         p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
                     else:
                         p.grad.add_(grad)
+
+    def _without_padding(self, c: torch.Tensor):
+        """`(c, rows)`: the clip factors with padding rows' set to 0, and, eagerly when the real rows
+        are the first n (as `bkfx.poisson_loader` pads), n: the clipped sums are then taken over
+        those rows only, with the very shapes (so the very sums) of the unpadded batch. A compiled
+        step keeps the padded shape (its point) and sums the zero-weighted rows too."""
+        mask = self.unit_mask.to(c.device)
+        c = torch.where(mask, c, torch.zeros_like(c))
+        if self.traced or self.rows_per_unit is not None:
+            return c, None
+        n = int(mask.sum())
+        if not bool(mask[:n].all()):
+            return c, None
+        return c[:n], n
+
+    @property
+    def unit_mask(self) -> torch.Tensor | None:
+        """`[units]` bool: the units with a real row (a unit is a row, or k rows for users)."""
+        if self.mask is None or self.rows_per_unit is None:
+            return self.mask
+        return self.mask.view(-1, self.rows_per_unit).any(1)
+
+    def _to_units(self, piece):
+        """User-level privacy: the piece of each unit of k consecutive rows (a user's examples, padded
+        to k), padding rows zeroed first. A unit's gradient is the sum of its rows' gradients:
+        explicit pieces are summed over the k rows; factored ones `Σ_j L_jᵀ R_j = [L_1; ...; L_k]ᵀ
+        [R_1; ...; R_k]` have their rows' factors concatenated along T (exact, cross terms of the
+        unit's rows included, so ghost norms stay exact per unit)."""
+        k = self.rows_per_unit
+        keep = None if self.mask is None else self.mask.to(_device_of_piece(piece))
+        if isinstance(piece, Explicit):
+            G = piece.G if keep is None else piece.G * keep.view((-1,) + (1,) * (piece.G.dim() - 1)).to(piece.G.dtype)
+            return Explicit(G.reshape(-1, k, *G.shape[1:]).sum(1))
+        L, R = piece.L, piece.R
+        units = R.t.shape[0] // k
+        if isinstance(L, Dense):
+            t = L.t if keep is None else L.t * keep[:, None, None].to(L.t.dtype)
+            L = Dense(t.reshape(units, -1, t.shape[2]))
+        else:
+            mask = L.mask if keep is None else (keep[:, None] if L.mask is None else L.mask & keep[:, None])
+            mask = None if mask is None else mask.expand(L.idx.shape).reshape(units, -1)
+            L = OneHot(L.idx.reshape(units, -1), L.size, mask)
+        return Factored(L, Dense(R.t.reshape(units, -1, R.t.shape[2])))
 
     def _norm_scale(self, squared: torch.Tensor):
         """Recorded norms to per-sample norms: `× B` for a mean loss, `÷ S` for a GradScaler's
@@ -218,6 +268,9 @@ class Tape:
         if not self._group_squares:
             return
         squares, self._group_squares = self._group_squares, {}
+        if self.mask is not None:  # padding rows have no norm
+            mask = self.unit_mask
+            squares = {g: torch.where(mask.to(v.device), v, torch.zeros_like(v)) for g, v in squares.items()}
         scale = self._norm_scale(next(iter(squares.values())))
         self.group_norms = [
             (squares[g].sqrt() * scale).detach() if g in squares else None for g in range(len(self.config.groups))
@@ -273,21 +326,38 @@ class _SmallExplicit:
         flat = self._joined()
         return torch.linalg.vecdot(flat, flat)
 
-    def clipped_sums(self, c: torch.Tensor, params: dict):
-        """`(name, Σ_i c_i G_i)` for each parameter, shaped like it."""
+    def clipped_sums(self, c: torch.Tensor, params: dict, rows: int | None = None):
+        """`(name, Σ_i c_i G_i)` for each parameter, shaped like it (over the first `rows` samples
+        when given: `c` has that many)."""
         if not self.joined:
             parts = []
             for name, G in zip(self.names, self.G):
+                G = G if rows is None else G[:rows]
                 dtype = accumulation_dtype(G.dtype)
                 weights = c.to(dtype).reshape((-1,) + (1,) * (G.dim() - 1))
                 parts.append((name, (G.to(dtype) * weights).sum(0).view(params[name].shape)))
             self.G = []
             return parts
         flat = self._joined()
-        total = c.to(flat.dtype) @ flat
+        total = c.to(flat.dtype) @ (flat if rows is None else flat[:rows])
         self._flat = None
         sizes = [params[n].numel() for n in self.names]
         return [(n, part.view(params[n].shape)) for n, part in zip(self.names, total.split(sizes))]
+
+
+def _device_of_piece(piece) -> torch.device:
+    return piece.G.device if isinstance(piece, Explicit) else piece.R.t.device
+
+
+def _first_rows(piece, rows: int | None):
+    """The piece of the first `rows` samples only (all when None): views, no copies."""
+    if rows is None:
+        return piece
+    if isinstance(piece, Explicit):
+        return Explicit(piece.G[:rows])
+    L = piece.L
+    L = Dense(L.t[:rows]) if isinstance(L, Dense) else OneHot(L.idx[:rows], L.size, None if L.mask is None else L.mask[:rows])
+    return Factored(L, Dense(piece.R.t[:rows]))
 
 
 def tied_parameters(sites: list[Site]) -> frozenset:

@@ -43,6 +43,18 @@ model in `DistributedDataParallel` (bkfx.compile refuses it). A `fully_shard`ed 
 sharded parameters get the reduce-scatter of the full clipped sums that its unsharded parameters
 hold, with rank 0's noise added before it (`bkfx.distributed`); step() then reshards the model.
 
+Adaptive clipping (`adaptive_clipping=bkfx.AdaptiveClipping(...)`, `bkfx.adaptive`): each step
+also counts the logical batch's samples whose norm is at most R (the model counts after every
+backward), noises the count once (rank 0's noise, then summed over the ranks), and moves every
+group's R geometrically towards the target quantile; the model clips the next step at the new
+R and the noise is scaled to it. The accountant charges each step at the combined noise
+multiplier of the gradient's σ and the count's σ_b (`accounted_noise_multiplier`). The
+thresholds are in `state_dict()`.
+
+Truncated Poisson batches (`bkfx.poisson_loader(max_batch_size=M)`): the model notes the loader's
+per-step truncation probability when it runs on its batches, and every step is accounted with it
+(`bkfx.accounting._epsilon_of` adds it to δ).
+
 `secure_mode=True` draws noise that resists the floating-point attacks on naive Gaussian
 samplers (see `add_gaussian_noise_`); it takes no seed (its key comes from the OS).
 
@@ -63,6 +75,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from bkfx.accounting import check_noise_multiplier, check_sample_rate
+from bkfx.adaptive import AdaptiveClipping, UnclippedCount, combined_noise_multiplier, updated_thresholds
 from bkfx.distributed import all_reduce_sum_
 from bkfx.errors import BkfxError
 
@@ -83,6 +96,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm=None,
         expected_batch_size: float, generator: torch.Generator | None = None, seed: int | None = None, model=None,
         accountant=None, sample_rate: float | None = None, secure_mode: bool = False, process_group=None,
+        adaptive_clipping=None,
     ):
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("optimizer is already a DPOptimizer (its noise would be added twice); wrap the "
@@ -111,6 +125,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         model = model if model is not None else _compiled_model_of(optimizer)
         self._model = model
+        self.adaptive_clipping = adaptive_clipping
+        if adaptive_clipping is not None:
+            self._start_adaptive_clipping(noise_multiplier, max_grad_norm)
         self.max_grad_norm = _total_norm(max_grad_norm, model)
         if model is not None:
             model.sum_clipped_gradients = True
@@ -137,6 +154,11 @@ class DPOptimizer(torch.optim.Optimizer):
         # False while more physical batches of the current logical batch are to come
         # (set by `bkfx.data.PhysicalBatches`): step() and zero_grad() then leave .grad accumulating.
         self.logical_batch_complete = True
+        if adaptive_clipping is not None and accountant is not None:
+            accountant.note("adaptive_clipping", {
+                "gradient_noise_multiplier": self.noise_multiplier,
+                "count_noise_multiplier": float(adaptive_clipping.count_noise_multiplier),
+                "groups": len(model.max_grad_norms), "target_unclipped_quantile": adaptive_clipping.target_unclipped_quantile})
 
     # The wrapped optimizer's own objects, so that schedulers, GradScaler and hooks see one set of groups.
     @property
@@ -326,8 +348,14 @@ class DPOptimizer(torch.optim.Optimizer):
             return loss
         self.add_noise()
         self.steps += 1
+        if self.adaptive_clipping is not None:
+            self._adapt_threshold()
         if self.accountant is not None:
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            self.accountant.step(noise_multiplier=self.accounted_noise_multiplier, sample_rate=self.sample_rate,
+                                 truncation_probability=getattr(self._model, "truncation_probability", 0.0))
+            unit, rows = getattr(self._model, "privacy_unit", ("example", 1))
+            if unit == "user":  # the model clipped users (`bkfx.data.UserSampler`): q is the users' rate
+                self.accountant.note("unit", {"name": "user", "examples_per_user": rows})
         self.optimizer.step()
         return loss
 
@@ -335,6 +363,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if not self.logical_batch_complete:
             return
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self.adaptive_clipping is not None:  # the count goes with the clipped sums: a skipped step drops both
+            self._model.unclipped_count.take()
         shards = getattr(self._model, "shards", None)
         if shards is not None:  # FSDP2: the clipped sums not yet reduced, on the unsharded parameters
             for p in shards.unsharded.values():
@@ -351,6 +381,8 @@ class DPOptimizer(torch.optim.Optimizer):
         }
         if self.accountant is not None:
             dp["accountant"] = self.accountant.state_dict()
+        if self.adaptive_clipping is not None:
+            dp["adaptive_clipping"] = {"thresholds": self._model.max_grad_norms}
         return {**self.optimizer.state_dict(), "bkfx": dp}
 
     def load_state_dict(self, state: dict) -> None:
@@ -382,6 +414,60 @@ class DPOptimizer(torch.optim.Optimizer):
                 self.generator_for(device).set_state(generator_state)  # a device this machine lacks has no noise to draw
         if self.accountant is not None and "accountant" in dp:
             self.accountant.load_state_dict(dp["accountant"])
+        if ("adaptive_clipping" in dp) != (self.adaptive_clipping is not None):
+            raise ValueError("the state was saved by a DPOptimizer " + ("with" if "adaptive_clipping" in dp else "without")
+                             + " adaptive_clipping=; build this one the same way (the threshold R is part of the run)")
+        if self.adaptive_clipping is not None:
+            self._set_thresholds(dp["adaptive_clipping"]["thresholds"])
+            self._model.unclipped_count.take()
+
+    # -- adaptive clipping (`bkfx.adaptive`) ------------------------------------------------------
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """The noise multiplier the accountant charges a step: σ, or with adaptive clipping the one
+        Gaussian mechanism σ and the count's σ_b make (`bkfx.adaptive.combined_noise_multiplier`)."""
+        if self.adaptive_clipping is None:
+            return self.noise_multiplier
+        return combined_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_noise_multiplier)
+
+    def _start_adaptive_clipping(self, noise_multiplier: float, max_grad_norm) -> None:
+        config, model = self.adaptive_clipping, self._model
+        if not isinstance(config, AdaptiveClipping):
+            raise TypeError(f"adaptive_clipping must be a bkfx.AdaptiveClipping, got {type(config).__name__}")
+        if model is None:
+            raise ValueError("adaptive clipping moves the compiled model's threshold: pass model= (the bkfx-compiled model)")
+        if config.count_noise_multiplier == 0 and noise_multiplier > 0:
+            raise ValueError("adaptive clipping with count_noise_multiplier=0 releases the count of unclipped samples "
+                             "without noise, which no gradient noise makes private: give the count noise "
+                             "(Andrew et al. suggest expected_batch_size / 20), or use noise_multiplier=0 (no privacy)")
+        if config.initial is not None:
+            self._set_thresholds(config.initial)
+        model.unclipped_count = UnclippedCount(len(model.max_grad_norms))
+
+    def _set_thresholds(self, thresholds) -> None:
+        """R of every group for the next step, in the model and in the noise's scale."""
+        self._model.max_grad_norm = list(thresholds) if isinstance(thresholds, (list, tuple)) else thresholds
+        self.max_grad_norm = math.sqrt(sum(r ** 2 for r in self._model.max_grad_norms))
+
+    def _adapt_threshold(self) -> None:
+        """The step's count of unclipped samples, noised once (by the group's rank 0) and summed over
+        the ranks, moves every group's R (`bkfx.adaptive`); the next backward clips at it."""
+        model, config = self._model, self.adaptive_clipping
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        counts = model.unclipped_count.take(device)
+        group = self._group()
+        sigma = config.count_noise_multiplier
+        if sigma and (group is None or torch.distributed.get_rank(group) == 0):
+            groups = counts.numel()
+            if self.secure_mode:
+                key = hashlib.blake2b(f"count/{self._noise_draws}".encode(), key=self._secure_key, digest_size=8).digest()
+                noise = secure_standard_normal(groups, torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1))
+            else:
+                noise = torch.randn(groups, generator=self.generator, dtype=torch.float64, device=self.generator.device)
+            counts = counts + noise.to(device) * (sigma * math.sqrt(groups))  # √G: the G counts' vector has noise multiplier 2σ_b
+        if group is not None:
+            all_reduce_sum_([counts], group)
+        self._set_thresholds(updated_thresholds(model.max_grad_norms, counts.tolist(), self.expected_batch_size, config))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}  # threads do not pickle; a copy makes its own

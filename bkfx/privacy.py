@@ -17,6 +17,7 @@ With `target_epsilon`, the noise multiplier is the smallest that keeps
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from bkfx.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from bkfx.accounting import METHODS, Accountant, check_noise_multiplier, check_sample_rate, noise_multiplier_for
 from bkfx.dpmodel import DPModel, compile
 from bkfx.data import PhysicalBatches, check_physical_batch_size, poisson_loader
@@ -44,7 +46,8 @@ def make_private(
     noise_multiplier: float | None = None, target_delta: float | None = None, epochs: int | None = None,
     max_grad_norm, clipping: str = "abadi", style="all-layer", batch_size: int | None = None,
     sample_rate: float | None = None, loss_reduction: str = "mean", max_physical_batch_size: int | None = None,
-    seed: int | None = None, accountant: str = "rdp", **compile_options,
+    seed: int | None = None, accountant: str = "rdp", adaptive_clipping: AdaptiveClipping | None = None,
+    max_batch_size: int | None = None, pad_to_multiple_of: int | None = None, **compile_options,
 ) -> PrivateTraining:
     """Compile `model`, wrap `optimizer` and Poisson-sample `data` for (ε, δ)-DP training.
 
@@ -63,6 +66,12 @@ def make_private(
         (torch.distributed initialised): every rank passes the same seed and gets its shard of the
         global Poisson batch; `batch_size` is the global expected batch size.
     accountant: "rdp" or "pld", for both the noise calibration and the accountant.
+    max_batch_size, pad_to_multiple_of: fixed-shape batches (truncated Poisson sampling, padded;
+        see `bkfx.poisson_loader`); the accountant adds the truncation probability to δ.
+    adaptive_clipping: a `bkfx.AdaptiveClipping`: R follows a quantile of the norms (max_grad_norm
+        is its start unless `initial` is given). noise_multiplier is then the gradient's z_Δ; with
+        target_epsilon, the calibrated σ is the combined z of gradient and count, and
+        z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (`bkfx.adaptive`), so the pair meets the target.
     """
     _check_arguments(model, optimizer, target_epsilon, noise_multiplier, target_delta, epochs, accountant,
                      max_physical_batch_size)
@@ -78,11 +87,20 @@ def make_private(
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # data parallel: this rank's shard
         shard = {"rank": torch.distributed.get_rank(), "world_size": torch.distributed.get_world_size()}
     loader = poisson_loader(
-        dataset, sample_rate, seed=None if sampling_seed is None else int(sampling_seed), **shard, **loader_options
+        dataset, sample_rate, seed=None if sampling_seed is None else int(sampling_seed), **shard, **loader_options,
+        max_batch_size=max_batch_size, pad_to_multiple_of=pad_to_multiple_of,
     )
     if target_epsilon is not None:
         steps = epochs * len(loader)
-        noise_multiplier = noise_multiplier_for(target_epsilon, sample_rate, steps, target_delta, accountant)
+        # truncation: the untruncated mechanism must meet δ − (1 + e^ε)·T·p (`bkfx.accounting._epsilon_of`)
+        sampler_delta = target_delta - (1 + math.exp(target_epsilon)) * steps * loader.batch_sampler.truncation_probability
+        if not sampler_delta > 0:
+            raise ValueError(f"max_batch_size={max_batch_size} truncates too often for target_delta={target_delta}: "
+                             f"P[batch > max_batch_size] = {loader.batch_sampler.truncation_probability:.3g} a step; "
+                             "raise max_batch_size (a few standard deviations above the expected batch size)")
+        noise_multiplier = noise_multiplier_for(target_epsilon, sample_rate, steps, sampler_delta, accountant)
+        if adaptive_clipping is not None:  # the calibrated σ is the pair's: the gradient gets z_Δ
+            noise_multiplier = gradient_noise_multiplier(noise_multiplier, adaptive_clipping.count_noise_multiplier)
 
     dp_model = compile(
         model, max_grad_norm=max_grad_norm, clipping=clipping, style=style, loss_reduction=loss_reduction,
@@ -92,7 +110,7 @@ def make_private(
     dp_optimizer = DPOptimizer(
         optimizer, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
         seed=None if noise_seed is None else int(noise_seed), model=dp_model, accountant=account,
-        sample_rate=sample_rate,
+        sample_rate=sample_rate, adaptive_clipping=adaptive_clipping,
     )
     if max_physical_batch_size is not None:
         loader = PhysicalBatches(loader, max_physical_batch_size, dp_optimizer)

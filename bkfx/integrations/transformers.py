@@ -61,6 +61,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from bkfx.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from bkfx.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
 from bkfx.compile import compile as bkfx_compile
 from bkfx.data import PoissonSampler, batch_size_of, check_physical_batch_size, poisson_loader, split_physical_batches
@@ -87,6 +88,9 @@ class PrivacyArguments:
     seed: seeds the Poisson sampling and the noise (two independent streams, as `bkfx.make_private`);
         None takes `TrainingArguments.seed`.
     compile_options: more `bkfx.compile` options (norm_mode, memory_budget, batch_dim, ...).
+    adaptive_clipping: a `bkfx.AdaptiveClipping` (R then follows a quantile of the norms, starting at
+        per_sample_max_grad_norm); noise_multiplier is the gradient's z_Δ, and target_epsilon
+        calibrates the combined z of gradient and count (as `bkfx.make_private`).
     """
 
     target_delta: float
@@ -99,6 +103,7 @@ class PrivacyArguments:
     accountant: str = "rdp"
     seed: int | None = None
     compile_options: dict = field(default_factory=dict)
+    adaptive_clipping: AdaptiveClipping | None = None
 
     def __post_init__(self):
         if not 0 < self.target_delta < 1:
@@ -113,6 +118,8 @@ class PrivacyArguments:
             check_physical_batch_size(self.max_physical_batch_size)
         if self.accountant not in METHODS:
             raise ValueError(f"accountant must be one of {METHODS}, got {self.accountant!r}")
+        if self.adaptive_clipping is not None and not isinstance(self.adaptive_clipping, AdaptiveClipping):
+            raise TypeError(f"adaptive_clipping must be a bkfx.AdaptiveClipping, got {type(self.adaptive_clipping).__name__}")
         reserved = {"max_grad_norm", "clipping", "style", "loss_reduction"} & set(self.compile_options)
         if reserved:
             raise ValueError(f"compile_options cannot set {sorted(reserved)}: they are fields of PrivacyArguments "
@@ -236,6 +243,9 @@ class DPTrainer(Trainer):
                 privacy_args.target_epsilon, self.sample_rate, self.planned_steps, privacy_args.target_delta,
                 privacy_args.accountant,
             )
+            if privacy_args.adaptive_clipping is not None:  # the calibrated σ is the pair's: the gradient gets z_Δ
+                self.noise_multiplier = gradient_noise_multiplier(
+                    self.noise_multiplier, privacy_args.adaptive_clipping.count_noise_multiplier)
         seed = privacy_args.seed if privacy_args.seed is not None else self.args.seed
         sampling_seed, noise_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))  # as make_private
         self._sampling_generator = torch.Generator().manual_seed(sampling_seed)  # one stream over every epoch and train()
@@ -297,6 +307,7 @@ class DPTrainer(Trainer):
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
             seed=self._noise_seed, model=self.dp_model, accountant=self.accountant, sample_rate=self.sample_rate,
+            adaptive_clipping=self.privacy_args.adaptive_clipping,
         )
         return self.optimizer
 
