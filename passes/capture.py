@@ -129,7 +129,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, batch_dim=0) -> C
         for name, value in bound.items()
     }
     def export():
-        return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+        # grad mode on: a first call under torch.no_grad() would otherwise trace every region of
+        # the forward as differentiable, losing its own `with torch.no_grad():` blocks
+        with torch.enable_grad():
+            return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
 
     try:
         exported = export()

@@ -57,17 +57,31 @@ DimMap = Callable[[int], "int | None"]  # input dimension -> output dimension, N
 def sample_dim(gm: GraphModule) -> GraphModule:
     """Write META_DEPENDENT, META_LAYOUT, META_IDENTITY and META_PROBE on every node; raise on
     ops that provably mix samples."""
-    batch = gm.meta[META_BATCH]
-    batch_dims = gm.meta.get(META_BATCH_DIMS, {})
-    for node in gm.graph.nodes:
+    _propagate(gm, gm.graph, gm.meta[META_BATCH], gm.meta.get(META_BATCH_DIMS, {}), None)
+    return gm
+
+
+def _propagate(gm: GraphModule, graph, batch, batch_dims: dict, given: list | None) -> None:
+    """The facts of every node of `graph`; `given`: for a region's subgraph, the outer nodes its
+    placeholders stand for."""
+    placeholders = iter(given or [])
+    for node in graph.nodes:
         node.meta[META_PROBE] = False
         node.meta[META_IDENTITY] = False
-        if node.op == "placeholder":
+        if node.op == "placeholder" and given is not None:
+            outer = next(placeholders, None)
+            facts = outer.meta if isinstance(outer, Node) else {}
+            node.meta[META_DEPENDENT] = bool(facts.get(META_DEPENDENT))
+            node.meta[META_LAYOUT] = facts.get(META_LAYOUT)
+            node.meta[META_IDENTITY] = bool(facts.get(META_IDENTITY))
+        elif node.op == "placeholder":
             shape = shape_of(node)
             dims = [i for i, s in enumerate(shape or []) if s.has(batch)]
             dependent = bool(dims)
             node.meta[META_DEPENDENT] = dependent
             node.meta[META_LAYOUT] = SampleLayout(batch_dims.get(node.name, dims[0])) if dependent else None
+        elif node.op == "call_function" and node.target in _REGIONS:
+            _region(gm, node, batch)
         elif node.op in ("call_function", "call_method", "call_module"):
             dependent = node.target not in _VALUE_FREE_TARGETS and op_name(node) not in _VALUE_FREE and any(
                 n.meta.get(META_DEPENDENT) for n in node.all_input_nodes
@@ -78,7 +92,31 @@ def sample_dim(gm: GraphModule) -> GraphModule:
         else:
             node.meta[META_DEPENDENT] = False
             node.meta[META_LAYOUT] = None
-    return gm
+
+
+# higher-order ops that run a subgraph under a mode (torch.no_grad(), torch.autocast): the
+# position of the subgraph among their arguments; the subgraph's inputs follow it
+_REGIONS = {
+    getattr(torch.ops.higher_order, name): position
+    for name, position in (("wrap_with_set_grad_enabled", 1), ("wrap_with_autocast", 4))
+    if hasattr(torch.ops.higher_order, name)
+}
+
+
+def _region(gm: GraphModule, node: Node, batch) -> None:
+    """A `with torch.no_grad():` or `torch.autocast` region: the rules see inside its subgraph,
+    so its ops are proven (or probed, or refused, with their own source lines) like any other;
+    the region's outputs take the layouts of the subgraph's outputs. A region holding an op that
+    only the probe checks is probed as a whole (its inside runs as one call)."""
+    position = _REGIONS[node.target]
+    body = gm.get_submodule(node.args[position].target)
+    inputs = list(node.args[position + 1 :])
+    _propagate(body, body.graph, batch, {}, inputs)
+    output = next(n for n in body.graph.nodes if n.op == "output")
+    results = output.args[0] if isinstance(output.args[0], (list, tuple)) else (output.args[0],)
+    node.meta[META_DEPENDENT] = any(isinstance(r, Node) and r.meta.get(META_DEPENDENT) for r in results)
+    node.meta[META_LAYOUT] = tuple(r.meta.get(META_LAYOUT) if isinstance(r, Node) else None for r in results)
+    node.meta[META_PROBE] = any(n.meta.get(META_PROBE) for n in body.graph.nodes)
 
 
 def probed_nodes(gm: GraphModule) -> list[Node]:
