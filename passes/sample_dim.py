@@ -264,6 +264,10 @@ def _mapped(node: Node, maps: list[tuple[Node, DimMap]], name: str) -> tuple[int
                 "lay out every operand's batch the same way (same dimension, same order)",
             )
         target = candidate
+    if target is None:  # only shape-only inputs depend on samples: the values come from sample-free inputs
+        target = next(((dim_map(lo.dim), lo.before, lo.after) for inp, dim_map in maps
+                       if dim_map is not _shape_only and isinstance(lo := inp.meta.get(META_LAYOUT), SampleLayout)
+                       and dim_map(lo.dim) is not None), None)
     if target is None:
         raise node_error(SampleMixingError, node, f"{name}: no input carries the sample dimension", "report this model to bkfx")
     return target
