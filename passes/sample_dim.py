@@ -31,8 +31,10 @@ hidden states, an embedding bag's bags and its flat ids) have a *layout rule* in
 proves separability and gives each output's layout (`layout_rule`).
 
 A sample-dependent op with no rule is marked `META_PROBE`: `passes.probe` checks it
-numerically at capture (perturb one sample, every other sample's output must stay
-bit-identical) and refuses it if it mixes. Whatever mixes is refused with
+numerically at capture, for every ordered pair of samples (perturbing sample i must leave
+sample j's output unchanged), and refuses it if it mixes or cannot be run. A region of the
+forward under `torch.no_grad()` or `torch.autocast` (a higher-order op with a subgraph) is
+not one opaque op: the rules run inside its subgraph. Whatever mixes is refused with
 `SampleMixingError`, naming the node, the op and the user's source line.
 """
 from __future__ import annotations
