@@ -146,14 +146,20 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, batch_dim=0) -> C
         name: pytree.tree_map(lambda t: {dims[id(t)]: batch} if isinstance(t, torch.Tensor) and id(t) in dims else None, value)
         for name, value in bound.items()
     }
+    def export():
+        # grad mode on: a first call under torch.no_grad() would otherwise trace every region of
+        # the forward as differentiable, losing its own `with torch.no_grad():` blocks
+        with torch.enable_grad():
+            return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+
     applied: list[_Applied] = []
     try:
         with _functions_recorded(applied):
-            exported = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+            exported = export()
     except Exception as e:  # torch.export raises many classes; all mean the same thing here
         if applied:  # the Function is refused whatever else failed after it
             raise _function_error(applied, None) from e
-        raise CaptureError(_capture_failure(e, batch_dim)) from e
+        raise CaptureError(_capture_failure(e, batch_dim, export)) from e
     gm = exported.module()
     if applied:
         raise _function_error(applied, gm)
@@ -179,12 +185,13 @@ def _placeholder_batch_dims(gm, symbol) -> dict:
     return out
 
 
-def _capture_failure(e: Exception, batch_dim=0) -> str:
+def _capture_failure(e: Exception, batch_dim=0, export=None) -> str:
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
     where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name}): {frames[-1].line}" if frames else "unknown"
     message = str(e).strip().splitlines()
     first = message[0] if message else type(e).__name__
     if "Constraints violated" in str(e) and "batch" in str(e):
+        where = _specialising_line(export) or where
         return (
             f"torch.export could not keep the batch dimension dynamic: {first}\n"
             f"  source: {where}\n"
@@ -199,6 +206,43 @@ def _capture_failure(e: Exception, batch_dim=0) -> str:
         "no .item() on tensors, no caches of non-tensor objects, e.g. HF's use_cache=False), "
         "then compile again."
     )
+
+
+def _specialising_line(export) -> str | None:
+    """The user's line where the trace fixed the batch size: torch.export reports the violated
+    constraint only after tracing, from its own frame, so trace again and note the user's frame
+    of every shape guard as the shape environment logs it."""
+    import logging
+
+    if export is None:
+        return None
+    found: list[tuple[str, str]] = []
+
+    class _Guards(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if "guard added" not in text and not text.startswith("set_replacement"):
+                return
+            for f in reversed(traceback.extract_stack()[:-1]):
+                if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(logging.__file__.rpartition("/")[0]) \
+                        and f.filename != __file__:
+                    found.append((text, f"{f.filename}:{f.lineno} ({f.name}): {f.line}"))
+                    return
+
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handlers, level, propagate = logger.handlers, logger.level, logger.propagate
+    logger.handlers = [_Guards()]  # the records are for this search, not for the user's console
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        export()
+    except Exception:  # noqa: BLE001 - the same failure again; only the logged guards matter
+        pass
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(level)
+    fixing = [where for text, where in found if "Eq(" in text or text.startswith("set_replacement")]
+    return (fixing or [where for _, where in found] or [None])[0]
 
 
 def _share_original_parameters(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:

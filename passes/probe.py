@@ -2,21 +2,28 @@
 
 `passes.sample_dim` proves, op by op, how the sample dimension flows; an op it has no rule
 for is marked `META_PROBE`. This pass runs the captured graph once on the example inputs
-(a `torch.fx.Interpreter`) and, at every probed node, runs the op again with one sample's
-entries of every sample-dependent input perturbed (sample k's values replaced by another
-sample's, plus noise), for the first and the last sample: every other sample's entries of
-every output must stay unchanged (to a few ulps, since a kernel may round a different
-allocation differently), and outputs without a sample dimension must not change at all.
-Random ops see the same random stream in both runs.
+(a `torch.fx.Interpreter`) and checks every probed node, then the whole model, for every
+ordered pair of samples (i, j), i != j: perturbing sample i must leave sample j's output
+unchanged (to a few ulps, since a kernel may round a different allocation differently),
+and outputs without a sample dimension must not change at all.
 
-Then one whole-model probe: the graph's outputs with sample 0's inputs perturbed must be
-unchanged for every other sample.
+The pairs are covered in n runs, not B: each sample gets a distinct n-bit code of weight
+⌊n/2⌋ (n the least with C(n, ⌊n/2⌋) >= B, so n = 6 for B = 16 and 11 for B = 256), and run r
+perturbs the samples whose code has bit r. Two distinct codes of equal weight differ in a
+bit where i has 1 and j has 0 (Sperner), so for every pair some run perturbs i and leaves j
+alone. A perturbation changes every entry of the chosen samples: floats get independent
+noise of the tensor's scale, bools flip, integers move to the next distinct value the tensor
+holds (so indices stay in range). Random ops see the same random stream in every run.
 
 A probe is evidence on the example values, not a proof; it refuses, with
-`SampleMixingError`, every op that mixes on them, and `passes.sample_dim` keeps the list of
-what went through it (`probed_nodes`), which `explain()` reports.
+`SampleMixingError`, every op that mixes on them and every op that fails on perturbed
+inputs (it cannot be checked), and `passes.sample_dim` keeps the list of what went through
+it (`probed_nodes`), which `explain()` reports.
 """
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 import torch.fx._pytree as fx_pytree
@@ -35,25 +42,41 @@ def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
     """Check every `META_PROBE` node, then the whole model, on these example inputs."""
     flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), gm._in_spec) if hasattr(gm, "_in_spec") else list(args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    batched = [(k, n.meta[META_LAYOUT]) for k, n in enumerate(placeholders)
+               if n.meta.get(META_DEPENDENT) and isinstance(n.meta.get(META_LAYOUT), SampleLayout)]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
     with torch.no_grad():
-        if any(n.meta.get(META_PROBE) for n in gm.graph.nodes):
-            _Probing(gm).run(*flat)
-        batched = [(k, n.meta[META_LAYOUT]) for k, n in enumerate(placeholders)
-                   if n.meta.get(META_DEPENDENT) and isinstance(n.meta.get(META_LAYOUT), SampleLayout)]
-        if batched:
-            perturbed = list(flat)
-            sample = 0
-            generator = torch.Generator(device="cpu").manual_seed(_SEED)
+        interpreter = _Probing(gm) if any(n.meta.get(META_PROBE) for n in gm.graph.nodes) else Interpreter(gm)
+        with _same_randomness(flat):
+            base = pytree.tree_leaves(interpreter.run(*flat))
+        if not batched:
+            return gm
+        batch = _batch_of(flat[batched[0][0]], batched[0][1])
+        generator = torch.Generator(device="cpu").manual_seed(_SEED)
+        for perturbed_samples in sample_runs(batch):
+            inputs = list(flat)
             for k, layout in batched:
-                perturbed[k] = _perturb(flat[k], layout, sample, generator, noise=True)
-            with _same_randomness(flat):
-                again = Interpreter(gm).run(*perturbed)
-            with _same_randomness(flat):
-                base_again = Interpreter(gm).run(*flat)
-            output = next(n for n in gm.graph.nodes if n.op == "output")
-            _compare_outputs(output, pytree.tree_leaves(base_again), pytree.tree_leaves(again),
-                             _output_layouts(output), sample, whole_model=True)
+                inputs[k] = perturb(flat[k], layout, perturbed_samples, generator)
+            try:
+                with _same_randomness(flat):
+                    again = pytree.tree_leaves(Interpreter(gm).run(*inputs))
+            except Exception as e:  # noqa: BLE001 - any failure means the model could not be checked
+                raise _unchecked(None, e) from e
+            _compare_outputs(output, base, again, _output_layouts(output), perturbed_samples, whole_model=True)
     return gm
+
+
+def sample_runs(batch: int) -> list[frozenset[int]]:
+    """The sets of samples perturbed together, one per run: for every i != j some set holds i
+    and not j. Sample k's code is the k-th ⌊n/2⌋-subset of range(n); run r perturbs the
+    samples whose code contains r."""
+    if batch < 2:
+        return []
+    n = 2
+    while math.comb(n, n // 2) < batch:
+        n += 1
+    codes = list(itertools.islice(itertools.combinations(range(n), n // 2), batch))
+    return [frozenset(k for k, code in enumerate(codes) if r in code) for r in range(n)]
 
 
 class _Probing(Interpreter):
@@ -61,93 +84,98 @@ class _Probing(Interpreter):
         if not n.meta.get(META_PROBE):
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        with _same_randomness(pytree.tree_leaves((args, kwargs))):
-            result = super().run_node(n)
-        _probe_node(self, n, args, kwargs, result)
+        rng = _RandomState(pytree.tree_leaves((args, kwargs)))
+        result = super().run_node(n)
+        after = rng.save()
+        _probe_node(self, n, args, kwargs, result, rng)
+        rng.restore(after)  # the rest of the graph sees the stream a plain run sees
         return result
 
 
-def _probe_node(interp: Interpreter, node: Node, args, kwargs, result) -> None:
+def _probe_node(interp: Interpreter, node: Node, args, kwargs, result, rng: "_RandomState") -> None:
     inputs = [m for m in node.all_input_nodes if m.meta.get(META_DEPENDENT) and isinstance(m.meta.get(META_LAYOUT), SampleLayout)]
     if not inputs:
         return
     values = {m: interp.env[m] for m in inputs}
-    batch = _batch_of(values[inputs[0]], inputs[0].meta[META_LAYOUT])
+    batches = {_batch_of(values[m], m.meta[META_LAYOUT]) for m in inputs}
+    if len(batches) != 1:
+        raise node_error(
+            SampleMixingError, node,
+            f"{op_name(node)} takes inputs whose sample dimensions hold different numbers of samples {sorted(batches)}",
+            "lay out every operand's batch the same way",
+        )
     generator = torch.Generator(device="cpu").manual_seed(_SEED)
     outputs = result if isinstance(result, (list, tuple)) else (result,)
     layouts = node.meta.get(META_LAYOUT)
     layouts = layouts if isinstance(layouts, tuple) else (layouts,)
-    for sample in sorted({0, batch - 1}):
-        for noise in (True, False):  # noise off: values another sample really has (indices stay in range)
-            swapped = {m: _perturb(v, m.meta[META_LAYOUT], sample, generator, noise) for m, v in values.items()}
-            call_args, call_kwargs = _replace((args, kwargs), {id(values[m]): swapped[m] for m in inputs})
-            call_args, call_kwargs = pytree.tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a,
-                                                     (call_args, call_kwargs))
-            try:
-                with _same_randomness(pytree.tree_leaves((args, kwargs))):
-                    again = node.target(*call_args, **call_kwargs)
-            except Exception:  # the op refuses perturbed values (out-of-range ids): try real values
-                continue
-            again = again if isinstance(again, (list, tuple)) else (again,)
-            _compare_outputs(node, outputs, again, layouts, sample, whole_model=False)
-            break
-
-
-def _replace(tree, by_id: dict):
-    return pytree.tree_map(lambda a: by_id.get(id(a), a) if isinstance(a, torch.Tensor) else a, tree)
+    for perturbed_samples in sample_runs(batches.pop()):
+        swapped = {id(values[m]): perturb(values[m], m.meta[META_LAYOUT], perturbed_samples, generator) for m in inputs}
+        call_args, call_kwargs = pytree.tree_map(
+            lambda a: swapped.get(id(a), a).clone() if isinstance(a, torch.Tensor) else a, (args, kwargs))
+        try:
+            rng.restore()
+            again = node.target(*call_args, **call_kwargs)
+        except Exception as e:  # noqa: BLE001 - an op that cannot run on perturbed inputs is not checked
+            raise _unchecked(node, e) from e
+        again = again if isinstance(again, (list, tuple)) else (again,)
+        _compare_outputs(node, outputs, again, layouts, perturbed_samples, whole_model=False)
 
 
 def _batch_of(t: torch.Tensor, layout: SampleLayout) -> int:
     return t.shape[layout.dim] // (layout.before * layout.after)
 
 
-def sample_mask(t: torch.Tensor, layout: SampleLayout, sample: int) -> torch.Tensor:
-    """A bool tensor of `t`'s shape, True at sample `sample`'s entries."""
+def _samples_along(t: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
+    """The sample index of each position along `t`'s sample dimension."""
     size = t.shape[layout.dim]
     batch = size // (layout.before * layout.after)
-    which = (torch.arange(size, device=t.device) // layout.after) % batch == sample
+    return (torch.arange(size, device=t.device) // layout.after) % batch
+
+
+def sample_mask(t: torch.Tensor, layout: SampleLayout, samples) -> torch.Tensor:
+    """A bool tensor of `t`'s shape, True at the entries of the given samples (an int or a set)."""
+    samples = [samples] if isinstance(samples, int) else sorted(samples)
+    which = torch.isin(_samples_along(t, layout), torch.tensor(samples, device=t.device, dtype=torch.long))
     view = [1] * t.dim()
-    view[layout.dim] = size
+    view[layout.dim] = t.shape[layout.dim]
     return which.reshape(view).expand(t.shape)
 
 
-def _perturb(t: torch.Tensor, layout: SampleLayout, sample: int, generator, noise: bool) -> torch.Tensor:
-    """`t` with sample `sample`'s entries replaced by the next sample's, plus noise for floats."""
+def perturb(t: torch.Tensor, layout: SampleLayout, samples, generator) -> torch.Tensor:
+    """`t` with every entry of the given samples changed: floats by noise of the tensor's scale,
+    bools flipped, integers moved to the next distinct value `t` holds (so ids stay in range)."""
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return t
-    size = t.shape[layout.dim]
-    batch = size // (layout.before * layout.after)
-    other = (sample + 1) % batch
-    pos = torch.arange(size, device=t.device)
-    which = (pos // layout.after) % batch == sample
-    source = torch.where(which, pos + (other - sample) * layout.after, pos)
-    out = t.index_select(layout.dim, source)
-    if noise and (t.is_floating_point() or t.is_complex()):
-        scale = t.detach().abs().float().mean().clamp_min(1.0).item()
+    if t.is_floating_point() or t.is_complex():
+        scale = t.detach().abs().float().nan_to_num(0, 0, 0).mean().clamp_min(1.0).item()
         kick = torch.randn(t.shape, generator=generator, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
-        out = out + kick * scale
-    elif noise and t.dtype == torch.bool:
-        out = ~out
-    return torch.where(sample_mask(t, layout, sample), out, t)
+        changed = t + kick * scale
+    elif t.dtype == torch.bool:
+        changed = ~t
+    else:
+        values = torch.unique(t)
+        if values.numel() < 2:
+            return t  # one value everywhere: no other in-range value to move to
+        changed = values[(torch.searchsorted(values, t.contiguous()) + 1) % values.numel()]
+    return torch.where(sample_mask(t, layout, samples), changed, t)
 
 
-def _compare_outputs(node: Node, base, again, layouts, sample: int, whole_model: bool) -> None:
+def _compare_outputs(node: Node, base, again, layouts, perturbed_samples, whole_model: bool) -> None:
     for k, (b, a) in enumerate(zip(base, again)):
         if not isinstance(b, torch.Tensor) or b.numel() == 0:
             continue
         layout = layouts[k] if k < len(layouts) else None
-        if not all(_unchanged(x, y) for x, y in zip(_others(b, layout, sample), _others(a, layout, sample))):
-            _refuse(node, sample, whole_model)
-
-
-def _others(t: torch.Tensor, layout, sample: int) -> list[torch.Tensor]:
-    """The entries of `t` that belong to samples other than `sample` (all of `t` without a layout)."""
-    if not isinstance(layout, SampleLayout):
-        return [t]
-    if layout.merged:
-        return [t[~sample_mask(t, layout, sample)]]
-    batch = t.shape[layout.dim]
-    return [t.narrow(layout.dim, 0, sample), t.narrow(layout.dim, sample + 1, batch - sample - 1)]
+        if not isinstance(layout, SampleLayout):
+            if not _unchanged(b, a):
+                _refuse(node, perturbed_samples, None, whole_model)
+            continue
+        if tuple(a.shape) != tuple(b.shape):
+            _refuse(node, perturbed_samples, None, whole_model)
+        samples = _samples_along(b, layout)
+        for j in sorted(set(range(_batch_of(b, layout))) - perturbed_samples):
+            rows = (samples == j).nonzero().flatten()
+            if not _unchanged(b.index_select(layout.dim, rows), a.index_select(layout.dim, rows)):
+                _refuse(node, perturbed_samples, j, whole_model)
 
 
 def _unchanged(b: torch.Tensor, a: torch.Tensor) -> bool:
@@ -159,17 +187,23 @@ def _unchanged(b: torch.Tensor, a: torch.Tensor) -> bool:
         scale = b64.abs().nan_to_num(0, 0, 0).max().item() if b64.numel() else 0.0
         tol = 8 * torch.finfo(b.dtype if b.dtype.is_floating_point else torch.float64).eps * max(scale, 1e-30)
         return bool(((b64 - a64).abs() <= tol).logical_or(both_nan).all())
-    return torch.equal(b, a)
+    return False
 
 
 def _output_layouts(output: Node) -> tuple:
     return tuple(n.meta.get(META_LAYOUT) if isinstance(n, Node) else None for n in pytree.tree_leaves(output.args[0]))
 
 
-def _refuse(node: Node, sample: int, whole_model: bool):
+def _samples_text(samples) -> str:
+    s = sorted(samples)
+    return "samples " + ", ".join(map(str, s[:8])) + (f", ... ({len(s)} in all)" if len(s) > 8 else "")
+
+
+def _refuse(node: Node, perturbed_samples, changed: int | None, whole_model: bool):
+    victim = f"sample {changed}'s" if changed is not None else "the batch-wide"
     if whole_model:
         raise SampleMixingError(
-            f"the model mixes samples: changing sample {sample}'s inputs changed other samples' outputs "
+            f"the model mixes samples: changing {_samples_text(perturbed_samples)}'s inputs changed {victim} outputs "
             "(found by bkfx's whole-model probe at capture, after every operation passed its own check)\n"
             "  node: output\n  operation: the model's forward\n  source: the model's outputs\n"
             "  what to do: make sure no operation combines different samples (batch statistics, attention or pooling "
@@ -177,11 +211,45 @@ def _refuse(node: Node, sample: int, whole_model: bool):
         )
     raise node_error(
         SampleMixingError, node,
-        f"{op_name(node)} mixes samples: changing sample {sample}'s entries of its inputs changed other samples' "
-        "entries of its output (bkfx has no sample rule for this operation, so it probed it at capture)",
+        f"{op_name(node)} mixes samples: changing {_samples_text(perturbed_samples)}'s entries of its inputs changed "
+        f"{victim} entries of its output (bkfx has no sample rule for this operation, so it probed it at capture)",
         "apply the operation along non-sample dimensions only, or compute it per sample (e.g. torch.func.vmap "
         "over the batch inside the model); if an input is not batch-first, pass batch_dim= to bkfx.compile",
     )
+
+
+def _unchecked(node: Node | None, e: Exception) -> SampleMixingError:
+    reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    advice = ("write the operation with ops bkfx has sample rules for (see bkfx/rules/README.md), or make it accept "
+              "any per-sample values of its inputs")
+    if node is None:
+        return SampleMixingError(
+            "bkfx could not check that the model keeps samples apart: its forward failed on perturbed samples "
+            f"({reason})\n  node: output\n  operation: the model's forward\n  source: the model's outputs\n"
+            f"  what to do: {advice}")
+    return node_error(
+        SampleMixingError, node,
+        f"bkfx has no sample rule for {op_name(node)} and could not probe it: it failed on perturbed samples ({reason}), "
+        "so nothing shows that it keeps samples apart",
+        advice,
+    )
+
+
+class _RandomState:
+    """The CPU and CUDA generator states of the tensors' devices, to replay a random stream."""
+
+    def __init__(self, tensors):
+        self.devices = sorted({t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda})
+        self.state = self.save()
+
+    def save(self):
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def restore(self, state=None):
+        cpu, cuda = state or self.state
+        torch.set_rng_state(cpu)
+        for d, s in zip(self.devices, cuda):
+            torch.cuda.set_rng_state(s, d)
 
 
 class _same_randomness:

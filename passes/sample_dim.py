@@ -31,8 +31,10 @@ hidden states, an embedding bag's bags and its flat ids) have a *layout rule* in
 proves separability and gives each output's layout (`layout_rule`).
 
 A sample-dependent op with no rule is marked `META_PROBE`: `passes.probe` checks it
-numerically at capture (perturb one sample, every other sample's output must stay
-bit-identical) and refuses it if it mixes. Whatever mixes is refused with
+numerically at capture, for every ordered pair of samples (perturbing sample i must leave
+sample j's output unchanged), and refuses it if it mixes or cannot be run. A region of the
+forward under `torch.no_grad()` or `torch.autocast` (a higher-order op with a subgraph) is
+not one opaque op: the rules run inside its subgraph. Whatever mixes is refused with
 `SampleMixingError`, naming the node, the op and the user's source line.
 """
 from __future__ import annotations
@@ -57,17 +59,31 @@ DimMap = Callable[[int], "int | None"]  # input dimension -> output dimension, N
 def sample_dim(gm: GraphModule) -> GraphModule:
     """Write META_DEPENDENT, META_LAYOUT, META_IDENTITY and META_PROBE on every node; raise on
     ops that provably mix samples."""
-    batch = gm.meta[META_BATCH]
-    batch_dims = gm.meta.get(META_BATCH_DIMS, {})
-    for node in gm.graph.nodes:
+    _propagate(gm, gm.graph, gm.meta[META_BATCH], gm.meta.get(META_BATCH_DIMS, {}), None)
+    return gm
+
+
+def _propagate(gm: GraphModule, graph, batch, batch_dims: dict, given: list | None) -> None:
+    """The facts of every node of `graph`; `given`: for a region's subgraph, the outer nodes its
+    placeholders stand for."""
+    placeholders = iter(given or [])
+    for node in graph.nodes:
         node.meta[META_PROBE] = False
         node.meta[META_IDENTITY] = False
-        if node.op == "placeholder":
+        if node.op == "placeholder" and given is not None:
+            outer = next(placeholders, None)
+            facts = outer.meta if isinstance(outer, Node) else {}
+            node.meta[META_DEPENDENT] = bool(facts.get(META_DEPENDENT))
+            node.meta[META_LAYOUT] = facts.get(META_LAYOUT)
+            node.meta[META_IDENTITY] = bool(facts.get(META_IDENTITY))
+        elif node.op == "placeholder":
             shape = shape_of(node)
             dims = [i for i, s in enumerate(shape or []) if s.has(batch)]
             dependent = bool(dims)
             node.meta[META_DEPENDENT] = dependent
             node.meta[META_LAYOUT] = SampleLayout(batch_dims.get(node.name, dims[0])) if dependent else None
+        elif node.op == "call_function" and node.target in _REGIONS:
+            _region(gm, node, batch)
         elif node.op in ("call_function", "call_method", "call_module"):
             dependent = node.target not in _VALUE_FREE_TARGETS and op_name(node) not in _VALUE_FREE and any(
                 n.meta.get(META_DEPENDENT) for n in node.all_input_nodes
@@ -78,7 +94,31 @@ def sample_dim(gm: GraphModule) -> GraphModule:
         else:
             node.meta[META_DEPENDENT] = False
             node.meta[META_LAYOUT] = None
-    return gm
+
+
+# higher-order ops that run a subgraph under a mode (torch.no_grad(), torch.autocast): the
+# position of the subgraph among their arguments; the subgraph's inputs follow it
+_REGIONS = {
+    getattr(torch.ops.higher_order, name): position
+    for name, position in (("wrap_with_set_grad_enabled", 1), ("wrap_with_autocast", 4))
+    if hasattr(torch.ops.higher_order, name)
+}
+
+
+def _region(gm: GraphModule, node: Node, batch) -> None:
+    """A `with torch.no_grad():` or `torch.autocast` region: the rules see inside its subgraph,
+    so its ops are proven (or probed, or refused, with their own source lines) like any other;
+    the region's outputs take the layouts of the subgraph's outputs. A region holding an op that
+    only the probe checks is probed as a whole (its inside runs as one call)."""
+    position = _REGIONS[node.target]
+    body = gm.get_submodule(node.args[position].target)
+    inputs = list(node.args[position + 1 :])
+    _propagate(body, body.graph, batch, {}, inputs)
+    output = next(n for n in body.graph.nodes if n.op == "output")
+    results = output.args[0] if isinstance(output.args[0], (list, tuple)) else (output.args[0],)
+    node.meta[META_DEPENDENT] = any(isinstance(r, Node) and r.meta.get(META_DEPENDENT) for r in results)
+    node.meta[META_LAYOUT] = tuple(r.meta.get(META_LAYOUT) if isinstance(r, Node) else None for r in results)
+    node.meta[META_PROBE] = any(n.meta.get(META_PROBE) for n in body.graph.nodes)
 
 
 def probed_nodes(gm: GraphModule) -> list[Node]:
@@ -206,7 +246,7 @@ def _mapped(node: Node, maps: list[tuple[Node, DimMap]], name: str) -> tuple[int
     target = None
     for inp, dim_map in maps:
         lo = inp.meta.get(META_LAYOUT)
-        if not inp.meta.get(META_DEPENDENT) or not isinstance(lo, SampleLayout):
+        if dim_map is _shape_only or not inp.meta.get(META_DEPENDENT) or not isinstance(lo, SampleLayout):
             continue
         out = dim_map(lo.dim)
         if out is None:
@@ -226,6 +266,10 @@ def _mapped(node: Node, maps: list[tuple[Node, DimMap]], name: str) -> tuple[int
                 "lay out every operand's batch the same way (same dimension, same order)",
             )
         target = candidate
+    if target is None:  # only shape-only inputs depend on samples: the values come from sample-free inputs
+        target = next(((dim_map(lo.dim), lo.before, lo.after) for inp, dim_map in maps
+                       if dim_map is not _shape_only and isinstance(lo := inp.meta.get(META_LAYOUT), SampleLayout)
+                       and dim_map(lo.dim) is not None), None)
     if target is None:
         raise node_error(SampleMixingError, node, f"{name}: no input carries the sample dimension", "report this model to bkfx")
     return target
@@ -241,8 +285,9 @@ def _reshape_layout(node: Node, source, shape, d: int, batch) -> SampleLayout:
     multiple of the output dimension's inner size `q`, giving `after' = s / q`."""
     src_node, src = source
     src_shape = shape_of(src_node)
-    stride = src.after * sympy.prod(src_shape[src.dim + 1 :])
-    inner = sympy.prod(shape[d + 1 :])
+    # sympy.Mul: sympy.prod([]) is the Python int 1, and 1 / 1 would be a Float
+    stride = sympy.Integer(src.after) * sympy.Mul(*src_shape[src.dim + 1 :])
+    inner = sympy.Mul(*shape[d + 1 :])
     after = sympy.cancel(stride / inner)
     before = sympy.cancel(shape[d] / (batch * after)) if after.is_Integer and after > 0 else None
     if before is None or not before.is_Integer or before < 1:
@@ -277,9 +322,14 @@ def _is_identity(node: Node, batch) -> bool:
         return args.get("start") in (0, None) and args.get("step", 1) == 1 and shape_of(node) == shape_of(source)
     if name in ("add", "sub"):
         return len(node.args) == 2 and node.args[1] == 0
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype not in _EXACT_INDEX_DTYPES:
+        return False  # a cast through a float or a narrow integer is not arange(B) for every B
     return name in _IDENTITY_KEEPING
 
 
+# integer dtypes that hold every sample index exactly (a batch of 2**31 samples cannot be indexed at all)
+_EXACT_INDEX_DTYPES = {torch.int64, torch.int32}
 _IDENTITY_KEEPING = {
     "unsqueeze", "view", "reshape", "_unsafe_view", "expand", "to", "_to_copy", "clone", "contiguous", "alias",
     "detach", "lift_fresh_copy", "permute", "transpose", "squeeze",
@@ -298,7 +348,7 @@ _VALUE_FREE = {
 _VALUE_FREE_TARGETS = {aten.sym_size.int}
 # elementwise ops without the pointwise tag
 _ELEMENTWISE = {
-    "clone", "_to_copy", "to", "type_as", "detach", "alias", "contiguous", "lift_fresh_copy", "dropout",
+    "clone", "_to_copy", "to", "detach", "alias", "contiguous", "lift_fresh_copy", "dropout",
     "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "__and__", "__or__", "__xor__",
     "__lshift__", "__rshift__", "masked_fill", "copy", "fill", "hardswish", "hardsigmoid", "tril", "triu",
     "_native_batch_norm_legit_no_training", "positive", "real", "imag",
@@ -369,6 +419,12 @@ def _except(*dims: int, rank: int) -> DimMap:
     return lambda k: None if k in along else k
 
 
+def _shape_only(k: int) -> None:
+    """The map of an input the op reads only the shape, dtype or device of (`expand_as`'s and
+    `type_as`'s `other`): its values reach no output, so it cannot mix samples."""
+    return None
+
+
 def _broadcast_rule(node: Node):
     out = _out_rank(node)
     return [(n, _aligned(_rank(n), out)) for n in _tensor_inputs(node)]
@@ -437,7 +493,13 @@ def _squeeze(node):
 @sample_rule("expand", "expand_as", "broadcast_to")
 def _expand(node):
     x = node.args[0]
-    return [(x, _aligned(_rank(x), _out_rank(node)))]
+    return [(x, _aligned(_rank(x), _out_rank(node)))] + [(n, _shape_only) for n in _tensor_inputs(node) if n is not x]
+
+
+@sample_rule("type_as")
+def _type_as(node):
+    x = node.args[0]
+    return [(x, _identity)] + [(n, _shape_only) for n in _tensor_inputs(node) if n is not x]
 
 
 @sample_rule("repeat", "tile")
@@ -449,12 +511,59 @@ def _repeat(node):
 
 
 @sample_rule("slice", "narrow", "split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split",
-             "unsafe_split_with_sizes", "constant_pad_nd", "pad")
+             "unsafe_split_with_sizes")
 def _same_rank(node):
-    # slices and pads along a dimension keep every sample's entries in place; along the
-    # sample dimension they change its size, which the shared check refuses
+    # slices along a dimension keep every sample's entries in place; along the sample
+    # dimension they change its size (or, at full size, are the identity), which the shared check sees
     x = node.args[0]
     return [(x, _identity)]
+
+
+@sample_rule("constant_pad_nd", "pad")
+def _pad(node):
+    """`pad = (l_last, r_last, l_prev, r_prev, ...)`: a dimension with any non-zero pad works along
+    it (a negative pad crops one end while the other grows: `(-1, 1)` keeps the size and shifts the
+    entries by one), so the sample dimension must not be padded, whatever the result's size."""
+    x, pad = node.args[0], arguments(node).get("pad", node.args[1])
+    rank = _rank(x)
+    padded = {rank - 1 - k // 2 for k, p in enumerate(pad) if not (isinstance(p, int) and p == 0)}
+    return [(x, lambda k: None if k in padded else k)]
+
+
+@sample_rule("renorm")
+def _renorm(node):
+    """`renorm(x, p, dim, maxnorm)` rescales each slice `x.select(dim, j)` to norm <= maxnorm: the
+    norm is taken over every dimension but `dim`, so only `dim` keeps its entries apart."""
+    x = node.args[0]
+    rank = _rank(x)
+    d = int(arguments(node)["dim"]) % rank
+    return [(x, lambda k: k if k == d else None)]
+
+
+@sample_rule("cross", "linalg_cross")
+def _cross(node):
+    """`cross(a, b, dim)`: a and b broadcast together; the 3-vectors lie along `dim` (for `cross`
+    without dim, the first dimension of size 3)."""
+    r = _out_rank(node)
+    dim = arguments(node).get("dim")
+    if dim is None:
+        dim = next(k for k, s in enumerate(node.meta["val"].shape) if s == 3)
+    d = int(dim) % r
+    return [(n, (lambda k, rank=_rank(n): None if k + r - rank == d else k + r - rank)) for n in _tensor_inputs(node)]
+
+
+_UNIQUE = {"unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
+
+
+@sample_rule(*_UNIQUE)
+def _unique(node):
+    raise node_error(
+        SampleMixingError, node,
+        f"{op_name(node)} finds the distinct values of the whole batch: which values, how many and their inverse "
+        "indices depend on every sample, and its output's size depends on the data",
+        "compute the distinct values per sample (e.g. a sort along a non-sample dimension), or compute them "
+        "outside the model from data that is not private",
+    )
 
 
 @sample_rule("view_as_real", "view_as_complex")
@@ -495,6 +604,8 @@ _REDUCTIONS = {
 
 @sample_rule(*_REDUCTIONS)
 def _reduction(node):
+    if len(node.args) > 1 and isinstance(node.args[1], Node) and isinstance(node.args[1].meta.get("val"), torch.Tensor):
+        return _broadcast_rule(node)  # torch.max(a, b), torch.min(a, b): elementwise
     x = node.args[0]
     rank = _rank(x)
     args = arguments(node)
@@ -513,7 +624,7 @@ _ALONG = {
     "softmax": "dim", "_softmax": "dim", "log_softmax": "dim", "_log_softmax": "dim", "cumsum": "dim",
     "cumprod": "dim", "logcumsumexp": "dim", "cummax": "dim", "cummin": "dim", "sort": "dim", "argsort": "dim",
     "topk": "dim", "kthvalue": "dim", "median": "dim", "nanmedian": "dim", "mode": "dim", "glu": "dim",
-    "flip": "dims", "roll": "dims", "unfold": "dimension", "renorm": "dim", "cross": "dim", "linalg_cross": "dim",
+    "flip": "dims", "roll": "dims", "unfold": "dimension",
     "diff": "dim", "_fft_r2c": "dim", "_fft_c2r": "dim", "_fft_c2c": "dim", "fft_fft": "dim", "fft_ifft": "dim",
     "fft_rfft": "dim", "fft_irfft": "dim", "fft_fftn": "dim", "fft_rfftn": "dim", "fft_fft2": "dim",
     "fft_rfft2": "dim", "fft_hfft": "dim", "fft_ihfft": "dim", "special_softmax": "dim", "special_log_softmax": "dim",
@@ -774,7 +885,7 @@ def _embedding(node):
     return [(weight, lambda j: None), (indices, _identity)]
 
 
-_REFUSING = _BATCH_NORMS | {"embedding_renorm"}  # ops whose rule may refuse before any shape check
+_REFUSING = _BATCH_NORMS | _UNIQUE | {"embedding_renorm"}  # ops whose rule may refuse before any shape check
 
 
 @sample_rule("embedding_renorm")
