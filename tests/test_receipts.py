@@ -243,10 +243,10 @@ def _compiled_run(compile_step):
     reference = copy.deepcopy(model)
     dp, opt, _ = private(model, noise_multiplier=0.0, momentum=0.0)
     run = compile_step(dp)
-    x, y = data(6)
+    x, y = data(8)
     expected = reference_sum(reference, dp, [(x[:4], y[:4]), (x[4:], y[4:])])
     F.cross_entropy(run(x[:4]), y[:4]).backward()
-    F.cross_entropy(run(x[4:]), y[4:]).backward()  # a second call accumulates (batch of 2: compiled too)
+    F.cross_entropy(run(x[4:]), y[4:]).backward()  # a second call accumulates
     opt.step()
     opt.zero_grad()
     for n, p in model.named_parameters():
