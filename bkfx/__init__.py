@@ -18,6 +18,7 @@ from bkfx.errors import (
     InPlaceModificationError,
     NotCapturedError,
     SampleMixingError,
+    UnclippedGradientError,
     UnsupportedOperationError,
 )
 
@@ -26,7 +27,7 @@ __all__ = [
     "noise_multiplier_for", "privacy_report", "PrivacyReport", "PoissonSampler", "UserSampler", "poisson_loader", "split_physical_batches", "PhysicalBatches",
     "save_checkpoint", "load_checkpoint",
     "replace_batchnorm", "BkfxError", "CaptureError", "InPlaceModificationError",
-    "NotCapturedError", "SampleMixingError", "UnsupportedOperationError",
+    "NotCapturedError", "SampleMixingError", "UnclippedGradientError", "UnsupportedOperationError",
 ]
 __version__ = "0.1.0"
 

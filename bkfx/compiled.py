@@ -22,9 +22,9 @@ once, as a trace, and compiles what it did:
    (inductor by default; `DPModel.compile(backend=, mode=, options=)` chooses, and
    `mode="reduce-overhead"` gives CUDA graphs): one compilation serves every batch size.
 4. **Run.** `_Step`, an autograd Function, runs the forward program and saves its values;
-   its backward runs the backward program and returns the clipped sums as the parameters'
-   gradients, which autograd accumulates into `.grad` like any gradient (so gradient
-   accumulation works as it does eagerly).
+   its backward runs the backward program, adds the clipped sums to the parameters' `.grad`
+   as the eager ledger does, with the receipts `DPOptimizer.step()` checks (`bkfx.receipts`),
+   and returns the inputs' gradients (gradient accumulation works as it does eagerly).
 
 What stays eager (`eager_reason`): batch sizes 0 and 1 (the trace specialises them) and a
 GradScaler's loss scale. Forward calls joined before one backward (two views of the same
@@ -52,6 +52,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from bkfx.errors import BkfxError
 from bkfx.ledger import Tape, _keeping_graph, recording
 from bkfx.node import attribute
+from bkfx.receipts import add_clipped_sum
 
 
 @dataclass(frozen=True)
@@ -468,8 +469,12 @@ class _Step(torch.autograd.Function):
         if not _keeping_graph():
             pending.saved = None
         gradients = [None] * (2 + program.n_primals)
+        n_state = len(program.state)
         for j, g in zip(program.grad_primals, results):
-            gradients[2 + j] = g
+            if j < n_state:  # a parameter's clipped sum: into .grad here, with its receipt (`bkfx.receipts`)
+                add_clipped_sum(program.state[j], g)
+            else:  # an input's gradient: autograd passes it on
+                gradients[2 + j] = g
         norms = results[len(program.grad_primals):]
         pending.done = True
         owner = pending.owner()

@@ -27,6 +27,14 @@ class InPlaceModificationError(BkfxError):
     """A tensor saved for the per-sample norms was modified in place before backward."""
 
 
+class UnclippedGradientError(BkfxError):
+    """The optimizer was asked to step on gradients that are not clipped sums bkfx wrote (`bkfx.receipts`)."""
+
+
+class PoissonSamplingWarning(UserWarning):
+    """A loader's own batching (shuffled or in order) is replaced by Poisson sampling."""
+
+
 class NotCapturedError(BkfxError):
     """The model has not been called yet, so there is no graph to show."""
 

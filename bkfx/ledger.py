@@ -38,6 +38,7 @@ from bkfx.errors import BkfxError, InPlaceModificationError, located_error
 from bkfx.factors import Dense, Explicit, Factored, OneHot, GramCache, ScaledCache, inner, rowdot, weighted_sum
 from bkfx.plan import Site, get_path
 from bkfx.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
+from bkfx.receipts import add_clipped_sum
 from bkfx.rules import SiteCall
 
 _current: contextvars.ContextVar["Tape | None"] = contextvars.ContextVar("bkfx_tape", default=None)
@@ -188,19 +189,16 @@ class Tape:
         with torch.no_grad():
             if small is not None:
                 for name, grad in small.clipped_sums(c, self.params, rows):
-                    p = self.params[name]
-                    if p.grad is None:
-                        p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
-                    else:
-                        p.grad.add_(grad)
+                    self._add_to_grad(self.params[name], grad)
             for name in names:
                 p, pieces = self.params[name], self.pieces.pop(name)
                 while pieces:  # each factor is released as soon as its part of the sum is written
-                    grad = weighted_sum(_first_rows(pieces.pop(), rows), c, p.shape, scaled)
-                    if p.grad is None:
-                        p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
-                    else:
-                        p.grad.add_(grad)
+                    self._add_to_grad(p, weighted_sum(_first_rows(pieces.pop(), rows), c, p.shape, scaled))
+
+    def _add_to_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """A clipped sum into `.grad`, with the receipt `DPOptimizer.step()` checks (`bkfx.receipts`);
+        traced for a compiler, `p` is the trace's leaf: the compiled step receipts the real parameter."""
+        add_clipped_sum(p, grad, receipt=not self.traced)
 
     def _without_padding(self, c: torch.Tensor):
         """`(c, rows)`: the clip factors with padding rows' set to 0, and, eagerly when the real rows

@@ -18,6 +18,23 @@ An empty logical batch is a noise-only step. With `accountant=` (a
 `bkfx.accounting.Accountant`) and `sample_rate=`, every step is recorded as one Poisson
 subsampled Gaussian step.
 
+Only clipped sums are stepped on (`bkfx.receipts`). Every write of a clipped sum into `.grad`
+by the compiled model's backward (eager, compiled with `dp_model.compile()`, or under
+`torch.compile(dp_model)`) leaves a receipt: the `.grad` tensor and its version. `step()`
+refuses (`bkfx.errors.UnclippedGradientError`, before anything changes) when the parameters of
+the compiled model hold a `.grad` without a matching receipt — a backward through the original
+module instead of the compiled one, or on top of it; `.grad` replaced or modified in place;
+no `zero_grad()` after the last step — and when no backward wrote any clipped sum since the
+last step. Gradient accumulation (several backward calls, `PhysicalBatches`) keeps its receipts;
+`zero_grad()` drops them. A DPOptimizer over parameters of no compiled model steps on whatever
+`.grad` holds: whoever wrote it vouches that it is a clipped sum.
+
+Empty Poisson batches, explicitly, one of two ways: run the model on the batch as
+`poisson_loader` yields it (0 rows: forward and backward run, and the backward writes zero
+clipped sums with their receipts), or, with no forward call at all, `step(empty_batch=True)`
+(a data-parallel rank without examples, or a loop that skips empty batches). Either way the
+step adds the noise and is counted by the accountant.
+
 `DPOptimizer` is a `torch.optim.Optimizer` whose `param_groups`, `state` and `defaults` are
 the wrapped optimizer's own objects: LR schedulers take it directly
 (`StepLR(dp_optimizer, ...)`), and a group added with `add_param_group` is added to the
@@ -74,6 +91,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from bkfx import receipts
 from bkfx.accounting import check_noise_multiplier, check_sample_rate
 from bkfx.adaptive import AdaptiveClipping, UnclippedCount, combined_noise_multiplier, updated_thresholds
 from bkfx.distributed import all_reduce_sum_
@@ -333,12 +351,18 @@ class DPOptimizer(torch.optim.Optimizer):
                 "S times too small; step with scaler.step(optimizer) (or call scaler.unscale_(optimizer) first)"
             )
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, empty_batch: bool = False):
         """Noise, average and step, once per logical batch (nothing while one is still accumulating).
 
         `closure` (which recomputes the loss and calls backward) runs first, so the noise covers the
         gradients it leaves; it returns the loss. Optimizers that call a closure several times per
-        step (LBFGS) cannot be made private this way."""
+        step (LBFGS) cannot be made private this way.
+
+        The gradients of a compiled model's parameters must be the clipped sums its backward wrote
+        (`bkfx.receipts`), and at least one must have been written since the last step;
+        `empty_batch=True` says this logical batch has no example here (see the class docstring),
+        so a step with no backward is noise only, and counted. Otherwise `UnclippedGradientError`,
+        with parameters, optimizer state and accountant untouched."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -346,6 +370,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_loss_scale()
         if not self.logical_batch_complete:
             return loss
+        receipted = self._check_receipts(empty_batch)
         self.add_noise()
         self.steps += 1
         if self.adaptive_clipping is not None:
@@ -357,18 +382,53 @@ class DPOptimizer(torch.optim.Optimizer):
             if unit == "user":  # the model clipped users (`bkfx.data.UserSampler`): q is the users' rate
                 self.accountant.note("unit", {"name": "user", "examples_per_user": rows})
         self.optimizer.step()
+        receipts.consume(p for _, p in receipted)
         return loss
 
+    def _check_receipts(self, empty_batch: bool) -> list:
+        """Refuse gradients of a compiled model's parameters that its backward did not write, and
+        a step with none written, unless `empty_batch` (`bkfx.receipts.check`). Returns the checked
+        `(name, tensor)` pairs: each trainable parameter, or for an FSDP2 shard the unsharded
+        parameter that holds its clipped sum (and the shard itself when its `.grad` is set: bkfx
+        writes a shard's `.grad` only inside step())."""
+        model = self._model if self._model is not None else _compiled_model_of(self.optimizer)
+        if model is None:  # parameters of no compiled model: whoever wrote .grad vouches for it
+            return []
+        names = {id(p): n for n, p in model.module.named_parameters(remove_duplicate=False)}
+        shards = getattr(model, "shards", None)
+        targets = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                name = None if shards is None else shards.name_of(p)
+                if name is None:
+                    targets.append((names.get(id(p), f"a parameter of shape {tuple(p.shape)}"), p))
+                    continue
+                if p.grad is not None:
+                    targets.append((f"{name} (shard)", p))
+                if name in shards.unsharded:
+                    targets.append((name, shards.unsharded[name]))
+        receipts.check(targets, empty_batch=empty_batch)
+        return targets
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's zero_grad, once per logical batch; the gradients' receipts go too."""
         if not self.logical_batch_complete:
             return
         self.optimizer.zero_grad(set_to_none=set_to_none)
         if self.adaptive_clipping is not None:  # the count goes with the clipped sums: a skipped step drops both
             self._model.unclipped_count.take()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         shards = getattr(self._model, "shards", None)
         if shards is not None:  # FSDP2: the clipped sums not yet reduced, on the unsharded parameters
             for p in shards.unsharded.values():
                 p.grad = None
+            params += list(shards.unsharded.values())
+        receipts.consume(params)
+        if not set_to_none:  # zeros in place: a clean start for the next backward, not a clipped sum
+            for p in params:
+                receipts.receipt_zeroed(p)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict plus `"bkfx"`: steps, every device's noise generator

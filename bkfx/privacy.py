@@ -18,6 +18,7 @@ With `target_epsilon`, the noise multiplier is the smallest that keeps
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -28,7 +29,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from bkfx.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from bkfx.accounting import METHODS, Accountant, check_noise_multiplier, check_sample_rate, noise_multiplier_for
 from bkfx.dpmodel import DPModel, compile
-from bkfx.data import PhysicalBatches, check_physical_batch_size, poisson_loader
+from bkfx.data import PhysicalBatches, PoissonSampler, check_physical_batch_size, poisson_loader
+from bkfx.errors import PoissonSamplingWarning
 from bkfx.optimizer import DPOptimizer
 
 
@@ -53,7 +55,9 @@ def make_private(
 
     data: a Dataset, or a DataLoader (its dataset, collate_fn, num_workers and pin_memory
         are kept; its batch_size is the expected batch size unless batch_size or
-        sample_rate is given).
+        sample_rate is given). A DataLoader's own batching, shuffled or in order, is
+        replaced by Poisson sampling, with a `PoissonSamplingWarning` (none for a
+        `poisson_loader`).
     target_epsilon | noise_multiplier: exactly one. target_epsilon needs target_delta and
         epochs, and sets σ = `noise_multiplier_for(target_epsilon, q, epochs × round(1/q), δ)`.
     batch_size | sample_rate: the expected logical batch size B, or q = B / N.
@@ -155,6 +159,7 @@ def _check_optimizer(model: nn.Module, optimizer) -> None:
 def _dataset_of(data) -> tuple:
     """The dataset behind `data` and the DataLoader options that carry over to the Poisson loader."""
     if isinstance(data, DataLoader):
+        _warn_batching_replaced(data)
         # without automatic batching (batch_size=None) the loader's collate_fn converts single examples
         collate_fn = data.collate_fn if data.batch_sampler is not None else None
         options = {"num_workers": data.num_workers, "pin_memory": data.pin_memory, "collate_fn": collate_fn}
@@ -165,6 +170,24 @@ def _dataset_of(data) -> tuple:
         raise ValueError(f"data must be a map-style Dataset (with __len__ and __getitem__) or a DataLoader over one, "
                          f"got {type(data).__name__}")
     return data, options
+
+
+def _warn_batching_replaced(loader: DataLoader) -> None:
+    """A loader's own batches (shuffled or in order, of a fixed size) are not what the accounting
+    assumes: make_private draws Poisson batches instead, and says so (a Poisson loader's are kept
+    in kind: no warning)."""
+    if isinstance(loader.batch_sampler, PoissonSampler):
+        return
+    sampler = type(loader.sampler).__name__
+    how = {"RandomSampler": "shuffled (shuffle=True) ", "SequentialSampler": "in-order (shuffle=False) "}.get(sampler, "")
+    warnings.warn(
+        f"make_private replaces the DataLoader's {how}batches ({sampler}, batch_size={loader.batch_size}) by Poisson "
+        "sampling: every logical batch holds each example independently with probability q = batch_size / N, so "
+        "batch sizes vary (0 is possible) and an epoch is round(1/q) steps; the privacy accounting assumes exactly "
+        "this. Only the loader's dataset, collate_fn, num_workers and pin_memory are kept. To silence this, pass the "
+        "dataset with batch_size= (or a bkfx.poisson_loader)",
+        PoissonSamplingWarning, stacklevel=4,
+    )
 
 
 def _sample_rate(num_samples: int, batch_size: int | None, sample_rate: float | None) -> float:

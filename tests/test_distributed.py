@@ -163,13 +163,13 @@ def _fully_sharded(rank: int, world: int, result: dict) -> None:
         F.cross_entropy(dp_model(x[:3]), y[:3], reduction="sum").backward()
     elif rank == 1:
         F.cross_entropy(dp_model(x[:0]), y[:0], reduction="sum").backward()
-    optimizer.step()
+    optimizer.step(empty_batch=rank == 2)  # a rank that ran no backward says its batch was empty
     optimizer.zero_grad()
     result["fsdp_after_2"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
     # σ > 0 through a sharded layer: the noise, drawn once (by rank 0), reduce-scattered to the shards
     noisy = _fully_shard_linear(mesh)
     dp_noisy = bkfx.compile(noisy, loss_reduction="sum")
-    _noise_update(list(dp_noisy.parameters()), seed=100 + rank, model=dp_noisy).step()
+    _noise_update(list(dp_noisy.parameters()), seed=100 + rank, model=dp_noisy).step(empty_batch=True)
     result["fsdp_noise_update"] = noisy.weight.detach().full_tensor()
     # refusals, each raised on every rank before any collective of its step
     plain = _sharded_model()

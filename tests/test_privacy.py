@@ -294,10 +294,11 @@ def test_make_private_reaches_its_target_epsilon():
     x = torch.randn(80, 4)
     y = (x[:, 0] + x[:, 1] > 0).long()
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    result = bkfx.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(TensorDataset(x, y), batch_size=16),
-        target_epsilon=2.0, target_delta=1e-5, epochs=3, max_grad_norm=1.0, seed=0,
-    )
+    with pytest.warns(bkfx.errors.PoissonSamplingWarning, match="SequentialSampler"):  # its batches are replaced
+        result = bkfx.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(TensorDataset(x, y), batch_size=16),
+            target_epsilon=2.0, target_delta=1e-5, epochs=3, max_grad_norm=1.0, seed=0,
+        )
     dp, optimizer, loader, accountant = result
     assert dp.sum_clipped_gradients and isinstance(dp, bkfx.DPModel)
     assert optimizer.expected_batch_size == pytest.approx(16) and loader.batch_sampler.sample_rate == 0.2
