@@ -26,8 +26,9 @@ once, as a trace, and compiles what it did:
    as the eager ledger does, with the receipts `DPOptimizer.step()` checks (`bkfx.receipts`),
    and returns the inputs' gradients (gradient accumulation works as it does eagerly).
 
-What stays eager (`eager_reason`): batch sizes 0 and 1 (the trace specialises them) and a
-GradScaler's loss scale. Forward calls joined before one backward (two views of the same
+What stays eager (`eager_reason`): calls under `torch.no_grad()`, batch sizes 0 and 1 (the trace
+specialises them), a GradScaler's loss scale, FSDP2-sharded parameters and user-level batches
+(a user's rows clipped as one). Forward calls joined before one backward (two views of the same
 samples) cannot be clipped together by separate compiled steps: their backward is refused
 with what to do instead.
 """

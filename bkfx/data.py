@@ -463,11 +463,6 @@ class PhysicalBatches:
     def dataset(self):
         return self.loader.dataset
 
-    @property
-    def logical_batches(self) -> int:
-        """The number of logical batches (optimizer steps) per pass."""
-        return len(self.loader)
-
 
 class UserSampler(PoissonSampler):
     """User-level Poisson sampling: each step samples every user with probability q (users, not

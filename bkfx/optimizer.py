@@ -128,7 +128,7 @@ class DPOptimizer(torch.optim.Optimizer):
             raise ValueError("pass either generator= or seed=, not both")
         if secure_mode and (generator is not None or seed is not None):
             raise ValueError("secure_mode draws its noise key from the OS's entropy; a seed or generator would make "
-                             "the noise predictable. Drop seed=/generator= (or secure_mode=True for a reproducible run)")
+                             "the noise predictable. Drop seed=/generator=, or pass secure_mode=False for a reproducible run")
         if accountant is not None and sample_rate is None:
             raise ValueError("an accountant needs the sample_rate of every step: pass sample_rate=")
         if sample_rate is not None:
