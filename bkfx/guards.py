@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dis
 import enum
 import functools
 import itertools
@@ -262,6 +263,7 @@ class _Walk:
         self._class(type(module), _CALLED)
         attributes = vars(module)
         self._watch(attributes)
+        torch_class = type(module).__module__.partition(".")[0] == "torch"
         for key, value in attributes.items():
             if key == "training" or key in _NOT_READ:  # the modes: a capture per combination, not a change
                 continue
@@ -277,6 +279,8 @@ class _Walk:
                 self._watch(value)
                 for name, sub in value.items():
                     self.entries[f"submodule {prefix}{name}"] = _Same(sub)
+            elif torch_class and key.startswith("_") and key not in _HOOKS:
+                continue  # torch's own modules' private caches (RNN's _flat_weights), derived from the parameters above
             elif key in _HOOK_FLAGS:
                 self.entries[f"{key.strip('_').replace('_', ' ')} of module '{path}'"] = _Plain(
                     tuple(value.items()) if isinstance(value, dict) else value)
@@ -322,9 +326,10 @@ class _Walk:
         self._codes.add((code, owner))
         self._n_functions += 1
         names = _names(code)
+        loaded = _global_loads(code)
         globals_ = fn.__globals__
         classes = [owner] if owner is not None else []
-        for name in names:
+        for name in loaded:
             if name not in globals_:
                 continue
             self._global(globals_, name, depth + 1)
@@ -437,6 +442,17 @@ def _names(code: types.CodeType) -> list[str]:
     while stack:
         c = stack.pop()
         names.extend(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return list(dict.fromkeys(names))
+
+
+def _global_loads(code: types.CodeType) -> list[str]:
+    """The global names `code` (and the code nested in it) loads: `self.norm` names the attribute
+    `norm`, not the module-level `norm` a `from scipy.stats import norm` binds."""
+    names, stack = [], [code]
+    while stack:
+        c = stack.pop()
+        names.extend(i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
         stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
     return list(dict.fromkeys(names))
 

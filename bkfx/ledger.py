@@ -236,12 +236,12 @@ class Tape:
         units = R.t.shape[0] // k
         if isinstance(L, Dense):
             t = L.t if keep is None else L.t * keep[:, None, None].to(L.t.dtype)
-            L = Dense(t.reshape(units, -1, t.shape[2]))
+            L = Dense(t.reshape(units, k * t.shape[1], t.shape[2]))  # sizes explicit: 0 units is a batch too
         else:
             mask = L.mask if keep is None else (keep[:, None] if L.mask is None else L.mask & keep[:, None])
-            mask = None if mask is None else mask.expand(L.idx.shape).reshape(units, -1)
-            L = OneHot(L.idx.reshape(units, -1), L.size, mask)
-        return Factored(L, Dense(R.t.reshape(units, -1, R.t.shape[2])))
+            mask = None if mask is None else mask.expand(L.idx.shape).reshape(units, k * L.idx.shape[1])
+            L = OneHot(L.idx.reshape(units, k * L.idx.shape[1]), L.size, mask)
+        return Factored(L, Dense(R.t.reshape(units, k * R.t.shape[1], R.t.shape[2])))
 
     def _norm_scale(self, squared: torch.Tensor):
         """Recorded norms to per-sample norms: `× B` for a mean loss, `÷ S` for a GradScaler's

@@ -283,16 +283,23 @@ _ADVICE = {  # torch's own Functions that models reach, with what to do instead
 }
 
 
+# torch.library.custom_op's register_autograd runs through a Function torch generates, whose forward
+# calls the custom op itself: the op stays one node of the exported graph, differentiated (per sample
+# too) by the backward registered for it
+_KEPT_AS_ONE_OP = frozenset({"torch._library.autograd"})
+
+
 @contextlib.contextmanager
 def _functions_recorded(applied: list):
     """Record every `torch.autograd.Function` this thread applies (nested ones and those inside
-    library code too) while the block runs. No Function of torch itself is exempt: none is applied
-    when GPT-2, Llama, BERT, T5, OPT, Qwen2, DistilBERT, Whisper or CLIP is captured."""
+    library code too) while the block runs, except those custom ops generate (`_KEPT_AS_ONE_OP`): no
+    other Function of torch is exempt, and none is applied when GPT-2, Llama, BERT, T5, OPT, Qwen2,
+    DistilBERT, Whisper or CLIP is captured."""
     original = torch.autograd.Function.__dict__["apply"]
     thread = threading.get_ident()
 
     def apply(cls, *args, **kwargs):
-        if threading.get_ident() == thread:
+        if threading.get_ident() == thread and cls.__module__ not in _KEPT_AS_ONE_OP:
             applied.append(_Applied(cls, _caller()))
         return original.__func__(cls, *args, **kwargs)
 

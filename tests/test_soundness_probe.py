@@ -225,8 +225,9 @@ def _partial_mixer(kind: int, a: int, b: int):
             return h.index_add(0, redirect(h), h)
         if kind == 1:
             return h.index_put((redirect(h),), h, accumulate=True)
-        if kind == 2:
-            return h.index_copy(0, redirect(h), h * 2)
+        if kind == 2:  # a swap: with a repeated index, index_copy's last write would win (row b keeps its own)
+            p = torch.arange(h.shape[0])
+            return h.index_copy(0, torch.where(p == a, b, torch.where(p == b, a, p)), h * 2)
         with torch.no_grad():
             return h + h.index_add(0, redirect(h), h)
 

@@ -112,3 +112,18 @@ def test_user_level_training_loop_and_report():
         optimizer.zero_grad()
     report = str(bkfx.privacy_report(accountant, delta=1e-5))
     assert "add/remove one user" in report and "at most 2 examples" in report
+
+
+@pytest.mark.parametrize("norm_mode", ["ghost", "explicit"])
+def test_a_step_with_no_user_sampled_writes_zero_sums(norm_mode):
+    """No user drawn: the batch has 0 rows (0 units of k); every .grad is an exact zero sum."""
+    module = model()
+    dp = bkfx.compile(module, max_grad_norm=0.5, loss_reduction="sum", norm_mode=norm_mode)
+    with torch.no_grad():
+        dp(torch.zeros(3, 5, dtype=torch.long))  # the capture needs a sample; then a step with none
+    ids, y = torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    with padded(torch.zeros(0, dtype=torch.bool), rows_per_unit=3):
+        F.cross_entropy(dp(ids), y, reduction="sum").backward()
+    for n, p in module.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), n
+    assert dp.per_sample_norms.shape == (0,)
