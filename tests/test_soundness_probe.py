@@ -14,7 +14,7 @@ import bkfx
 from bkfx.testing import assert_matches_reference
 from passes.probe import sample_runs
 
-D = 6
+from test_soundness import D, Chain  # the random separable chain the mixer is inserted into
 
 
 class Mixer(nn.Module):
@@ -232,19 +232,6 @@ def _partial_mixer(kind: int, a: int, b: int):
             return h + h.index_add(0, redirect(h), h)
 
     return op
-
-
-class Chain(nn.Module):
-    def __init__(self, ops):
-        super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(D, D) for _ in ops)
-        self.head = nn.Linear(D, 3)
-        self.ops = ops
-
-    def forward(self, x):
-        for fc, op in zip(self.fcs, self.ops):
-            x = op(fc(x))
-        return self.head(x)
 
 
 @settings(max_examples=8, deadline=None)
