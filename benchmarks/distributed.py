@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bkfx from this checkout
 
 import bkfx  # noqa: E402
-from bkfx.distributed import all_reduce_sum_  # noqa: E402
+from bkfx.training.distributed import all_reduce_sum_  # noqa: E402
 from models import MLP  # noqa: E402  (benchmarks/models.py, beside this script)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -1,16 +1,15 @@
 """bkfx: differentially private training as a torch.fx graph rewrite (Book-Keeping)."""
-import sys
 
-from bkfx.batchnorm import replace_batchnorm
+from bkfx.training.batchnorm import replace_batchnorm
 from bkfx import dpmodel
 from bkfx.dpmodel import DPModel, compile
-from bkfx.optimizer import DPOptimizer
-from bkfx.adaptive import AdaptiveClipping
-from bkfx.accounting import Accountant, epsilon, noise_multiplier_for
-from bkfx.data import PhysicalBatches, PoissonSampler, UserSampler, poisson_loader, split_physical_batches
+from bkfx.training.optimizer import DPOptimizer
+from bkfx.training.adaptive import AdaptiveClipping
+from bkfx.training.accounting import Accountant, epsilon, noise_multiplier_for
+from bkfx.training.data import PhysicalBatches, PoissonSampler, UserSampler, poisson_loader, split_physical_batches
 from bkfx.privacy import PrivateTraining, make_private
-from bkfx.checkpoint import load_checkpoint, save_checkpoint
-from bkfx.report import PrivacyReport, privacy_report
+from bkfx.training.checkpoint import load_checkpoint, save_checkpoint
+from bkfx.training.report import PrivacyReport, privacy_report
 from bkfx import audit
 from bkfx.errors import (
     BkfxError,
@@ -31,6 +30,6 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# the module's former name, for `from bkfx.compile import ...`; an alias, not a file, so that
-# importing it never rebinds `bkfx.compile`, the function
-sys.modules.setdefault(f"{__name__}.compile", dpmodel)
+# the old paths of the public modules that moved into bkfx.training and bkfx.tools (listed in
+# bkfx/_moved.py) still work, with a DeprecationWarning
+from bkfx._moved import old_module_attribute as __getattr__  # noqa: E402

@@ -244,7 +244,7 @@ def _guess_counts(guesses, m: int) -> list[tuple[int, int]]:
 
 
 def _epsilon_of(reported, delta: float) -> float:
-    from bkfx.accounting import Accountant
+    from bkfx.training.accounting import Accountant
 
     if isinstance(reported, Accountant):
         return reported.epsilon(delta)

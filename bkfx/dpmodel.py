@@ -1,7 +1,6 @@
 """`bkfx.compile`, the public entry point, and `DPModel`, the compiled model.
 
-The module is `bkfx.dpmodel`, so the function `bkfx.compile` names one thing; `bkfx.compile`
-as a module name still works for `from bkfx.compile import ...` (an alias set in `bkfx/__init__`).
+The module is `bkfx.dpmodel`, so `bkfx.compile` names one thing: the function.
 """
 from __future__ import annotations
 
@@ -16,18 +15,20 @@ import os
 import warnings
 import weakref
 
-from bkfx import compiled as compiled_step
-from bkfx import operator as compile_operator
-from bkfx.clipping import CLIPPINGS, groups_for, thresholds
-from bkfx.data import current_padding
-from bkfx.distributed import FSDPShards, check_not_sharded_after_compile
+from bkfx._runtime import bk_step as compiled_step
+from bkfx._runtime import dynamo_op as compile_operator
+from bkfx._runtime.clipping import CLIPPINGS, groups_for, thresholds
+from bkfx.training.data import current_padding
+from bkfx.training.distributed import FSDPShards, check_not_sharded_after_compile
 from bkfx.errors import BkfxError, NotCapturedError
-from bkfx.guards import ModelGuard
-from bkfx.ledger import ClipConfig, Tape, recording, tied_parameters
-from bkfx.meta import META_PROBE, META_SITES
-from bkfx.node import original_op_name
-from bkfx.plan import Site
-from bkfx.precision import AutocastState
+from bkfx._runtime.guards import ModelGuard
+from bkfx._runtime.ledger import ClipConfig, Tape, recording, tied_parameters
+from bkfx._ir.meta import META_PROBE, META_SITES
+from bkfx._ir.node import original_op_name
+from bkfx._ir.plan import Site
+from bkfx.rules.precision import AutocastState
+from bkfx._runtime import ops
+from bkfx._runtime.live_models import _COMPILED
 from passes.annotate import annotate
 from passes.capture import batch_dims_of, batch_size, capture, signature
 from passes.cost_model import MODES, cost_model
@@ -35,12 +36,14 @@ from passes.probe import probe
 from passes.rewrite import rewrite
 from passes.sample_dim import sample_dim
 
+__all__ = ["REDUCTIONS", "Rewritten", "compile", "DPModel"]
+
 REDUCTIONS = ("mean", "sum")
 _EAGER = object()  # `_forward_compiled`: run this call with the eager BK step
 
 
 @dataclass
-class Compiled:
+class Rewritten:
     """One capture: the rewritten GraphModule and its plan."""
 
     graph_module: torch.fx.GraphModule
@@ -48,7 +51,7 @@ class Compiled:
     batch_symbol: object
     example_batch: int
     tied: frozenset  # parameters more than one site uses
-    programs: dict = field(default_factory=dict)  # compiled steps (`bkfx.compiled`): options -> traces
+    programs: dict = field(default_factory=dict)  # compiled steps (`bkfx._runtime.bk_step`): options -> traces
     step_failures: dict = field(default_factory=dict)  # options -> why the compiled step could not be built
 
 
@@ -142,15 +145,15 @@ class DPModel(nn.Module):
         self._step_options: compiled_step.StepOptions | None = None  # set by `compile()`: the compiled BK step
         self._pending = None  # weakref to the last compiled call's `_Pending`
         self._threshold_values = None  # (thresholds, device, their 0-dim tensors): `threshold_tensors`
-        self.unclipped_count = None  # adaptive clipping's `bkfx.adaptive.UnclippedCount`, set by DPOptimizer
+        self.unclipped_count = None  # adaptive clipping's `bkfx.training.adaptive.UnclippedCount`, set by DPOptimizer
         self._call_mask = None  # the padding mask of the call in progress (`_padding_mask`)
         self._call_units = None  # user-level privacy: the rows per user of the call in progress
         self.privacy_unit = ("example", 1)  # what one clipped unit is: ("user", k) once user batches ran
         self.truncation_probability = 0.0  # the largest per-step truncation probability of the batches seen
         self._last_program: compiled_step.Program | None = None
         self.compiled_step_failure: str | None = None  # why the last compiled step that failed to build did
-        self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.distributed)
-        self._anchor = compile_operator.register(self)  # torch.compile: the model as `bkfx::forward` (bkfx.operator)
+        self.shards = FSDPShards.of(model)  # FSDP2: bkfx all-gathers and reduce-scatters itself (bkfx.training.distributed)
+        self._anchor = compile_operator.register(self)  # torch.compile: the model as `bkfx::forward` (bkfx._runtime.dynamo_op)
         self._track_parameters()
 
     def _track_parameters(self) -> None:
@@ -164,8 +167,8 @@ class DPModel(nn.Module):
         self._clip.groups, self._clip.thresholds = groups, _thresholds(self._max_grad_norm, groups)
         self._guard = ModelGuard(model)
         self._architecture = compile_operator.architecture_key(model, self._guard.attributes)  # dynamo guards on it
-        self._captures: dict[tuple, Compiled] = {}
-        self._last: Compiled | None = None
+        self._captures: dict[tuple, Rewritten] = {}
+        self._last: Rewritten | None = None
 
     # -- the original model's parameters and state, unprefixed --------------------------
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
@@ -182,8 +185,8 @@ class DPModel(nn.Module):
 
     # -- running ------------------------------------------------------------------------
     # Under torch.compile the DP model's forward is one opaque operator in dynamo's graph
-    # (`bkfx.operator`): its guards, capture cache and tapes are Python state that dynamo does not
-    # trace. The operator runs `_forward` with the compiled BK step (`bkfx.compiled`), which bkfx
+    # (`bkfx._runtime.dynamo_op`): its guards, capture cache and tapes are Python state that dynamo does not
+    # trace. The operator runs `_forward` with the compiled BK step (`bkfx._runtime.bk_step`), which bkfx
     # compiles itself, while the code around the model (the loss) is compiled by torch.compile.
     def forward(self, *args, **kwargs):
         if torch.compiler.is_dynamo_compiling():
@@ -198,7 +201,7 @@ class DPModel(nn.Module):
         return compiled_step.StepOptions(mode="reduce-overhead" if cuda_graphs else None)
 
     def compile(self, *args, backend="inductor", mode=None, options=None, **unknown) -> None:
-        """Run the BK step compiled (`bkfx.compiled`): the forward and the BK backward (input
+        """Run the BK step compiled (`bkfx._runtime.bk_step`): the forward and the BK backward (input
         gradients, per-sample norms, clip factors, clipped sums) each as one program compiled by
         `torch.compile(backend=, mode=, options=)` with a dynamic batch size. `mode="reduce-overhead"`
         gives CUDA graphs. `torch.compile(dp_model)` compiles the step with the defaults.
@@ -246,7 +249,7 @@ class DPModel(nn.Module):
         with recording(tape):
             return compiled.graph_module(*args, **kwargs)
 
-    def _forward_compiled(self, compiled: Compiled, options, args, kwargs, batched, batch: int):
+    def _forward_compiled(self, compiled: Rewritten, options, args, kwargs, batched, batch: int):
         """One call through the compiled BK step: the trace that admits this batch size, or a new one."""
         # the thresholds are inputs of the programs (`threshold_tensors`), not part of the key: a new R
         # (adaptive clipping) runs the same programs
@@ -294,7 +297,7 @@ class DPModel(nn.Module):
             self.unclipped_count.add(record.group_norms, self._clip.thresholds, record.per_sample_norms.shape[0], mask)
 
     def _padding_mask(self, batched, batch: int):
-        """The padding of this call's batch (`bkfx.data.current_padding`, set by a padded
+        """The padding of this call's batch (`bkfx.training.data.current_padding`, set by a padded
         `poisson_loader`): `[B]` bool on the inputs' device, or None. A mark of another batch size is
         not this batch's. The truncation probability it carries is kept for the accountant."""
         padding = current_padding()
@@ -324,7 +327,7 @@ class DPModel(nn.Module):
                 "  what to do: compile the changed model again with matching style= and max_grad_norm="
             ) from e
 
-    def _capture(self, args, kwargs, batch: int) -> Compiled:
+    def _capture(self, args, kwargs, batch: int) -> Rewritten:
         """A capture whose run of the forward left the Python state it read as it found it.
         torch.export runs the forward's Python once and cannot replay its side effects: a state
         changed by the capture's run outside the model's attributes is read by a second capture; an
@@ -333,7 +336,7 @@ class DPModel(nn.Module):
         for _ in range(2):
             with self.shards.capturing() if self.shards is not None else contextlib.nullcontext(), \
                     self._guard.watching_the_trace() as assigned:
-                compiled = self._compile(args, kwargs, batch)
+                compiled = self._capture_and_rewrite(args, kwargs, batch)
             change = assigned[0] if assigned else self._guard.changed_since()
             if change is None:
                 return compiled
@@ -347,7 +350,7 @@ class DPModel(nn.Module):
             "compute per-call values from the inputs, and fill a cache before compiling (one call of the model)"
         )
 
-    def _compile(self, args, kwargs, batch: int) -> Compiled:
+    def _capture_and_rewrite(self, args, kwargs, batch: int) -> Rewritten:
         captured = capture(self.module, args, kwargs, self.batch_dim)
         gm = sample_dim(captured.graph_module)
         gm = probe(gm, *captured.example)
@@ -355,8 +358,8 @@ class DPModel(nn.Module):
         gm = cost_model(gm, self.norm_mode, getattr(self, "memory_budget", None))
         sites = gm.meta[META_SITES]
         _check_norm_mode_keys(self.norm_mode, sites, self._params)
-        gm = rewrite(gm)
-        return Compiled(gm, sites, captured.batch, max(batch, 2), tied_parameters(sites))
+        gm = rewrite(gm, ops.site)
+        return Rewritten(gm, sites, captured.batch, max(batch, 2), tied_parameters(sites))
 
     def _finalised(self, tape: Tape) -> None:
         self._last_tape = tape
@@ -435,7 +438,7 @@ class DPModel(nn.Module):
 
     @property
     def compiled_step_count(self) -> int:
-        """How many compiled BK steps (`bkfx.compiled`: a traced and compiled forward/backward pair)
+        """How many compiled BK steps (`bkfx._runtime.bk_step`: a traced and compiled forward/backward pair)
         the captures hold: one per batch-size range and option set, not one per clipping threshold."""
         return sum(len(programs) for c in self._captures.values() for programs in c.programs.values())
 
@@ -449,7 +452,7 @@ class DPModel(nn.Module):
     def per_group_norms(self) -> list | None:
         return None if self._last_tape is None else self._last_tape.group_norms
 
-    def _require_capture(self) -> Compiled:
+    def _require_capture(self) -> Rewritten:
         if self._last is None:
             raise NotCapturedError("the model has not been called yet; call it once on a batch, then inspect it")
         return self._last
@@ -477,18 +480,15 @@ class DPModel(nn.Module):
 
     def plan(self, batch: int | None = None) -> list[dict]:
         """The plan as records (one per site and parameter operand), numbers at `batch`."""
-        from bkfx.explain import plan_records
+        from bkfx.tools.explain import plan_records
 
         return plan_records(self._require_capture(), batch)
 
     def explain(self, batch: int | None = None) -> str:
         """The plan as a table: site, op, source, parameters, T, p, d, mode and why, costs."""
-        from bkfx.explain import explain
+        from bkfx.tools.explain import explain
 
         return explain(self._require_capture(), batch)
-
-
-_COMPILED: "weakref.WeakSet[DPModel]" = weakref.WeakSet()  # every live compiled model (DPOptimizer finds its own)
 
 
 _INTERNAL_ERRORS = (AssertionError, NameError, ImportError)  # a broken invariant or code, not a limit of tracing
@@ -501,13 +501,6 @@ def _raised_by_torch(e: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_TORCH)
-
-
-def compiled_models_of(params) -> list["DPModel"]:
-    """The live compiled models any of `params` belongs to."""
-    ids = {id(p) for p in params}
-    return [m for m in list(_COMPILED) if any(id(p) in ids for p in m.module.parameters())
-            or (m.shards is not None and any(id(p) in ids for p in m.shards.sharded.values()))]
 
 
 def _finite(x) -> bool:

@@ -1,6 +1,10 @@
 """bkfx's exceptions: one class per kind of failure, each naming what failed and where."""
 from __future__ import annotations
 
+__all__ = ["BkfxError", "CaptureError", "SampleMixingError", "UnsupportedOperationError", "StateWriteError",
+    "InPlaceModificationError", "UnclippedGradientError", "PoissonSamplingWarning", "NotCapturedError",
+    "RenderError", "CommandLineError", "node_error", "located_error"]
+
 
 class BkfxError(Exception):
     """Base class of every error bkfx raises on purpose."""
@@ -28,7 +32,7 @@ class InPlaceModificationError(BkfxError):
 
 
 class UnclippedGradientError(BkfxError):
-    """The optimizer was asked to step on gradients that are not clipped sums bkfx wrote (`bkfx.receipts`)."""
+    """The optimizer was asked to step on gradients that are not clipped sums bkfx wrote (`bkfx._runtime.receipts`)."""
 
 
 class PoissonSamplingWarning(UserWarning):
@@ -49,7 +53,7 @@ class CommandLineError(BkfxError):
 
 def node_error(cls: type[BkfxError], node, problem: str, advice: str) -> BkfxError:
     """An error of class `cls` that names the graph node, its ATen operation and the user's line."""
-    from bkfx.source import user_source_line
+    from bkfx._ir.source import user_source_line
 
     op = getattr(node.target, "__name__", str(node.target))
     return located_error(cls, problem, node.name, op, user_source_line(node), advice)

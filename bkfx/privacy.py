@@ -10,8 +10,8 @@
     accountant.epsilon(1e-5)            # ≤ 3.0 after `epochs` epochs
 
 The pieces are the public ones, wired together: `bkfx.compile` (with
-`sum_clipped_gradients` on), `bkfx.DPOptimizer`, `bkfx.data.poisson_loader` (and
-`PhysicalBatches` when `max_physical_batch_size` bounds memory), `bkfx.accounting.Accountant`.
+`sum_clipped_gradients` on), `bkfx.DPOptimizer`, `bkfx.training.data.poisson_loader` (and
+`PhysicalBatches` when `max_physical_batch_size` bounds memory), `bkfx.training.accounting.Accountant`.
 With `target_epsilon`, the noise multiplier is the smallest that keeps
 `epochs × round(1/q)` steps at sample rate q within (target_epsilon, target_delta).
 """
@@ -26,12 +26,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from bkfx.adaptive import AdaptiveClipping, gradient_noise_multiplier
-from bkfx.accounting import METHODS, Accountant, check_noise_multiplier, check_sample_rate, noise_multiplier_for
+from bkfx.training.adaptive import AdaptiveClipping, gradient_noise_multiplier
+from bkfx.training.accounting import (
+    METHODS,
+    Accountant,
+    check_noise_multiplier,
+    check_sample_rate,
+    noise_multiplier_for,
+)
 from bkfx.dpmodel import DPModel, compile
-from bkfx.data import PhysicalBatches, PoissonSampler, check_physical_batch_size, poisson_loader
+from bkfx.training.data import PhysicalBatches, PoissonSampler, check_physical_batch_size, poisson_loader
 from bkfx.errors import PoissonSamplingWarning
-from bkfx.optimizer import DPOptimizer
+from bkfx.training.optimizer import DPOptimizer
+
+__all__ = ["PrivateTraining", "make_private"]
 
 
 class PrivateTraining(NamedTuple):
@@ -75,7 +83,7 @@ def make_private(
     adaptive_clipping: a `bkfx.AdaptiveClipping`: R follows a quantile of the norms (max_grad_norm
         is its start unless `initial` is given). noise_multiplier is then the gradient's z_Δ; with
         target_epsilon, the calibrated σ is the combined z of gradient and count, and
-        z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (`bkfx.adaptive`), so the pair meets the target.
+        z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (`bkfx.training.adaptive`), so the pair meets the target.
     """
     _check_arguments(model, optimizer, target_epsilon, noise_multiplier, target_delta, epochs, accountant,
                      max_physical_batch_size)
@@ -96,7 +104,7 @@ def make_private(
     )
     if target_epsilon is not None:
         steps = epochs * len(loader)
-        # truncation: the untruncated mechanism must meet δ − (1 + e^ε)·T·p (`bkfx.accounting._epsilon_of`)
+        # truncation: the untruncated mechanism must meet δ − (1 + e^ε)·T·p (`bkfx.training.accounting._epsilon_of`)
         sampler_delta = target_delta - (1 + math.exp(target_epsilon)) * steps * loader.batch_sampler.truncation_probability
         if not sampler_delta > 0:
             raise ValueError(f"max_batch_size={max_batch_size} truncates too often for target_delta={target_delta}: "

@@ -34,7 +34,7 @@ bkfx knows an ATen op through two kinds of rule:
   rule declines the arrangement) is served by the fallback, explicit per-sample gradients by
   `vmap` of `vjp`; `explain()` shows `Fallback` as the site's rule.
 
-Op names are those of `bkfx.node.target_name` (`aten.addmm.default` is `addmm`).
+Op names are those of `bkfx._ir.node.target_name` (`aten.addmm.default` is `addmm`).
 """
 
 

@@ -15,12 +15,14 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from bkfx.errors import UnsupportedOperationError, node_error
-from bkfx.layout import SampleLayout
-from bkfx.meta import META_BATCH, META_DEPENDENT, META_LAYOUT, META_PARAMS, META_SITE, META_SITES
-from bkfx.node import attribute, op_name, shape_of
-from bkfx.plan import Operand, Site
+from bkfx._ir.layout import SampleLayout
+from bkfx._ir.meta import META_BATCH, META_DEPENDENT, META_LAYOUT, META_PARAMS, META_SITE, META_SITES
+from bkfx._ir.node import attribute, op_name, shape_of
+from bkfx._ir.plan import Operand, Site
 from bkfx.rules import FALLBACK, lookup
-from bkfx.source import module_path, user_source_line
+from bkfx._ir.source import module_path, user_source_line
+
+__all__ = ["annotate"]
 
 _TRANSPOSES = {"t", "numpy_T"}
 

@@ -30,13 +30,15 @@ from dataclasses import dataclass
 
 import sympy
 import torch
-import torch.utils._pytree as pytree
+from bkfx._torch import pytree
 from torch.export import Dim
 
 from bkfx.errors import CaptureError, SampleMixingError, StateWriteError, UnsupportedOperationError, located_error, node_error
-from bkfx.meta import META_BATCH, META_BATCH_DIMS
-from bkfx.node import arguments, attribute, op_name
-from bkfx.source import _OWN_DIRS, _TORCH_DIR, _frames, user_source_line
+from bkfx._ir.meta import META_BATCH, META_BATCH_DIMS
+from bkfx._ir.node import arguments, attribute, op_name
+from bkfx._ir.source import _OWN_DIRS, _TORCH_DIR, _frames, user_source_line
+
+__all__ = ["Capture", "batch_dims_of", "batch_size", "signature", "capture"]
 
 
 

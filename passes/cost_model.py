@@ -48,10 +48,22 @@ import sympy
 import torch
 from torch.fx import GraphModule
 
-from bkfx.meta import META_BATCH, META_BUDGET, META_SITES
-from bkfx.plan import (
-    EXPLICIT_RULE, FALLBACK, GHOST_FASTER, GUARD, OVER_BUDGET, USER_OVERRIDE, WITHIN_BUDGET, Budget, DeviceCosts, Site,
+from bkfx._ir.meta import META_BATCH, META_BUDGET, META_SITES
+from bkfx._ir.plan import (
+    EXPLICIT_RULE,
+    FALLBACK,
+    GHOST_FASTER,
+    GUARD,
+    OVER_BUDGET,
+    USER_OVERRIDE,
+    WITHIN_BUDGET,
+    Budget,
+    DeviceCosts,
+    Site,
 )
+
+__all__ = ["MODES", "DEVICES", "BUDGET_FRACTION", "PASSES", "cost_model", "mode_times", "make_budget",
+    "activation_bytes", "free_memory"]
 
 MODES = ("auto", "ghost", "explicit")
 

@@ -26,21 +26,22 @@ import itertools
 import math
 
 import torch
-import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
+from bkfx._torch import exported_in_spec, fx_pytree, pytree
 from torch.fx import GraphModule, Interpreter, Node
 
 from bkfx.errors import SampleMixingError, node_error
-from bkfx.layout import SampleLayout
-from bkfx.meta import META_DEPENDENT, META_LAYOUT, META_PROBE
-from bkfx.node import op_name
+from bkfx._ir.layout import SampleLayout
+from bkfx._ir.meta import META_DEPENDENT, META_LAYOUT, META_PROBE
+from bkfx._ir.node import op_name
+
+__all__ = ["probe", "sample_runs", "sample_mask", "perturb"]
 
 _SEED = 20231
 
 
 def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
     """Check every `META_PROBE` node, then the whole model, on these example inputs."""
-    flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), gm._in_spec) if hasattr(gm, "_in_spec") else list(args)
+    flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), exported_in_spec(gm)) if exported_in_spec(gm) else list(args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     batched = [(k, n.meta[META_LAYOUT]) for k, n in enumerate(placeholders)
                if n.meta.get(META_DEPENDENT) and isinstance(n.meta.get(META_LAYOUT), SampleLayout)]

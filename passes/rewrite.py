@@ -1,6 +1,7 @@
-"""rewrite: every parametric site becomes a call of the BK operation `bkfx.ops.site`.
+"""rewrite: every parametric site becomes a call of the BK operation the caller hands in
+(`site_op`; `bkfx.compile` hands in the runtime's `bkfx._runtime.ops.site`).
 
-`aten.linear(x, W, b)` at site 3 becomes `bkfx.ops.site(aten.linear, 3, x, W, b)`, so
+`aten.linear(x, W, b)` at site 3 becomes `bkfx._runtime.ops.site(aten.linear, 3, x, W, b)`, so
 `print(dp_model.code)` reads like the original program with BK calls in place. An
 operand computed from parameters by a general sub-graph passes that sub-graph's
 leaves as `_chain={"path": (leaves...)}` for the backward pull-back.
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from bkfx import ops
-from bkfx.meta import META_SITE
+from bkfx._ir.meta import META_SITE
+
+__all__ = ["rewrite"]
 
 
-def rewrite(gm: GraphModule) -> GraphModule:
+def rewrite(gm: GraphModule, site_op) -> GraphModule:
+    """Re-target every site node to `site_op(original_op, site_id, *args, **kwargs)`; the caller
+    hands in the runtime's operation (`bkfx._runtime.ops.site`), so the compiler imports no runtime."""
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
     for node in list(graph.nodes):
@@ -30,7 +34,7 @@ def rewrite(gm: GraphModule) -> GraphModule:
             kwargs["_chain"] = chains
         node.args = (node.target, site.id, *node.args)
         node.kwargs = kwargs
-        node.target = ops.site
+        node.target = site_op
     graph.lint()
     gm.recompile()
     return gm

@@ -47,9 +47,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from bkfx.errors import SampleMixingError, UnsupportedOperationError, node_error
-from bkfx.layout import SampleLayout
-from bkfx.meta import META_BATCH, META_BATCH_DIMS, META_DEPENDENT, META_IDENTITY, META_LAYOUT, META_PROBE
-from bkfx.node import arguments, op_name, shape_of, sym
+from bkfx._ir.layout import SampleLayout
+from bkfx._ir.meta import META_BATCH, META_BATCH_DIMS, META_DEPENDENT, META_IDENTITY, META_LAYOUT, META_PROBE
+from bkfx._ir.node import arguments, op_name, shape_of, sym
+
+__all__ = ["aten", "DimMap", "sample_dim", "probed_nodes", "sample_rule", "layout_rule"]
 
 aten = torch.ops.aten
 

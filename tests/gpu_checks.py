@@ -98,7 +98,7 @@ def check_noise(device: torch.device, params: int) -> None:
 
 
 def check_grams(device: torch.device, small: bool) -> None:
-    from bkfx.factors import Dense, Factored, gram_block_count, inner, self_inner
+    from bkfx.rules.factors import Dense, Factored, gram_block_count, inner, self_inner
 
     B, T, m, n = (2, 256, 96, 32) if small else (16, 512, 3072, 768)
     expected_blocks = 1 if device.type != "cpu" else 4
@@ -115,7 +115,7 @@ def check_grams(device: torch.device, small: bool) -> None:
         report(f"ghost norm accuracy ({dtype}, T={T})", single.dtype == torch.float32 and err <= tol,
                f"relative error {err:.2e} <= {tol:g}")
         if device.type == "cuda":
-            import bkfx.factors as factors
+            import bkfx.rules.factors as factors
 
             t_single = timed(lambda: inner(piece, piece, (m, n)), device)
             original = factors.gram_block_count

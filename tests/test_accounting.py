@@ -1,4 +1,4 @@
-"""bkfx.accounting against independent computations of the same guarantees.
+"""bkfx.training.accounting against independent computations of the same guarantees.
 
 RDP: the Rényi DP of the Poisson subsampled Gaussian (Mironov, Talwar, Zhang 2019,
 "Rényi Differential Privacy of the Sampled Gaussian Mechanism") written out here, with
@@ -27,7 +27,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 import bkfx
-from bkfx.accounting import Accountant, epsilon, noise_multiplier_for
+from bkfx.training.accounting import Accountant, epsilon, noise_multiplier_for
 
 # RdpAccountant's default orders, written out (and checked against the library below).
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]

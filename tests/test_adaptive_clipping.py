@@ -1,4 +1,4 @@
-"""Adaptive clipping (`bkfx.adaptive`, Andrew et al. 2021): R follows a quantile of the per-sample
+"""Adaptive clipping (`bkfx.training.adaptive`, Andrew et al. 2021): R follows a quantile of the per-sample
 norms through a privately counted fraction; the accountant charges gradient and count as one
 Gaussian; a new R neither recaptures nor recompiles; checkpoints keep R."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import bkfx
-from bkfx.adaptive import combined_noise_multiplier, gradient_noise_multiplier
+from bkfx.training.adaptive import combined_noise_multiplier, gradient_noise_multiplier
 
 AOT = {"backend": "aot_eager"}
 

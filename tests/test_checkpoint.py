@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import bkfx
-from bkfx.data import PoissonSampler, poisson_loader
+from bkfx.training.data import PoissonSampler, poisson_loader
 
 EPOCHS, N, BATCH = 3, 48, 8  # 6 logical batches an epoch, 18 steps
 
@@ -48,7 +48,7 @@ def train(run_dir: Path, every: int, kill_at: int | None) -> None:
     if checkpoint.exists():
         extra = bkfx.load_checkpoint(checkpoint, **pieces)
         print(f"resumed {optimizer.steps} {accountant.steps} {extra['step']}", flush=True)
-    sampler = bkfx.checkpoint.poisson_sampler_of(loader)
+    sampler = bkfx.training.checkpoint.poisson_sampler_of(loader)
     for _ in range(sampler.epoch, EPOCHS):
         for x, y in loader:
             F.cross_entropy(model(x), y).backward()

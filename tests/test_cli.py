@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bkfx
-from bkfx.graph import to_networkx
+from bkfx.tools.graph import to_networkx
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN = ROOT / "examples" / "models" / "small_cnn.py"
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:'[a-zA-Z]+' deprecated - use:Dep
 
 def bkfx_cli(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "bkfx.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bkfx.tools.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
@@ -142,7 +142,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(user_models, args, says
 
 @pytest.mark.parametrize("args, says", BAD_INPUT[5:])
 def test_more_bad_input_in_process(user_models, args, says, capsys, monkeypatch):
-    from bkfx.cli import main
+    from bkfx.tools.cli import main
 
     monkeypatch.chdir(user_models)
     code = main(args)

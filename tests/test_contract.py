@@ -325,7 +325,7 @@ def test_explain_and_code_name_every_site():
     for name in names:
         assert name in text, name
     assert {p for site in dp.sites for p in site.params} == set(names)
-    assert "bkfx_ops_site" in dp.code
+    assert "bkfx__runtime_ops_site" in dp.code
     assert {p for r in dp.plan() for p in r["params"]} == set(names)
 
 

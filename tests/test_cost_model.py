@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import bkfx
-from bkfx.factors import Dense, Factored
-from bkfx.layout import SampleLayout
-from bkfx.ledger import Record
-from bkfx.meta import META_BUDGET
-from bkfx.plan import Budget, Operand, Site
+from bkfx.rules.factors import Dense, Factored
+from bkfx._ir.layout import SampleLayout
+from bkfx._runtime.ledger import Record
+from bkfx._ir.meta import META_BUDGET
+from bkfx._ir.plan import Budget, Operand, Site
 from bkfx.rules import factored_spec, lookup
 from passes.cost_model import DEVICES, _decide, _fit, mode_times
 

@@ -1,4 +1,4 @@
-"""Poisson sampling, empty batches and physical batches (bkfx.data)."""
+"""Poisson sampling, empty batches and physical batches (bkfx.training.data)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
 import bkfx
-from bkfx.data import PhysicalBatches, PoissonSampler, poisson_loader, split_physical_batches
+from bkfx.training.data import PhysicalBatches, PoissonSampler, poisson_loader, split_physical_batches
 
 # Tolerances below are 5 standard errors of the statistic's sampling distribution
 # (a false failure about once in 3.5 million runs; the generators are seeded anyway).
@@ -80,7 +80,7 @@ class Records(Dataset):
 
 
 def test_empty_batch_keeps_the_structure_of_any_batch():
-    one = bkfx.data.EmptyBatchCollate(Records())
+    one = bkfx.training.data.EmptyBatchCollate(Records())
     full = one([Records()[0], Records()[1]])
     empty = one([])
     assert set(empty) == set(full)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkfx
-from bkfx.data import PoissonSampler, poisson_loader
+from bkfx.training.data import PoissonSampler, poisson_loader
 
 WORLDS = (2, 3)
 N, Q, SEED, STEPS = 24, 0.5, 3, 2  # the data-parallel run: 24 examples at rate 1/2, 2 steps

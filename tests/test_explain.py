@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkfx
-from bkfx.explain import plan_totals, seconds
-from bkfx.meta import META_BUDGET
+from bkfx.tools.explain import plan_totals, seconds
+from bkfx._ir.meta import META_BUDGET
 from passes.cost_model import DEVICES
 
 # keys that other tests and programs read: they stay
@@ -156,8 +156,8 @@ def test_explain_table_shows_sizes_sources_formulas_and_totals():
     # the device, its constants and the budget; the estimates in seconds, per row and in total
     budget = dp.graph_module.meta[META_BUDGET]
     assert lines[1].startswith("device: cpu, compute float32; cost constants: 50G multiply-adds/s")
-    assert lines[2].startswith(f"memory budget: {bkfx.explain.human(budget.total)}B (50% of available RAM")
-    assert f"activations ~{bkfx.explain.human(budget.activation_bytes)}B per sample" in lines[2]
+    assert lines[2].startswith(f"memory budget: {bkfx.tools.explain.human(budget.total)}B (50% of available RAM")
+    assert f"activations ~{bkfx.tools.explain.human(budget.activation_bytes)}B per sample" in lines[2]
     assert seconds(fc1["est_ghost_s"]) in row and seconds(fc1["est_explicit_s"]) in row
     sites = {r["site"]: r for r in records.values() if r["est_ghost_s"] is not None}.values()
     plan = sum(r["est_ghost_s"] if r["mode_at_batch"] == "ghost" else r["est_explicit_s"] for r in sites)
@@ -180,7 +180,7 @@ def test_a_budget_too_small_for_explicit_says_so_and_the_batch_it_allows():
     at16 = next(r for r in dp.plan(batch=16) if r["params"] == ["weight"])
     assert (at16["mode"], at16["mode_at_batch"], at16["decided_by"]) == ("ghost", "ghost", "explicit would exceed budget")
     assert at16["why"].startswith("explicit would exceed budget at B=16 (explicit up to B=10)")
-    assert f"memory budget: {bkfx.explain.human(10 * per_sample)}B (memory_budget=)" in dp.explain()
+    assert f"memory budget: {bkfx.tools.explain.human(10 * per_sample)}B (memory_budget=)" in dp.explain()
 
 
 def test_numbers_at_another_batch_size():

@@ -11,11 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkfx
-from bkfx.graph import (
-    MODE_COLOURS, RenderError, available_engine, layered_positions, render, site_mode, tied_links, to_dot,
-    to_networkx, write_dot,
+from bkfx.tools.graph import (
+    MODE_COLOURS,
+    RenderError,
+    available_engine,
+    layered_positions,
+    render,
+    site_mode,
+    tied_links,
+    to_dot,
+    to_networkx,
+    write_dot,
 )
-from bkfx.meta import META_SITE
+from bkfx._ir.meta import META_SITE
 
 # pydot's parser uses pyparsing's old names
 pytestmark = pytest.mark.filterwarnings("ignore:'[a-zA-Z]+' deprecated - use:DeprecationWarning")

@@ -211,7 +211,7 @@ def test_bf16_parameters_get_bf16_grad_and_float32_norms(device):
 def test_inner_products_of_bf16_pieces_accumulate_in_float32():
     """`‖G_i‖²` of bf16 entries: the float32 sum of their exact squares, not a bf16 sum (which
     loses every term below 2⁻⁹ of the running total)."""
-    from bkfx.factors import Dense, Explicit, Factored, inner
+    from bkfx.rules.factors import Dense, Explicit, Factored, inner
 
     g = torch.Generator().manual_seed(0)
     G = torch.randn(3, 4096, generator=g).bfloat16()
@@ -231,7 +231,7 @@ def test_bf16_grams_are_written_in_float32_where_the_gemm_can(device):
     """On CUDA a Gram of bf16 factors is one bf16 GEMM with a float32 output (`bmm`'s
     `out_dtype`): no entry is rounded, so the ghost norm is the bf16 factors' exact norm to
     float32 accuracy. On the CPU (no such kernel) the Gram stays bf16, one rounding per entry."""
-    from bkfx.factors import Dense, Factored, gram, inner
+    from bkfx.rules.factors import Dense, Factored, gram, inner
 
     g = torch.Generator().manual_seed(0)
     L = torch.randn(3, 300, 6, generator=g).bfloat16().to(device)
@@ -249,7 +249,7 @@ def test_fp16_grams_do_not_overflow(device):
     """Loss-scaled fp16 output gradients: their Gram entries exceed fp16's 65504, so Grams of
     fp16 factors are written in float32 (a float32-output fp16 GEMM on CUDA, float32 factors
     on the CPU)."""
-    from bkfx.factors import Dense, Factored, inner
+    from bkfx.rules.factors import Dense, Factored, inner
 
     g = torch.Generator().manual_seed(0)
     L = (300 * torch.randn(2, 5, 16, generator=g)).half().to(device)  # S·g with S = 2¹⁰ or so

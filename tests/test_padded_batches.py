@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import bkfx
-from bkfx.accounting import Run, _epsilon_of, _mechanism_epsilon
-from bkfx.data import PoissonSampler, current_padding, padded
+from bkfx.training.accounting import Run, _epsilon_of, _mechanism_epsilon
+from bkfx.training.data import PoissonSampler, current_padding, padded
 
 
 def mlp(seed=0):
@@ -107,7 +107,7 @@ def test_reduce_overhead_captures_at_most_ceil_m_over_k_graph_pairs(monkeypatch)
     """mode="reduce-overhead" with simulated CUDA graphs (as tests/test_compiled.py): 25 Poisson
     steps at q N = 12 capture a graph pair per batch size unpadded, at most ⌈M/k⌉ = 3 padded (M=20,
     k=8); the padded run's parameters equal an eager padded run's."""
-    import bkfx.compiled as compiled_module
+    import bkfx._runtime.bk_step as compiled_module
 
     monkeypatch.setattr(compiled_module, "capture", compiled_module.simulated_capture)
     real_build = compiled_module.build

@@ -13,8 +13,8 @@ from scipy.stats import chi2, norm
 from torch.utils.data import DataLoader, TensorDataset
 
 import bkfx
-from bkfx.accounting import epsilon
-from bkfx.data import split_physical_batches
+from bkfx.training.accounting import epsilon
+from bkfx.training.data import split_physical_batches
 from bkfx.testing import clipped_sum_reference, per_sample_gradients
 
 # Two-sided statistical tests at level 1e-6 (the generators are seeded, so they are also deterministic).
@@ -64,10 +64,10 @@ def assert_params(model, expected: dict[str, torch.Tensor], tol: float = 1e-12):
 
 
 def documented_noise(shapes, generator, dtype) -> list[torch.Tensor]:
-    """The noise stream as `bkfx.optimizer.add_gaussian_noise_` documents it (one dtype): the
+    """The noise stream as `bkfx.training.optimizer.add_gaussian_noise_` documents it (one dtype): the
     tensors' entries one after another cut into chunks of NOISE_CHUNK, per-chunk seeds from one
     randint draw, each chunk from its own generator."""
-    from bkfx.optimizer import NOISE_CHUNK
+    from bkfx.training.optimizer import NOISE_CHUNK
 
     total = sum(math.prod(s) for s in shapes)
     sizes = [min(NOISE_CHUNK, total - start) for start in range(0, total, NOISE_CHUNK)]
@@ -82,7 +82,7 @@ def test_noise_does_not_depend_on_threads_and_covers_chunked_parameters():
     them on a thread pool gives the same noise as drawing them in turn."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bkfx.optimizer import NOISE_CHUNK, add_gaussian_noise_
+    from bkfx.training.optimizer import NOISE_CHUNK, add_gaussian_noise_
 
     shapes = [(NOISE_CHUNK * 2 + 5,), (7, 3), (NOISE_CHUNK - 30,), (4,)]  # chunks spanning tensors, one ending on one
     serial = [torch.zeros(s) for s in shapes]

@@ -1,4 +1,4 @@
-"""The optimizer steps only on clipped sums bkfx wrote (`bkfx.receipts`): backward through the
+"""The optimizer steps only on clipped sums bkfx wrote (`bkfx._runtime.receipts`): backward through the
 original model, an extra backward on top, `.grad` replaced or modified, a step with no backward
 since the last one, all refused with parameters, optimizer state and accountant untouched; the
 explicit empty batch, gradient accumulation, the compiled step, torch.compile, GradScaler and
@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bkfx
-from bkfx.data import PhysicalBatches, split_physical_batches
+from bkfx.training.data import PhysicalBatches, split_physical_batches
 from bkfx.errors import PoissonSamplingWarning, UnclippedGradientError
 from bkfx.testing import clipped_sum_reference, per_sample_gradients
 

@@ -240,7 +240,7 @@ def test_long_sequences_on_each_device(seq, mode, device):
 def test_gram_blocks_on_the_cpu_only():
     """Blocked lower-triangle Grams pay on the CPU; on a GPU the tiny block bmms cost more than
     the symmetry saves, so every Gram is one bmm there."""
-    from bkfx.factors import gram_block_count
+    from bkfx.rules.factors import gram_block_count
 
     assert [gram_block_count(T, torch.device("cpu")) for T in (1, 127, 128, 200, 512, 4096)] == [1, 1, 2, 3, 4, 4]
     assert all(gram_block_count(T, torch.device("cuda", 0)) == 1 for T in (1, 128, 512, 4096))
@@ -249,7 +249,7 @@ def test_gram_blocks_on_the_cpu_only():
 @given(T=st.integers(1, 400), m=st.integers(1, 6), n=st.integers(1, 6), seed=st.integers(0, 99))
 def test_blocked_self_inner_is_the_squared_norm(T, m, n, seed):
     """`‖L_iᵀ R_i‖²` from the lower-triangle Gram blocks equals the materialised per-sample norm."""
-    from bkfx.factors import Dense, Factored, GramCache, inner
+    from bkfx.rules.factors import Dense, Factored, GramCache, inner
 
     g = torch.Generator().manual_seed(seed)
     piece = Factored(Dense(torch.randn(2, T, m, generator=g, dtype=torch.float64)),

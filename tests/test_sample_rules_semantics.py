@@ -24,8 +24,8 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 import passes.sample_dim as sd
 from bkfx.errors import SampleMixingError
-from bkfx.layout import SampleLayout, batch_first
-from bkfx.meta import META_BATCH, META_BATCH_DIMS, META_LAYOUT, META_PROBE
+from bkfx._ir.layout import SampleLayout, batch_first
+from bkfx._ir.meta import META_BATCH, META_BATCH_DIMS, META_LAYOUT, META_PROBE
 
 aten = torch.ops.aten
 f64 = torch.float64

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bkfx
-from bkfx.optimizer import NOISE_CHUNK, add_gaussian_noise_
+from bkfx.training.optimizer import NOISE_CHUNK, add_gaussian_noise_
 
 
 LEVEL = 1e-6  # two-sided; the key is fixed, so the tests are deterministic too

@@ -1,4 +1,4 @@
-"""`torch.compile` of code that calls a DP model (`bkfx.operator`): the DP model is one operator
+"""`torch.compile` of code that calls a DP model (`bkfx._runtime.dynamo_op`): the DP model is one operator
 in dynamo's graph, so `fullgraph=True` works and one graph serves every batch size; against the
 vmap reference in float64 and against the eager BK step.
 
@@ -14,7 +14,7 @@ from hypothesis import given
 from torch import nn
 
 import bkfx
-from bkfx import operator
+from bkfx._runtime import dynamo_op as operator
 from bkfx.errors import BkfxError
 from bkfx.testing.strategies import architectures, compile_options
 from test_compiled import AOT, assert_same_grads, data, eager_and_compiled, mlp

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
 import bkfx
-from bkfx.data import UserSampler, current_padding, padded
+from bkfx.training.data import UserSampler, current_padding, padded
 
 
 class Tagger(nn.Module):

@@ -61,13 +61,19 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from bkfx.adaptive import AdaptiveClipping, gradient_noise_multiplier
-from bkfx.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
-from bkfx.compile import compile as bkfx_compile
-from bkfx.data import PoissonSampler, batch_size_of, check_physical_batch_size, poisson_loader, split_physical_batches
+from bkfx.training.adaptive import AdaptiveClipping, gradient_noise_multiplier
+from bkfx.training.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
+from bkfx.dpmodel import compile as bkfx_compile
+from bkfx.training.data import (
+    PoissonSampler,
+    batch_size_of,
+    check_physical_batch_size,
+    poisson_loader,
+    split_physical_batches,
+)
 from bkfx.errors import BkfxError
-from bkfx.optimizer import DPOptimizer
-from bkfx.report import PrivacyReport, privacy_report
+from bkfx.training.optimizer import DPOptimizer
+from bkfx.training.report import PrivacyReport, privacy_report
 
 SAMPLER_FILE = "bkfx_sampler.pt"  # the Poisson sampler's position, beside the Trainer's rng_state.pth
 

@@ -1,7 +1,7 @@
 """Rules: per operation kind, the factors (or explicit per-sample gradients) and their costs.
 
 The contract. A rule is a class of static functions registered with `@rule("op", ...)`
-for the ATen ops it knows (names as `bkfx.node.target_name` gives them: `aten.addmm.default`
+for the ATen ops it knows (names as `bkfx._ir.node.target_name` gives them: `aten.addmm.default`
 is "addmm"). For a parameter operand of a site, at `path` in the op's arguments:
 
 - `spec(node, path, batch) -> PieceSpec | None`, at capture: the operand's piece, factored
@@ -16,8 +16,8 @@ is "addmm"). For a parameter operand of a site, at `path` in the op's arguments:
   weight gradient is a scatter-add and per-sample gradients need no per-sample matmul.
 
 `RuleClass` states this contract as a `typing.Protocol`; `Rule` is what `@rule` registers.
-Norms, tied parameters, clipping and the clipped sum are shared code (`bkfx.factors`,
-`bkfx.ledger`); no rule repeats them. The non-private cost of a piece (what the standard
+Norms, tied parameters, clipping and the clipped sum are shared code (`bkfx.rules.factors`,
+`bkfx._runtime.ledger`); no rule repeats them. The non-private cost of a piece (what the standard
 weight gradient pays, `Rule.nonprivate_time`) follows from its spec and `one_hot_left`.
 
 The fallback (`fallback.Fallback`, registered as `FALLBACK`, the one rule with
@@ -41,11 +41,15 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import sympy
 import torch
 
-from bkfx.factors import Explicit, Factored
-from bkfx.layout import SampleLayout, batch_first
-from bkfx.node import target_name
-from bkfx.plan import Path, PieceSpec
-from bkfx.precision import accumulation_dtype
+from bkfx.rules.factors import Explicit, Factored
+from bkfx._ir.layout import SampleLayout, batch_first
+from bkfx._ir.node import target_name
+from bkfx._ir.plan import Path, PieceSpec
+from bkfx.rules.precision import accumulation_dtype
+
+__all__ = ["Explicit", "Factored", "accumulation_dtype", "SiteCall", "RuleClass", "Rule", "rule", "runner",
+    "lookup", "registered", "rows", "sum_to", "numel", "factored_spec", "one_hot_spec", "explicit_spec",
+    "Fallback", "FALLBACK"]
 
 _RULES: dict[str, "Rule"] = {}
 

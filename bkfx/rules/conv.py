@@ -15,10 +15,12 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from bkfx.factors import Dense, Explicit, Factored
-from bkfx.precision import accumulation_dtype
-from bkfx.node import bind, shape_of
+from bkfx.rules.factors import Dense, Explicit, Factored
+from bkfx.rules.precision import accumulation_dtype
+from bkfx._ir.node import bind, shape_of
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule
+
+__all__ = ["unfold", "Conv"]
 
 
 def _options(op, args, kwargs, n: int):
@@ -64,7 +66,7 @@ def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
 class Conv:
     def spec(node, path, batch):
         x = node.args[0]
-        layout = x.meta.get("bkfx.layout")
+        layout = x.meta.get("bkfx._ir.layout")
         if layout is None or layout.dim != 0 or layout.merged:
             return None
         out = shape_of(node)

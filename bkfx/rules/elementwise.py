@@ -6,10 +6,12 @@ sample i's entries along the dimensions P was broadcast along (explicit).
 """
 from __future__ import annotations
 
-from bkfx.factors import Explicit
-from bkfx.node import shape_of
-from bkfx.plan import get_path
+from bkfx.rules.factors import Explicit
+from bkfx._ir.node import shape_of
+from bkfx._ir.plan import get_path
 from bkfx.rules import explicit_spec, rule, sum_to
+
+__all__ = ["Add", "Sub", "Mul", "Expand"]
 
 
 def _spec(node, path, batch):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 
 from bkfx.errors import UnsupportedOperationError, node_error
-from bkfx.factors import Dense, Factored, OneHot
-from bkfx.layout import batch_first
-from bkfx.node import arguments, shape_of
+from bkfx.rules.factors import Dense, Factored, OneHot
+from bkfx._ir.layout import batch_first
+from bkfx._ir.node import arguments, shape_of
 from bkfx.rules import numel, one_hot_spec, rows, rule
+
+__all__ = ["refuse_scale_grad_by_freq", "Embedding", "IndexSelect"]
 
 
 def refuse_scale_grad_by_freq(node, args: dict, what: str) -> None:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 
-from bkfx.factors import Dense, Factored, OneHot
-from bkfx.node import arguments, bind, shape_of
+from bkfx.rules.factors import Dense, Factored, OneHot
+from bkfx._ir.node import arguments, bind, shape_of
 from bkfx.rules import numel, one_hot_spec, rule
 from bkfx.rules.embedding import refuse_scale_grad_by_freq
+
+__all__ = ["SUM", "MEAN", "MAX", "EmbeddingBag"]
 
 SUM, MEAN, MAX = 0, 1, 2
 

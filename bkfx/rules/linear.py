@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from bkfx.factors import Dense, Explicit, Factored
-from bkfx.node import shape_of
-from bkfx.plan import get_path
+from bkfx.rules.factors import Dense, Explicit, Factored
+from bkfx._ir.node import shape_of
+from bkfx._ir.plan import get_path
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule, sum_to
+
+__all__ = ["Linear", "MatMul", "AddMM", "Einsum"]
 
 
 def _right(node, x_pos, w_pos, batch):
@@ -113,7 +115,7 @@ class Einsum:
         if letters is None or len(operands) != 2 or path[0] != 1:
             return None
         other = operands[1 - path[1]]
-        layout = other.meta.get("bkfx.layout") if hasattr(other, "meta") else None
+        layout = other.meta.get("bkfx._ir.layout") if hasattr(other, "meta") else None
         if layout is None or layout.merged:
             return None
         ins, out = letters

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bkfx.factors import Explicit
-from bkfx.precision import accumulation_dtype
-from bkfx.node import bind, shape_of
+from bkfx.rules.factors import Explicit
+from bkfx.rules.precision import accumulation_dtype
+from bkfx._ir.node import bind, shape_of
 from bkfx.rules import explicit_spec, rows, rule, sum_to
+
+__all__ = ["LayerNorm", "GroupNorm", "InstanceNorm", "BatchNormEval", "RMSNorm"]
 
 
 @rule("layer_norm")

@@ -8,8 +8,10 @@ backward per sample.
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
+from bkfx._torch import pytree
 from torch.func import functional_call, grad, vmap
+
+__all__ = ["per_sample_gradients", "clip_factors", "clipped_sum_reference", "assert_matches_reference"]
 
 
 def per_sample_gradients(
@@ -48,7 +50,7 @@ def per_sample_gradients(
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float, clipping: str, gamma: float = 0.01) -> torch.Tensor:
-    """Abadi `min(1, R/‖G_i‖)` or automatic `R/(‖G_i‖+γ)`, written out independently of bkfx.clipping."""
+    """Abadi `min(1, R/‖G_i‖)` or automatic `R/(‖G_i‖+γ)`, written out independently of bkfx._runtime.clipping."""
     if clipping == "abadi":
         return torch.where(norms > max_grad_norm, max_grad_norm / norms, torch.ones_like(norms))
     return max_grad_norm / (norms + gamma)
@@ -106,7 +108,7 @@ def assert_matches_reference(
     (float32) unless given. `step`: run the compiled BK step, `dp.compile(**step)` (e.g.
     `{"backend": "inductor"}`), rather than the eager one. `torch_compile`: run the forward and
     the loss as one function under `torch.compile(**torch_compile)` (e.g. `{"fullgraph": True,
-    "dynamic": True}`), the DP model inside it as bkfx's operator (`bkfx.operator`).
+    "dynamic": True}`), the DP model inside it as bkfx's operator (`bkfx._runtime.dynamo_op`).
     """
     import bkfx
 

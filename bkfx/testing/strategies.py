@@ -43,6 +43,11 @@ from torch import nn
 
 from bkfx.testing import assert_matches_reference
 
+__all__ = ["ACTIVATIONS", "FAMILIES", "Architecture", "cross_entropy", "mse", "MLPSpec", "MLP", "mlps",
+    "ConvLayer", "CNNSpec", "CNN", "cnns", "SequenceSpec", "SelfAttention", "Block", "SequenceModel",
+    "sequence_models", "FUNCTIONAL_OPS", "FunctionalOp", "FunctionalSpec", "Functional", "broadcast_shapes",
+    "functional_models", "TIED_USES", "TiedSpec", "Tied", "tied_models", "architectures", "compile_options"]
+
 ACTIVATIONS: dict[str, Callable] = {
     "relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid, "identity": lambda x: x,
 }

@@ -10,7 +10,7 @@ META_BATCH_DIMS = "bkfx.batch_dims"  # placeholder name -> its sample dimension
 
 # passes.sample_dim, on every node
 META_DEPENDENT = "bkfx.sample_dependent"  # the value depends on a batched input's data
-META_LAYOUT = "bkfx.layout"  # its SampleLayout (a tuple of them for multiple outputs), or None
+META_LAYOUT = "bkfx._ir.layout"  # its SampleLayout (a tuple of them for multiple outputs), or None
 META_IDENTITY = "bkfx.sample_identity"  # the value is its own sample index along its sample dimension
 META_PROBE = "bkfx.probe"  # no sample rule: checked numerically at capture (passes.probe)
 

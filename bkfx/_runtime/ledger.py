@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import vjp, vmap
 
-from bkfx.clipping import clip_factor
+from bkfx._runtime.clipping import clip_factor
 from bkfx.errors import BkfxError, InPlaceModificationError, located_error
-from bkfx.factors import Dense, Explicit, Factored, OneHot, GramCache, ScaledCache, inner, rowdot, weighted_sum
-from bkfx.plan import Site, get_path
-from bkfx.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
-from bkfx.receipts import add_clipped_sum
+from bkfx.rules.factors import Dense, Explicit, Factored, OneHot, GramCache, ScaledCache, inner, rowdot, weighted_sum
+from bkfx._ir.plan import Site, get_path
+from bkfx.rules.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
+from bkfx._torch import keeping_graph, queue_end_of_backward
+from bkfx._runtime.receipts import add_clipped_sum
 from bkfx.rules import SiteCall
 
 _current: contextvars.ContextVar["Tape | None"] = contextvars.ContextVar("bkfx_tape", default=None)
@@ -76,7 +77,7 @@ class Tape:
     batch: int
     tied: frozenset  # parameters more than one site uses (their norms need cross terms): `tied_parameters(sites)`
     on_finalise: object = None  # called with the tape after each backward pass
-    traced: bool = False  # recorded for a compiler (`bkfx.compiled`): see `_SmallExplicit`
+    traced: bool = False  # recorded for a compiler (`bkfx._runtime.bk_step`): see `_SmallExplicit`
     pieces: dict[str, list] = field(default_factory=dict)
     per_sample_norms: torch.Tensor | None = None
     group_norms: list | None = None
@@ -88,7 +89,7 @@ class Tape:
     superseded: bool = False  # a later forward call of another batch size opened a new tape before this one's backward
     _group_squares: dict = field(default_factory=dict)
     _partial: dict = field(default_factory=dict)  # group -> Σ squared norms of its untied parameters so far
-    mask: torch.Tensor | None = None  # [B] bool, False for padding rows (`bkfx.data.Padding`): clip factor 0
+    mask: torch.Tensor | None = None  # [B] bool, False for padding rows (`bkfx.training.data.Padding`): clip factor 0
     rows_per_unit: int | None = None  # user-level privacy: each run of k rows is one unit, clipped as one (`_to_units`)
 
     def __post_init__(self):
@@ -147,7 +148,7 @@ class Tape:
             self.pieces[name] = pieces
         if not self._queued:
             self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self.finalise)
+            queue_end_of_backward(self.finalise)
 
     def site_done(self, site: Site) -> None:
         """A site's backward has run; finalise every group none of whose sites is still to come."""
@@ -196,7 +197,7 @@ class Tape:
                     self._add_to_grad(p, weighted_sum(_first_rows(pieces.pop(), rows), c, p.shape, scaled))
 
     def _add_to_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """A clipped sum into `.grad`, with the receipt `DPOptimizer.step()` checks (`bkfx.receipts`);
+        """A clipped sum into `.grad`, with the receipt `DPOptimizer.step()` checks (`bkfx._runtime.receipts`);
         traced for a compiler, `p` is the trace's leaf: the compiled step receipts the real parameter."""
         add_clipped_sum(p, grad, receipt=not self.traced)
 
@@ -280,8 +281,7 @@ class Tape:
 
 def _keeping_graph() -> bool:
     """Whether the running backward pass was asked to keep its graph (retain_graph=True)."""
-    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep is None else keep()
+    return keeping_graph()
 
 
 SMALL_EXPLICIT = 1 << 16  # parameters of at most this many entries are clipped together (_SmallExplicit)

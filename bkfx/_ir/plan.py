@@ -2,7 +2,7 @@
 
 `annotate` creates a `Site` for every node where a trainable parameter meets a
 sample-dependent tensor; `cost_model` fills in the mode, who decided it and why; `rewrite`
-turns the node into a call of `bkfx.ops.site` carrying the site's id; the runtime (the
+turns the node into a call of `bkfx._runtime.ops.site` carrying the site's id; the runtime (the
 ledger, through `Site.ghost_at`) and `explain` (through `Site.decision`) read the plan back.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import sympy
 
-from bkfx.layout import SampleLayout
+from bkfx._ir.layout import SampleLayout
 
 Path = tuple  # where an operand sits in node.args: (i,) or (i, k) for a list argument
 

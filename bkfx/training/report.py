@@ -12,13 +12,15 @@
 
 RDP (Rényi DP, converted to (ε, δ)) is the classical bound; PLD (privacy loss distribution)
 composes numerically and is tighter. Both bound the same run; report the one the noise was
-calibrated with, or the smaller (PLD) when the analysis allows it. See `bkfx.accounting`.
+calibrated with, or the smaller (PLD) when the analysis allows it. See `bkfx.training.accounting`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bkfx.accounting import METHODS, Accountant, _quiet_absl
+from bkfx.training.accounting import METHODS, Accountant, _quiet_absl
+
+__all__ = ["PrivacyReport", "privacy_report"]
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ stays private. Since `.grad` only accumulates sums, several forward/backward cal
 parts of a logical batch followed by one `step()` give the update of one large batch.
 
 An empty logical batch is a noise-only step. With `accountant=` (a
-`bkfx.accounting.Accountant`) and `sample_rate=`, every step is recorded as one Poisson
+`bkfx.training.accounting.Accountant`) and `sample_rate=`, every step is recorded as one Poisson
 subsampled Gaussian step.
 
-Only clipped sums are stepped on (`bkfx.receipts`). Every write of a clipped sum into `.grad`
+Only clipped sums are stepped on (`bkfx._runtime.receipts`). Every write of a clipped sum into `.grad`
 by the compiled model's backward (eager, compiled with `dp_model.compile()`, or under
 `torch.compile(dp_model)`) leaves a receipt: the `.grad` tensor and its version. `step()`
 refuses (`bkfx.errors.UnclippedGradientError`, before anything changes) when the parameters of
@@ -50,7 +50,7 @@ so the same seed gives different (equally distributed) noise on the two.
 Data parallel (`torch.distributed`, no wrapper): when a process group is initialised (or
 `process_group=` names one), each rank runs the compiled model on its own samples and `step()`
 all-reduces (SUM) the clipped sums over the group, in flat buckets of at most
-`bkfx.distributed.ALLREDUCE_BUCKET` entries per device and dtype. The noise is added once in total: the group's rank 0 draws it and
+`bkfx.training.distributed.ALLREDUCE_BUCKET` entries per device and dtype. The noise is added once in total: the group's rank 0 draws it and
 adds it to its own sum before the all-reduce (the other ranks add none and leave their generators
 untouched); every rank then divides by `expected_batch_size`, which must be the GLOBAL one (`q N`
 over the whole dataset), so all ranks hold identical gradients and parameters. Every rank must
@@ -58,9 +58,9 @@ call `step()` once per logical batch (a rank whose batch is empty too: it contri
 `process_group=False` keeps a DPOptimizer local although a group is initialised. Do not wrap the
 model in `DistributedDataParallel` (bkfx.compile refuses it). A `fully_shard`ed (FSDP2) model's
 sharded parameters get the reduce-scatter of the full clipped sums that its unsharded parameters
-hold, with rank 0's noise added before it (`bkfx.distributed`); step() then reshards the model.
+hold, with rank 0's noise added before it (`bkfx.training.distributed`); step() then reshards the model.
 
-Adaptive clipping (`adaptive_clipping=bkfx.AdaptiveClipping(...)`, `bkfx.adaptive`): each step
+Adaptive clipping (`adaptive_clipping=bkfx.AdaptiveClipping(...)`, `bkfx.training.adaptive`): each step
 also counts the logical batch's samples whose norm is at most R (the model counts after every
 backward), noises the count once (rank 0's noise, then summed over the ranks), and moves every
 group's R geometrically towards the target quantile; the model clips the next step at the new
@@ -70,7 +70,7 @@ thresholds are in `state_dict()`.
 
 Truncated Poisson batches (`bkfx.poisson_loader(max_batch_size=M)`): the model notes the loader's
 per-step truncation probability when it runs on its batches, and every step is accounted with it
-(`bkfx.accounting._epsilon_of` adds it to δ).
+(`bkfx.training.accounting._epsilon_of` adds it to δ).
 
 `secure_mode=True` draws noise that resists the floating-point attacks on naive Gaussian
 samplers (see `add_gaussian_noise_`); it takes no seed (its key comes from the OS).
@@ -91,11 +91,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bkfx import receipts
-from bkfx.accounting import check_noise_multiplier, check_sample_rate
-from bkfx.adaptive import AdaptiveClipping, UnclippedCount, combined_noise_multiplier, updated_thresholds
-from bkfx.distributed import all_reduce_sum_
+from bkfx._torch import foreach_add_, foreach_div_, grad_scaler_unscaled
+
+from bkfx._runtime import receipts
+from bkfx.training.accounting import check_noise_multiplier, check_sample_rate
+from bkfx.training.adaptive import AdaptiveClipping, UnclippedCount, combined_noise_multiplier, updated_thresholds
+from bkfx.training.distributed import all_reduce_sum_
 from bkfx.errors import BkfxError
+
+__all__ = ["NOISE_CHUNK", "SECURE_DRAWS", "DPOptimizer", "add_gaussian_noise_", "secure_standard_normal"]
 
 NOISE_CHUNK = 1 << 18  # entries per independently seeded draw of the noise (256K: a few chunks of work for every thread)
 SECURE_DRAWS = 4  # secure mode's noise: the sum of 4 standard normal draws, halved (÷√4 is exact)
@@ -170,7 +174,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.process_group = process_group  # None: the default group when torch.distributed is initialised
         self.steps = 0
         # False while more physical batches of the current logical batch are to come
-        # (set by `bkfx.data.PhysicalBatches`): step() and zero_grad() then leave .grad accumulating.
+        # (set by `bkfx.training.data.PhysicalBatches`): step() and zero_grad() then leave .grad accumulating.
         self.logical_batch_complete = True
         if adaptive_clipping is not None and accountant is not None:
             accountant.note("adaptive_clipping", {
@@ -243,7 +247,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
         Data parallel: the group's rank 0 adds the noise to its own clipped sums, then they are
         summed over the ranks (all-reduced; reduce-scattered to the shards for FSDP2's sharded
-        parameters, whose whole clipped sums the unsharded parameters hold: `bkfx.distributed`)."""
+        parameters, whose whole clipped sums the unsharded parameters hold: `bkfx.training.distributed`)."""
         std = self.noise_std
         shards = getattr(self._model, "shards", None)
         group = self._group()
@@ -286,7 +290,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if shards is not None:
             summed = replicated + shards.reduce_scatter_(sharded)
             shards.reshard()
-        torch._foreach_div_(summed, self.expected_batch_size)
+        foreach_div_(summed, self.expected_batch_size)
 
     def _check_shards(self, shards, group) -> None:
         """FSDP2: the optimizer must step the sharded parameters, and the ranks the noise is drawn
@@ -334,18 +338,16 @@ class DPOptimizer(torch.optim.Optimizer):
                 "on its own while the others wait in the all-reduce of the clipped sums. Use bf16 autocast (it needs "
                 "no scaler) or train in one process"
             )
-        from torch.amp.grad_scaler import OptState
-
-        stage = scaler._per_optimizer_states[id(self)]["stage"]
+        unscaled = grad_scaler_unscaled(scaler, self)
         if not self.logical_batch_complete:
-            if stage is OptState.UNSCALED:
+            if unscaled:
                 raise BkfxError(
                     "the GradScaler unscaled .grad before the logical batch was complete; the next physical batch "
                     "would add scaled gradients to unscaled ones. Call scaler.step(optimizer) and scaler.update() "
                     "only when optimizer.logical_batch_complete is True"
                 )
             return
-        if stage is not OptState.UNSCALED:
+        if not unscaled:
             raise BkfxError(
                 "the compiled model has a GradScaler, so .grad holds S times the clipped sum and the noise would be "
                 "S times too small; step with scaler.step(optimizer) (or call scaler.unscale_(optimizer) first)"
@@ -359,7 +361,7 @@ class DPOptimizer(torch.optim.Optimizer):
         step (LBFGS) cannot be made private this way.
 
         The gradients of a compiled model's parameters must be the clipped sums its backward wrote
-        (`bkfx.receipts`), and at least one must have been written since the last step;
+        (`bkfx._runtime.receipts`), and at least one must have been written since the last step;
         `empty_batch=True` says this logical batch has no example here (see the class docstring),
         so a step with no backward is noise only, and counted. Otherwise `UnclippedGradientError`,
         with parameters, optimizer state and accountant untouched."""
@@ -379,7 +381,7 @@ class DPOptimizer(torch.optim.Optimizer):
             self.accountant.step(noise_multiplier=self.accounted_noise_multiplier, sample_rate=self.sample_rate,
                                  truncation_probability=getattr(self._model, "truncation_probability", 0.0))
             unit, rows = getattr(self._model, "privacy_unit", ("example", 1))
-            if unit == "user":  # the model clipped users (`bkfx.data.UserSampler`): q is the users' rate
+            if unit == "user":  # the model clipped users (`bkfx.training.data.UserSampler`): q is the users' rate
                 self.accountant.note("unit", {"name": "user", "examples_per_user": rows})
         self.optimizer.step()
         receipts.consume(p for _, p in receipted)
@@ -387,7 +389,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _check_receipts(self, empty_batch: bool) -> list:
         """Refuse gradients of a compiled model's parameters that its backward did not write, and
-        a step with none written, unless `empty_batch` (`bkfx.receipts.check`). Returns the checked
+        a step with none written, unless `empty_batch` (`bkfx._runtime.receipts.check`). Returns the checked
         `(name, tensor)` pairs: each trainable parameter, or for an FSDP2 shard the unsharded
         parameter that holds its clipped sum (and the shard itself when its `.grad` is set: bkfx
         writes a shard's `.grad` only inside step())."""
@@ -481,11 +483,11 @@ class DPOptimizer(torch.optim.Optimizer):
             self._set_thresholds(dp["adaptive_clipping"]["thresholds"])
             self._model.unclipped_count.take()
 
-    # -- adaptive clipping (`bkfx.adaptive`) ------------------------------------------------------
+    # -- adaptive clipping (`bkfx.training.adaptive`) ------------------------------------------------------
     @property
     def accounted_noise_multiplier(self) -> float:
         """The noise multiplier the accountant charges a step: σ, or with adaptive clipping the one
-        Gaussian mechanism σ and the count's σ_b make (`bkfx.adaptive.combined_noise_multiplier`)."""
+        Gaussian mechanism σ and the count's σ_b make (`bkfx.training.adaptive.combined_noise_multiplier`)."""
         if self.adaptive_clipping is None:
             return self.noise_multiplier
         return combined_noise_multiplier(self.noise_multiplier, self.adaptive_clipping.count_noise_multiplier)
@@ -511,7 +513,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _adapt_threshold(self) -> None:
         """The step's count of unclipped samples, noised once (by the group's rank 0) and summed over
-        the ranks, moves every group's R (`bkfx.adaptive`); the next backward clips at it."""
+        the ranks, moves every group's R (`bkfx.training.adaptive`); the next backward clips at it."""
         model, config = self._model, self.adaptive_clipping
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         counts = model.unclipped_count.take(device)
@@ -580,7 +582,7 @@ def add_gaussian_noise_(
         for dtype, group in _by_dtype(tensors).items():  # one draw and one fused add per dtype: few kernels
             noise = torch.randn(sum(t.numel() for t in group), generator=generator, dtype=dtype, device=device)
             parts = [part.view(t.shape) for part, t in zip(noise.split([t.numel() for t in group]), group)]
-            torch._foreach_add_(group, parts, alpha=std)
+            foreach_add_(group, parts, alpha=std)
         return
     chunks = _chunks(tensors)
     if not chunks:
@@ -601,7 +603,7 @@ def add_gaussian_noise_(
         else:
             noise = secure_standard_normal(size, g)
         parts = [t.view(-1)[start:stop] for t, start, stop in segments]
-        torch._foreach_add_(parts, list(noise.split([stop - start for _, start, stop in segments])), alpha=std)
+        foreach_add_(parts, list(noise.split([stop - start for _, start, stop in segments])), alpha=std)
 
     if pool is None or len(chunks) == 1 or device.type != "cpu":
         for k in range(len(chunks)):
@@ -663,7 +665,7 @@ def _compiled_model_of(optimizer: torch.optim.Optimizer):
 
 
 def _compiled_model_of_params(params):
-    from bkfx.compile import compiled_models_of
+    from bkfx._runtime.live_models import compiled_models_of
 
     models = compiled_models_of(params)
     if len(models) > 1:

@@ -52,6 +52,8 @@ from collections import deque
 
 import torch
 
+from bkfx._torch import OpOverload, OpOverloadPacket, global_module_hooks
+
 _MISSING = object()
 
 # -- what a value is ----------------------------------------------------------------------------
@@ -59,7 +61,7 @@ _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.
           torch.memory_format, torch.Size, range, slice, type(Ellipsis))
 _OPAQUE = (types.ModuleType, type, types.BuiltinFunctionType, types.BuiltinMethodType, types.MethodWrapperType,
            types.WrapperDescriptorType, types.MethodDescriptorType, types.GetSetDescriptorType, property,
-           staticmethod, classmethod, torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+           staticmethod, classmethod, OpOverload, OpOverloadPacket)
 # Libraries whose own Python state is not the model's: their code is not walked for globals.
 _LIBRARIES = frozenset(sys.stdlib_module_names) | {
     "torch", "torchvision", "functorch", "bkfx", "passes", "numpy", "sympy", "builtins", "typing_extensions",
@@ -73,7 +75,7 @@ _FUNCTION_STATE = operator.attrgetter("__code__", "__defaults__", "__kwdefaults_
 _CELL = operator.attrgetter("cell_contents")
 _PARAMETER_STATE = operator.attrgetter("requires_grad", "dtype", "device", "shape")
 _BUFFER_STATE = operator.attrgetter("dtype", "device", "shape")
-_GLOBAL_HOOKS = vars(torch.nn.modules.module)
+_GLOBAL_HOOKS = global_module_hooks()
 
 
 def _is_plain(value) -> bool:

@@ -7,7 +7,7 @@
 A checkpoint holds the model's parameters and buffers, the `DPOptimizer`'s state (the wrapped
 optimizer's, its step count, every device's noise generator or secure mode's key, and its
 accountant), the Poisson sampler's position (its generator at the start of the epoch in
-progress and the batches of that epoch already delivered, `bkfx.data.PoissonSampler`), an LR
+progress and the batches of that epoch already delivered, `bkfx.training.data.PoissonSampler`), an LR
 scheduler's state, the global RNGs (torch's on every device, numpy's, Python's: dropout and
 other randomness of the model), and `extra`, a dict of your own.
 
@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bkfx.data import PhysicalBatches, PoissonSampler
-from bkfx.optimizer import DPOptimizer
+from bkfx.training.data import PhysicalBatches, PoissonSampler
+from bkfx.training.optimizer import DPOptimizer
+
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "poisson_sampler_of"]
 
 FORMAT = 1
 

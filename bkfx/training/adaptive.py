@@ -33,6 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["AdaptiveClipping", "combined_noise_multiplier", "gradient_noise_multiplier", "UnclippedCount",
+    "updated_thresholds"]
+
 
 @dataclass(frozen=True, kw_only=True)
 class AdaptiveClipping:

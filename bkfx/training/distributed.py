@@ -36,9 +36,14 @@ import contextlib
 import math
 
 import torch
+
+from bkfx._torch import fsdp_forward_hooks_quiet
 import torch.distributed as dist
 
 from bkfx.errors import BkfxError
+
+__all__ = ["ALLREDUCE_BUCKET", "all_reduce_sum_", "reduce_scatter_sum_", "FSDPShards", "fsdp_modules",
+    "check_not_sharded_after_compile"]
 
 ALLREDUCE_BUCKET = 1 << 24  # entries per flattened all-reduce (or reduce-scatter) of clipped sums
 
@@ -171,17 +176,8 @@ class FSDPShards:
         post-forward hook would reshard, freeing the parameters the trace just read. FSDP's own
         switch for this is the pre-backward state, in which its forward hooks only cast inputs
         (activation checkpointing's recomputation)."""
-        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-
-        states = [m._get_fsdp_state() for m in self.modules]
-        saved = [s._training_state for s in states]
-        for s in states:
-            s._training_state = TrainingState.PRE_BACKWARD
-        try:
+        with fsdp_forward_hooks_quiet(self.modules):
             yield
-        finally:
-            for s, state in zip(states, saved):
-                s._training_state = state
 
     def name_of(self, param) -> str | None:
         """The name of a sharded parameter, or None."""

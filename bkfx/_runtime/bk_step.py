@@ -1,6 +1,6 @@
 """The compiled BK step: one capture's forward and BK backward as two compiled programs.
 
-The eager path (`bkfx.ops` taps, `bkfx.ledger` tapes) is the reference and the fallback:
+The eager path (`bkfx._runtime.ops` taps, `bkfx._runtime.ledger` tapes) is the reference and the fallback:
 it runs Python per site during the backward pass. The compiled path runs that same code
 once, as a trace, and compiles what it did:
 
@@ -23,7 +23,7 @@ once, as a trace, and compiles what it did:
    `mode="reduce-overhead"` gives CUDA graphs): one compilation serves every batch size.
 4. **Run.** `_Step`, an autograd Function, runs the forward program and saves its values;
    its backward runs the backward program, adds the clipped sums to the parameters' `.grad`
-   as the eager ledger does, with the receipts `DPOptimizer.step()` checks (`bkfx.receipts`),
+   as the eager ledger does, with the receipts `DPOptimizer.step()` checks (`bkfx._runtime.receipts`),
    and returns the inputs' gradients (gradient accumulation works as it does eagerly).
 
 What stays eager (`eager_reason`): calls under `torch.no_grad()`, batch sizes 0 and 1 (the trace
@@ -43,17 +43,15 @@ from dataclasses import dataclass, field
 
 import sympy
 import torch
-import torch.utils._pytree as pytree
-from torch._dispatch.python import enable_python_dispatcher
-from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._subclasses.fake_tensor import FakeTensorMode
+from bkfx._torch import (FakeTensorMode, enable_python_dispatcher, foreach_copy_, inductor, inductor_decompositions,
+                         min_cut_rematerialization_partition, pytree)
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from bkfx.errors import BkfxError
-from bkfx.ledger import Tape, _keeping_graph, recording
-from bkfx.node import attribute
-from bkfx.receipts import add_clipped_sum
+from bkfx._runtime.ledger import Tape, _keeping_graph, recording
+from bkfx._ir.node import attribute
+from bkfx._runtime.receipts import add_clipped_sum
 
 
 @dataclass(frozen=True)
@@ -79,12 +77,11 @@ class StepOptions:
         if self.backend in ("eager", "aot_eager"):
             return gm
         if self.backend == "inductor":
-            from torch._inductor import list_mode_options
-            from torch._inductor.compile_fx import compile_fx
+            compile_fx, list_mode_options, inductor_config = inductor()
 
             config = {**(list_mode_options(self.mode) if self.mode else {}), **dict(self.options)}
             config["triton.cudagraphs"] = False  # bkfx's own CUDA graphs (`cuda_graphs`)
-            with torch._inductor.config.patch(config):
+            with inductor_config.patch(config):
                 return compile_fx(gm, example_inputs)
         if callable(self.backend):
             return self.backend(gm, example_inputs)
@@ -139,7 +136,7 @@ def eager_reason(dp_model, batch: int) -> str | None:
     if scaler is not None and scaler.is_enabled():
         return "a GradScaler's loss scale"
     if dp_model.shards is not None:
-        return "FSDP2-sharded parameters (bkfx.distributed drives the shards around the eager step)"
+        return "FSDP2-sharded parameters (bkfx.training.distributed drives the shards around the eager step)"
     if getattr(dp_model, "_call_units", None) is not None:
         return "user-level units (a user's rows clipped as one: the eager ledger reshapes them per batch)"
     return None
@@ -172,7 +169,7 @@ def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Pr
     # the clipping thresholds are the last primals, 0-dim tensors read at run time: a new R (adaptive
     # clipping) runs the same programs
     thresholds = dp_model.threshold_tensors(_device_of(state, flat, positions))
-    mask = dp_model._call_mask  # padding rows (`bkfx.data.Padding`): an input of the batch's size, after R
+    mask = dp_model._call_mask  # padding rows (`bkfx.training.data.Padding`): an input of the batch's size, after R
     primals = [fake(state[n], None) for n in names] + [fake(flat[k], dims.get(id(flat[k]))) for k in positions] + \
         [fake(t, None) for t in thresholds] + ([fake(mask, 0)] if mask is not None else [])
     n_state, n_inputs, n_thresholds = len(names), len(positions), len(thresholds)
@@ -309,7 +306,7 @@ def _symbolic_kernels():
 
 def _embedding_dense_backward(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
     if scale_grad_by_freq:  # refused by bkfx's embedding rule; torch's own decomposition otherwise
-        from torch._decomp import decomposition_table
+        from bkfx._torch import decomposition_table
 
         return decomposition_table[torch.ops.aten.embedding_dense_backward.default](
             grad, indices, num_weights, padding_idx, scale_grad_by_freq)
@@ -365,9 +362,8 @@ def _decompositions() -> dict:
     the ATen graphs inductor expects. (Composite ops such as `matmul` run their Python forms,
     which keep the batch size symbolic, through the python dispatcher `build` enables, not
     through this table.)"""
-    from torch._inductor.decomposition import select_decomp_table
 
-    return select_decomp_table()
+    return inductor_decompositions()
 
 
 def _in_mode(value, fake_mode: FakeTensorMode):
@@ -420,7 +416,7 @@ class _Pending:
         self.joined = False  # another compiled call was made before this one's backward
         self.saved = None  # the forward program's saved values, until the backward has used them
         self.graph_key = None  # with CUDA graphs: the forward graph that ran this call
-        self.mask = None  # the call's padding mask (`bkfx.data.Padding`), for adaptive clipping's count
+        self.mask = None  # the call's padding mask (`bkfx.training.data.Padding`), for adaptive clipping's count
 
     def __repr__(self):
         return f"_Pending(done={self.done}, joined={self.joined})"
@@ -472,7 +468,7 @@ class _Step(torch.autograd.Function):
         gradients = [None] * (2 + program.n_primals)
         n_state = len(program.state)
         for j, g in zip(program.grad_primals, results):
-            if j < n_state:  # a parameter's clipped sum: into .grad here, with its receipt (`bkfx.receipts`)
+            if j < n_state:  # a parameter's clipped sum: into .grad here, with its receipt (`bkfx._runtime.receipts`)
                 add_clipped_sum(program.state[j], g)
             else:  # an input's gradient: autograd passes it on
                 gradients[2 + j] = g
@@ -569,7 +565,7 @@ def _copy_out(values: list) -> list:
     for dtype, ks in groups.items():
         flat = torch.empty(sum(values[k].numel() for k in ks), dtype=dtype, device=values[ks[0]].device)
         parts = [part.view(values[k].shape) for part, k in zip(flat.split([values[k].numel() for k in ks]), ks)]
-        torch._foreach_copy_(parts, [values[k] for k in ks])
+        foreach_copy_(parts, [values[k] for k in ks])
         for k, part in zip(ks, parts):
             out[k] = part
     return out

@@ -34,9 +34,11 @@ import os
 import sympy
 import torch
 
-from bkfx.meta import META_BUDGET, META_PROBE
-from bkfx.node import original_op_name
-from bkfx.plan import EXPLICIT_RULE, FALLBACK, GUARD, OVER_BUDGET, USER_OVERRIDE, WITHIN_BUDGET
+from bkfx._ir.meta import META_BUDGET, META_PROBE
+from bkfx._ir.node import original_op_name
+from bkfx._ir.plan import EXPLICIT_RULE, FALLBACK, GUARD, OVER_BUDGET, USER_OVERRIDE, WITHIN_BUDGET
+
+__all__ = ["B", "seconds", "shape_in_B", "plan_records", "plan_totals", "human", "explain", "budget_lines"]
 
 B = sympy.Symbol("B")
 _COSTS = ("time_ghost", "mem_ghost", "time_explicit", "mem_explicit")
@@ -108,7 +110,7 @@ def plan_records(compiled, batch: int | None = None) -> list[dict]:
     sample_dim (of the output), input_sample_dims, out_shape, tied_sites (other sites using
     one of the operand's parameters); T, p, d (numbers at `batch`) and T_expr, p_expr, d_expr
     (in B); mode, decided_by and reason from the plan's `Site.decision` at `batch` (mode:
-    ghost, explicit, guard, fallback; decided_by: one of `bkfx.plan`'s "explicit rule",
+    ghost, explicit, guard, fallback; decided_by: one of `bkfx._ir.plan`'s "explicit rule",
     "fallback", "user override", "run-time guard", "ghost is faster", "fastest within
     budget", "explicit would exceed budget"), mode_at_batch (a factored operand's site
     mode at `batch`), why (a line a person reads); time_ghost, mem_ghost,
@@ -278,7 +280,7 @@ def explain(compiled, batch: int | None = None) -> str:
 
 
 def _compiled_step(compiled) -> list[str]:
-    """The compiled BK step's programs (`bkfx.compiled`), when this capture has run compiled:
+    """The compiled BK step's programs (`bkfx._runtime.bk_step`), when this capture has run compiled:
     the guards each trace assumed about B, and the backward program's code."""
     programs = [p for traces in compiled.programs.values() for p in traces]
     if not programs:

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["LOW_PRECISION", "AUTOCAST_DEVICES", "compute_dtype", "gram_dtype", "gram_matmul",
+    "accumulation_dtype", "as_dtype", "AutocastState", "NO_AUTOCAST", "loss_scale"]
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 AUTOCAST_DEVICES = ("cpu", "cuda")
 

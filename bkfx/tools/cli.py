@@ -10,7 +10,7 @@
 `--int-input`.
 
 `inspect` compiles the model, runs one forward pass, prints `dp_model.explain()` and
-writes the rewritten graph to `DIR/FACTORY.dot` and a picture of it (`bkfx.graph.render`:
+writes the rewritten graph to `DIR/FACTORY.dot` and a picture of it (`bkfx.tools.graph.render`:
 Graphviz's `dot` when installed, else matplotlib; DOT only when neither is).
 
 `check` runs `bkfx.testing.assert_matches_reference` in float64 with the cross entropy of
@@ -38,6 +38,10 @@ from torch import nn
 
 import bkfx
 from bkfx.errors import BkfxError, CommandLineError
+
+__all__ = ["TOLERANCE", "DTYPES", "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "parse_shape", "load_factory",
+    "build_model", "random_input", "forward", "compiled", "inspect", "cross_entropy", "check", "parser",
+    "main"]
 
 TOLERANCE = 1e-6  # float64, as in bkfx.testing.assert_matches_reference
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -136,7 +140,7 @@ def inspect(args) -> int:
     x = random_input(parse_shape(args.input_shape), dtype, args.int_input)
     forward(model, x)
     dp = compiled(model, x, norm_mode=args.norm_mode)
-    from bkfx.graph import RenderError, available_engine, render, to_networkx, write_dot
+    from bkfx.tools.graph import RenderError, available_engine, render, to_networkx, write_dot
 
     print(dp.explain())
     out = Path(args.out)

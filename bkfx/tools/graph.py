@@ -29,10 +29,15 @@ from pathlib import Path
 import networkx as nx
 import torch
 
+from bkfx._torch import OpOverload
+
 from bkfx.errors import RenderError
-from bkfx.explain import shape_in_B
-from bkfx.layout import SampleLayout
-from bkfx.meta import META_BATCH, META_LAYOUT, META_PARAMS, META_SITE
+from bkfx.tools.explain import shape_in_B
+from bkfx._ir.layout import SampleLayout
+from bkfx._ir.meta import META_BATCH, META_LAYOUT, META_PARAMS, META_SITE
+
+__all__ = ["MODE_COLOURS", "TIED_COLOUR", "ENGINES", "site_mode", "to_networkx", "tied_links", "to_dot",
+    "write_dot", "available_engine", "render", "layered_positions"]
 
 MODE_COLOURS = {"ghost": "#a6dba0", "explicit": "#92c5de", "guard": "#fee08b", "fallback": "#f4a582"}
 _COLOUR_NAMES = {"ghost": "green", "explicit": "blue", "guard": "yellow (run-time guard)", "fallback": "orange"}
@@ -70,11 +75,11 @@ def _target_text(node) -> str:
     target = node.args[0] if META_SITE in node.meta else node.target
     if node.op in ("placeholder", "get_attr", "output", "call_module"):
         return str(target)
-    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    return str(target) if isinstance(target, OpOverload) else getattr(target, "__name__", str(target))
 
 
 def to_networkx(model) -> nx.DiGraph:
-    """The last capture of `model` (a called `DPModel`, or a `Compiled`) as a DiGraph."""
+    """The last capture of `model` (a called `DPModel`, or a `Rewritten`) as a DiGraph."""
     gm, sites = model.graph_module, model.sites
     batch = gm.meta.get(META_BATCH)
     by_node = {site.node: site for site in sites}

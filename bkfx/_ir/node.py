@@ -32,8 +32,8 @@ def op_name(node: Node) -> str:
 
 def original_op_name(node: Node) -> str:
     """The op's name, also after the rewrite made the node a call of the BK operation
-    (`bkfx.ops.site(op, ...)`): the op it wraps."""
-    site = node.meta.get("bkfx.site")  # bkfx.meta.META_SITE (node.py imports nothing of bkfx)
+    (`bkfx._runtime.ops.site(op, ...)`): the op it wraps."""
+    site = node.meta.get("bkfx.site")  # bkfx._ir.meta.META_SITE (node.py imports nothing of bkfx)
     return target_name(site.op) if site is not None else op_name(node)
 
 

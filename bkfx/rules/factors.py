@@ -15,7 +15,7 @@ every rule:
 - `Σ_i C_i L_iᵀ R_i = (C ⊙ L)ᵀ R`  (book-kept clipped sum: one matmul)
 
 Under autocast the two factors of a piece may differ in dtype (a float32 activation, a
-bf16 output gradient); each product casts them as `bkfx.precision` says (clipped sums in
+bf16 output gradient); each product casts them as `bkfx.rules.precision` says (clipped sums in
 the op's low precision, Grams written in float32 where the device's GEMM can (else bf16
 or float32), every per-sample inner product accumulated in at least float32).
 """
@@ -24,9 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+from bkfx._torch import is_fake
 
-from bkfx.precision import accumulation_dtype, as_dtype, compute_dtype, gram_dtype, gram_matmul
+from bkfx.rules.precision import accumulation_dtype, as_dtype, compute_dtype, gram_dtype, gram_matmul
+
+__all__ = ["Dense", "OneHot", "Factor", "canonical_matrix", "gram", "per_sample", "clipped_sum",
+    "tensor_key", "ScaledCache", "left_apply", "Factored", "Explicit", "Piece", "GramCache", "gram_blocks",
+    "gram_block_count", "self_inner", "inner", "rowdot", "weighted_sum"]
 
 
 @dataclass
@@ -129,7 +133,7 @@ def clipped_sum(L: Factor, R: Dense, c: torch.Tensor, scaled=None) -> torch.Tens
 def tensor_key(t: torch.Tensor):
     """What identifies a tensor's values in a cache key: storage, shape, strides and dtype (views
     of one tensor made by different sites are the same values). A traced tensor (the compiled
-    step's trace, `bkfx.compiled`) has no storage and may have symbolic sizes: the tensor object
+    step's trace, `bkfx._runtime.bk_step`) has no storage and may have symbolic sizes: the tensor object
     itself (views are then different keys; the compiled program's CSE may still merge them)."""
     if is_fake(t):
         return "traced", id(t)

@@ -1,7 +1,7 @@
 """The DP model as one operator in torch.compile's graph: `torch.compile(dp_model, fullgraph=True)`.
 
 A DP model's forward is Python state (the model guard, the capture cache, the tapes and the
-compiled BK step of `bkfx.compiled`), which dynamo cannot trace. Under dynamo the forward is
+compiled BK step of `bkfx._runtime.bk_step`), which dynamo cannot trace. Under dynamo the forward is
 instead one call of the custom operator `bkfx::forward`, opaque to dynamo, AOTAutograd and
 inductor, so that the code around the model (the loss, other modules) compiles into the same
 graph, with no graph break:
@@ -13,7 +13,7 @@ graph, with no graph break:
   for CUDA graphs (`mode="reduce-overhead"`, read while AOTAutograd traces under inductor's
   options): the user's mode then reaches bkfx's compiled step.
 - **Running**: the operator runs the DP model's own forward (`DPModel._forward`: the compiled BK
-  step, or the eager step where `bkfx.compiled.eager_reason` says so) with autograd on and the
+  step, or the eager step where `bkfx._runtime.bk_step.eager_reason` says so) with autograd on and the
   dispatcher as at top level, keeps its outputs' autograd graph under a ticket (an int64
   tensor output), and returns the outputs detached.
 - **Backward**: the operator's autograd formula calls `bkfx::backward` with the ticket, which
@@ -43,17 +43,18 @@ from dataclasses import dataclass, field
 
 import sympy
 import torch
-import torch.utils._pytree as pytree
+
+from bkfx._torch import (assume_constant_result, compiling_for_cuda_graphs, detect_fake_mode, pytree,
+                         top_level_dispatch)
 
 from bkfx.errors import BkfxError
-from bkfx.guards import PlainAttributes
-from bkfx.ledger import _keeping_graph
-from bkfx.precision import AUTOCAST_DEVICES, AutocastState
+from bkfx._runtime.guards import PlainAttributes
+from bkfx._runtime.ledger import _keeping_graph
+from bkfx.rules.precision import AUTOCAST_DEVICES, AutocastState
 
 # the dispatcher's thread-local state at top level: an operator's implementation runs below
 # autograd (and under AOTAutograd's modes); the DP model's own forward and backward need it as
 # a user's code has it
-_TOP_LEVEL_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 _models: dict[int, "_ModelState"] = {}
@@ -151,7 +152,7 @@ def call(model, anchor: torch.Tensor, args: tuple, kwargs: dict):
     return _build(_outputs_of(site), iter(outs[:-1]))
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def _call_site(architecture: int, skeleton, grad: bool, autocast: tuple) -> int:
     leaves, spec = pytree.tree_flatten(skeleton)
     site = next(_call_ids)
@@ -159,7 +160,7 @@ def _call_site(architecture: int, skeleton, grad: bool, autocast: tuple) -> int:
     return site
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def _outputs_of(site: int):
     return _calls[site].outputs
 
@@ -205,8 +206,7 @@ def _build(description, tensors):
 def _top_level(autocast: AutocastState):
     """Run as a user's code runs: the dispatcher's top-level keys (autograd on, no AOTAutograd
     mode), gradients recorded, under the autocast state the call was traced in."""
-    with torch._C._ForceDispatchKeyGuard(*_TOP_LEVEL_KEYS), torch.utils._python_dispatch._disable_current_modes(), \
-            torch.enable_grad(), autocast.apply():
+    with top_level_dispatch(), torch.enable_grad(), autocast.apply():
         yield
 
 
@@ -273,7 +273,7 @@ def _detached(outs: list, inputs: list) -> list:
 def _(site: int, tensors):
     call_ = _calls[site]
     call_.cuda_graphs = call_.cuda_graphs or _asks_for_cuda_graphs()
-    fake_mode = torch._guards.detect_fake_mode(tensors)
+    fake_mode = detect_fake_mode(tensors)
     template = _template(call_)
     module = template.module
     sharded = {id(p) for p in template.shards.sharded.values()} if template.shards is not None else set()
@@ -362,18 +362,8 @@ def _value(size, values: dict):
 
 
 def _asks_for_cuda_graphs() -> bool:
-    """Whether the torch.compile tracing this call was asked for CUDA graphs (`mode=
-    "reduce-overhead"`): dynamo's backend's options while dynamo traces (AOTAutograd's trace may
-    be skipped by its cache), inductor's patched options while AOTAutograd traces."""
-    if torch._inductor.config.triton.cudagraphs:
-        return True
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        options = getattr(InstructionTranslator.current_tx().output.compiler_fn, "config", None) or {}
-    except Exception:  # not under dynamo, or a torch whose dynamo keeps its backend elsewhere
-        return False
-    return bool(options.get("triton.cudagraphs"))
+    """Whether the torch.compile tracing this call was asked for CUDA graphs (`bkfx._torch`)."""
+    return compiling_for_cuda_graphs()
 
 
 def _flat_outputs(call_: _Call, out) -> list:

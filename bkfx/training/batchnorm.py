@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+__all__ = ["replace_batchnorm"]
+
 
 def _groups(channels: int, preferred: int) -> int:
     """The largest divisor of `channels` that is at most `preferred`."""

@@ -7,7 +7,8 @@ import re
 import torch
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIRS = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + d for d in ("bkfx", "passes"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bkfx/_ir/source.py
+_OWN_DIRS = tuple(_ROOT + os.sep + d for d in ("bkfx", "passes"))
 _FRAME = re.compile(r'\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 
 

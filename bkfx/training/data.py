@@ -1,6 +1,6 @@
 """Poisson sampling and physical batches: the data side of DP-SGD.
 
-DP-SGD's privacy analysis (the Poisson subsampled Gaussian, `bkfx.accounting`) assumes
+DP-SGD's privacy analysis (the Poisson subsampled Gaussian, `bkfx.training.accounting`) assumes
 that every logical batch includes each of the N examples independently with
 probability q. Batch sizes are then random, `Binomial(N, q)`, with mean `q N` and 0
 possible; an epoch is `round(1/q)` such steps. Shuffling into fixed-size batches is a
@@ -20,10 +20,16 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from bkfx._torch import pin_batch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
-from bkfx.accounting import check_sample_rate, truncation_probability
+from bkfx.training.accounting import check_sample_rate, truncation_probability
+
+__all__ = ["PoissonSampler", "EmptyBatchCollate", "Padding", "current_padding", "padded", "PaddedCollate",
+    "poisson_loader", "PoissonLoader", "batch_size_of", "check_physical_batch_size",
+    "split_physical_batches", "PhysicalBatches", "UserSampler", "UserCollate"]
 
 
 class PoissonSampler(Sampler):
@@ -256,9 +262,7 @@ class _Padded:
         self.batch, self.real, self.mask, self.rows_per_unit = batch, real, mask, rows_per_unit
 
     def pin_memory(self, device=None):
-        from torch.utils.data._utils.pin_memory import pin_memory
-
-        return _Padded(pin_memory(self.batch, device), self.real, self.mask, self.rows_per_unit)
+        return _Padded(pin_batch(self.batch, device), self.real, self.mask, self.rows_per_unit)
 
 
 class PaddedCollate(EmptyBatchCollate):
@@ -303,7 +307,7 @@ def poisson_loader(
     model gives them clip factor 0, so they add nothing to `.grad`, the norms' count or the noise
     scale (the expected batch size stays q N). Each example is still included with probability q
     unless truncated; the accountant adds the truncation probability `P[Bin(N+1, q) > M]` per step
-    to δ (`bkfx.accounting.truncation_probability`). With a loss reduced by "mean", the loss
+    to δ (`bkfx.training.accounting.truncation_probability`). With a loss reduced by "mean", the loss
     divides by the padded size; the DP model's clipped sums do not depend on it.
 
     User-level privacy: with `user_ids=` (the user of each example) the steps sample users with

@@ -18,7 +18,7 @@ mix clipped and unclipped gradients: the receipt it gets is spoiled, and `check`
 backward). The optimizer consumes the receipts of the parameters it steps (`consume`).
 
 What bkfx itself does to `.grad` between the backward and the step needs no new receipt: the
-optimizer checks first, then noises, all-reduces or reduce-scatters (`bkfx.distributed`) and
+optimizer checks first, then noises, all-reduces or reduce-scatters (`bkfx.training.distributed`) and
 divides. A `GradScaler`'s `unscale_` (between the backward and `step()`) runs the in-place kernel
 `_amp_foreach_non_finite_check_and_unscale_`, which does not move a tensor's version, so the
 receipts stay valid through it (`tests/test_receipts.py` checks this).
@@ -32,6 +32,8 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+
+from bkfx._torch import is_view
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkfx.errors import UnclippedGradientError
@@ -63,7 +65,7 @@ def add_clipped_sum(p: torch.Tensor, grad: torch.Tensor, *, receipt: bool = True
     if p.grad is None:
         # a view (the small parameters' sums split from one tensor) shares its base's version
         # counter with its siblings; `.data` aliases the same memory with a counter of its own
-        p.grad = grad.to(p.dtype) if grad.dtype != p.dtype else grad.data if grad._is_view() else grad
+        p.grad = grad.to(p.dtype) if grad.dtype != p.dtype else grad.data if is_view(grad) else grad
         kind = CLIPPED
     else:
         receipt = _receipts.get(p)

@@ -21,6 +21,9 @@ import logging
 import math
 from dataclasses import dataclass
 
+__all__ = ["METHODS", "check_noise_multiplier", "check_sample_rate", "Run", "truncation_probability",
+    "epsilon", "noise_multiplier_for", "Accountant"]
+
 METHODS = ("rdp", "pld")
 
 
@@ -211,7 +214,7 @@ class Accountant:
     def step(self, *, noise_multiplier: float, sample_rate: float, count: int = 1,
              truncation_probability: float = 0.0) -> None:
         """Record `count` steps; `truncation_probability`: truncated Poisson sampling's per-step
-        probability of a cut batch (`bkfx.data.PoissonSampler.truncation_probability`), added to δ."""
+        probability of a cut batch (`bkfx.training.data.PoissonSampler.truncation_probability`), added to δ."""
         _check_run(noise_multiplier, sample_rate, count)
         if not 0 <= truncation_probability <= 1:
             raise ValueError(f"truncation_probability must be in [0, 1], got {truncation_probability}")
