@@ -47,3 +47,37 @@ def test_the_door_admits_this_torch_and_names_the_floor():
     assert door.TORCH_VERSION == tuple(int(x) for x in torch.__version__.split(".")[:2])
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"torch>={door.MIN_TORCH[0]}.{door.MIN_TORCH[1]}"' in pyproject  # the claimed floor is the tested one
+
+
+def test_oldest_lane_installs_the_floor():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"torch=={door.MIN_TORCH[0]}.{door.MIN_TORCH[1]}.0" in ci  # the floor is what the second lane runs
+
+
+def test_every_entry_the_door_opens_on_use_resolves_on_this_torch():
+    """The entries imported lazily (inductor, FSDP2, GradScaler, dynamo) resolve here, so a torch that
+    moved one fails this test in CI's lanes, not a user's first compiled step."""
+    compile_fx, list_mode_options, config = door.inductor()
+    assert callable(compile_fx) and "triton.cudagraphs" in list_mode_options("reduce-overhead")
+    assert hasattr(config, "triton") and isinstance(door.inductor_decompositions(), dict)
+    assert door.compiling_for_cuda_graphs() is False
+    assert callable(torch.autograd.Variable._execution_engine.queue_callback)
+    assert callable(torch._C._autograd._get_current_graph_task_keep_graph)
+    from torch.utils.data._utils.pin_memory import pin_memory  # pin_batch's (pinning needs an accelerator)
+
+    assert callable(pin_memory)
+
+    scaler = torch.amp.GradScaler("cpu")
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler.scale(weight.sum()).backward()
+    assert door.grad_scaler_unscaled(scaler, optimizer) is False
+    scaler.unscale_(optimizer)
+    assert door.grad_scaler_unscaled(scaler, optimizer) is True
+
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    assert hasattr(FSDPModule, "_get_fsdp_state") and hasattr(TrainingState, "PRE_BACKWARD")
+    with door.top_level_dispatch():
+        assert torch.is_grad_enabled()
