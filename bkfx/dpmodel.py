@@ -15,7 +15,7 @@ import os
 import warnings
 import weakref
 
-from bkfx._runtime import bk_step as compiled_step
+from bkfx._runtime import step as compiled_step
 from bkfx._runtime import dynamo_op as compile_operator
 from bkfx._runtime.clipping import CLIPPINGS, groups_for, thresholds
 from bkfx.training.data import current_padding
@@ -51,7 +51,7 @@ class Rewritten:
     batch_symbol: object
     example_batch: int
     tied: frozenset  # parameters more than one site uses
-    programs: dict = field(default_factory=dict)  # compiled steps (`bkfx._runtime.bk_step`): options -> traces
+    programs: dict = field(default_factory=dict)  # compiled steps (`bkfx._runtime.step`): options -> traces
     step_failures: dict = field(default_factory=dict)  # options -> why the compiled step could not be built
 
 
@@ -186,7 +186,7 @@ class DPModel(nn.Module):
     # -- running ------------------------------------------------------------------------
     # Under torch.compile the DP model's forward is one opaque operator in dynamo's graph
     # (`bkfx._runtime.dynamo_op`): its guards, capture cache and tapes are Python state that dynamo does not
-    # trace. The operator runs `_forward` with the compiled BK step (`bkfx._runtime.bk_step`), which bkfx
+    # trace. The operator runs `_forward` with the compiled BK step (`bkfx._runtime.step`), which bkfx
     # compiles itself, while the code around the model (the loss) is compiled by torch.compile.
     def forward(self, *args, **kwargs):
         if torch.compiler.is_dynamo_compiling():
@@ -201,7 +201,7 @@ class DPModel(nn.Module):
         return compiled_step.StepOptions(mode="reduce-overhead" if cuda_graphs else None)
 
     def compile(self, *args, backend="inductor", mode=None, options=None, **unknown) -> None:
-        """Run the BK step compiled (`bkfx._runtime.bk_step`): the forward and the BK backward (input
+        """Run the BK step compiled (`bkfx._runtime.step`): the forward and the BK backward (input
         gradients, per-sample norms, clip factors, clipped sums) each as one program compiled by
         `torch.compile(backend=, mode=, options=)` with a dynamic batch size. `mode="reduce-overhead"`
         gives CUDA graphs. `torch.compile(dp_model)` compiles the step with the defaults.
@@ -438,7 +438,7 @@ class DPModel(nn.Module):
 
     @property
     def compiled_step_count(self) -> int:
-        """How many compiled BK steps (`bkfx._runtime.bk_step`: a traced and compiled forward/backward pair)
+        """How many compiled BK steps (`bkfx._runtime.step`: a traced and compiled forward/backward pair)
         the captures hold: one per batch-size range and option set, not one per clipping threshold."""
         return sum(len(programs) for c in self._captures.values() for programs in c.programs.values())
 

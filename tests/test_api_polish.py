@@ -27,7 +27,7 @@ def test_dp_model_compile_refuses_unknown_keywords():
 def test_internal_errors_are_not_hidden_behind_the_eager_fallback(monkeypatch):
     """A failure inside bkfx's own code while building the compiled step raises; only torch's
     tracing or compilation failures fall back to the eager step with a warning."""
-    from bkfx._runtime import bk_step as compiled_step
+    from bkfx._runtime import step as compiled_step
 
     def broken_build(*args, **kwargs):
         raise AssertionError("an internal invariant")
@@ -40,7 +40,7 @@ def test_internal_errors_are_not_hidden_behind_the_eager_fallback(monkeypatch):
 
 
 def test_torch_failures_still_fall_back_to_the_eager_step(monkeypatch):
-    from bkfx._runtime import bk_step as compiled_step
+    from bkfx._runtime import step as compiled_step
 
     def torch_fails(*args, **kwargs):
         def data_dependent(x):

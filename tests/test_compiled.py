@@ -1,4 +1,4 @@
-"""The compiled BK step (`bkfx._runtime.bk_step`): forward and BK backward traced once with a symbolic
+"""The compiled BK step (`bkfx._runtime.step`): forward and BK backward traced once with a symbolic
 batch size, partitioned, compiled; against the vmap reference in float64 and against the eager
 BK step (the reference implementation), for every architecture family and clipping option.
 
@@ -310,7 +310,7 @@ def test_hugging_face_models_compiled_match_the_reference(name):
 def test_graph_outputs_are_copied_out_into_fresh_memory():
     """`_copy_out` (the CUDA graphs' gradients and norms leave the graph's memory): equal values,
     no aliasing of the graph's outputs, strides kept for a strided view, ints passed through."""
-    from bkfx._runtime.bk_step import _copy_out
+    from bkfx._runtime.step.cudagraphs import _copy_out
 
     base = torch.randn(4, 6, dtype=torch.float64)
     values = [torch.randn(3, 2), base[:, 0], torch.randn(5, dtype=torch.float64), 7, torch.randn(2, 2)]
@@ -325,12 +325,12 @@ def test_graph_outputs_are_copied_out_into_fresh_memory():
 def test_a_step_torch_cannot_trace_runs_eagerly_with_a_warning(monkeypatch):
     """A failure inside torch's tracing or compilation (not a bkfx refusal) leaves the exact eager
     step, says so once, and keeps the reason."""
-    import bkfx._runtime.bk_step
+    import bkfx._runtime.step
 
     def broken(*args, **kwargs):
         raise RuntimeError("Cannot call numel() on tensor with symbolic sizes/strides")
 
-    monkeypatch.setattr(bkfx._runtime.bk_step, "build", broken)
+    monkeypatch.setattr(bkfx._runtime.step, "build", broken)
     eager, compiled = eager_and_compiled(mlp(13))
     x, y = data(4)
     with pytest.warns(UserWarning, match="could not be built.*eager BK step"):
@@ -372,17 +372,18 @@ def test_cuda_graph_memory_protocol_with_simulated_graphs(monkeypatch):
     has not run must be moved out before the forward graph runs again, and an earlier call's saved
     values copied into the forward graph's memory only after the call holding it has moved out:
     sequences that break either rule give wrong gradients, compared here with the eager step."""
-    import bkfx._runtime.bk_step as compiled_module
+    import bkfx._runtime.step as compiled_step
+    from bkfx._runtime.step import cudagraphs
 
-    monkeypatch.setattr(compiled_module, "capture", compiled_module.simulated_capture)
-    real_build = compiled_module.build
+    monkeypatch.setattr(cudagraphs, "capture", cudagraphs.simulated_capture)
+    real_build = compiled_step.build
 
     def with_graphs(*args, **kwargs):
         program = real_build(*args, **kwargs)
-        program.graphs = compiled_module.CudaGraphs()
+        program.graphs = cudagraphs.CudaGraphs()
         return program
 
-    monkeypatch.setattr(compiled_module, "build", with_graphs)
+    monkeypatch.setattr(compiled_step, "build", with_graphs)
     eager, compiled = eager_and_compiled(mlp(15), max_grad_norm=0.1)
     x8, y8 = data(8, seed=1)
     x5, y5 = data(5, seed=2)
@@ -428,7 +429,7 @@ class IndexedParameters(nn.Module):
                                                 pytest.param("gpt2", "aot_eager", marks=pytest.mark.slow)])
 def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_name, backend):
     """The pull-back through indexing backward ops (`vmap` in the ledger) keeps the batch size
-    symbolic (`bkfx._runtime.bk_step._symbolic_kernels`): one trace for every batch size, GPT-2's
+    symbolic (`bkfx._runtime.step.kernels.symbolic_kernels`): one trace for every batch size, GPT-2's
     position embedding included; the gradients equal the eager step's, with inductor too (its
     in-place accumulation once summed the samples of zeros shared over the batch)."""
     torch.manual_seed(11)
@@ -460,11 +461,11 @@ def test_parameters_behind_indexing_keep_one_trace_for_every_batch_size(model_na
 
 
 def test_symbolic_kernels_equal_torchs_own():
-    """The batching rules bkfx uses while tracing (`_symbolic_kernels`) give exactly what
+    """The batching rules bkfx uses while tracing (`symbolic_kernels`) give exactly what
     torch's own give, on every case of the ops they replace."""
     from torch.func import vjp, vmap
 
-    from bkfx._runtime.bk_step import _symbolic_kernels
+    from bkfx._runtime.step.kernels import symbolic_kernels
 
     torch.manual_seed(12)
     w = torch.randn(10, 4, dtype=torch.float64)
@@ -483,7 +484,7 @@ def test_symbolic_kernels_equal_torchs_own():
         out, pullback = vjp(chain, w)
         G = torch.randn(3, *out.shape, dtype=torch.float64)
         (want,) = vmap(pullback)(G)
-        with _symbolic_kernels():
+        with symbolic_kernels():
             (got,) = vmap(pullback)(G)
         assert torch.equal(got, want), k
         (again,) = vmap(pullback)(G)  # torch's own rules again after the trace

@@ -1,7 +1,7 @@
 """The DP model as one operator in torch.compile's graph: `torch.compile(dp_model, fullgraph=True)`.
 
 A DP model's forward is Python state (the model guard, the capture cache, the tapes and the
-compiled BK step of `bkfx._runtime.bk_step`), which dynamo cannot trace. Under dynamo the forward is
+compiled BK step of `bkfx._runtime.step`), which dynamo cannot trace. Under dynamo the forward is
 instead one call of the custom operator `bkfx::forward`, opaque to dynamo, AOTAutograd and
 inductor, so that the code around the model (the loss, other modules) compiles into the same
 graph, with no graph break:
@@ -13,7 +13,7 @@ graph, with no graph break:
   for CUDA graphs (`mode="reduce-overhead"`, read while AOTAutograd traces under inductor's
   options): the user's mode then reaches bkfx's compiled step.
 - **Running**: the operator runs the DP model's own forward (`DPModel._forward`: the compiled BK
-  step, or the eager step where `bkfx._runtime.bk_step.eager_reason` says so) with autograd on and the
+  step, or the eager step where `bkfx._runtime.step.eager_reason` says so) with autograd on and the
   dispatcher as at top level, keeps its outputs' autograd graph under a ticket (an int64
   tensor output), and returns the outputs detached.
 - **Backward**: the operator's autograd formula calls `bkfx::backward` with the ticket, which

@@ -77,7 +77,7 @@ class Tape:
     batch: int
     tied: frozenset  # parameters more than one site uses (their norms need cross terms): `tied_parameters(sites)`
     on_finalise: object = None  # called with the tape after each backward pass
-    traced: bool = False  # recorded for a compiler (`bkfx._runtime.bk_step`): see `_SmallExplicit`
+    traced: bool = False  # recorded for a compiler (`bkfx._runtime.step`): see `_SmallExplicit`
     pieces: dict[str, list] = field(default_factory=dict)
     per_sample_norms: torch.Tensor | None = None
     group_norms: list | None = None

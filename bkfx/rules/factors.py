@@ -133,7 +133,7 @@ def clipped_sum(L: Factor, R: Dense, c: torch.Tensor, scaled=None) -> torch.Tens
 def tensor_key(t: torch.Tensor):
     """What identifies a tensor's values in a cache key: storage, shape, strides and dtype (views
     of one tensor made by different sites are the same values). A traced tensor (the compiled
-    step's trace, `bkfx._runtime.bk_step`) has no storage and may have symbolic sizes: the tensor object
+    step's trace, `bkfx._runtime.step`) has no storage and may have symbolic sizes: the tensor object
     itself (views are then different keys; the compiled program's CSE may still merge them)."""
     if is_fake(t):
         return "traced", id(t)

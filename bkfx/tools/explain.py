@@ -280,7 +280,7 @@ def explain(compiled, batch: int | None = None) -> str:
 
 
 def _compiled_step(compiled) -> list[str]:
-    """The compiled BK step's programs (`bkfx._runtime.bk_step`), when this capture has run compiled:
+    """The compiled BK step's programs (`bkfx._runtime.step`), when this capture has run compiled:
     the guards each trace assumed about B, and the backward program's code."""
     programs = [p for traces in compiled.programs.values() for p in traces]
     if not programs:
