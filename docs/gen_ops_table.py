@@ -5,8 +5,8 @@
 
 Two registries are read: the *gradient rules* (`bkfx.rules.registered()`: an op whose operand is a
 trainable parameter, with the factors or explicit per-sample gradients of that parameter) and the
-*sample rules* (`passes.sample_dim`: how an op maps the sample dimension, which proves it does not
-mix samples). `tests/test_docs.py` checks that the committed file is this script's output.
+*sample rules* (`bkfx.rules.sample.sample_rules()`: how an op maps the sample dimension, which
+proves it does not mix samples, registered by the same family modules). `tests/test_docs.py` checks that the committed file is this script's output.
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ Generated from the registered rules by `python docs/gen_ops_table.py`; do not ed
 
 bkfx knows an ATen op through two kinds of rule:
 
-- a **sample rule** (`passes/sample_dim.py`) proves how the op maps the sample dimension, the way
-  a `torch.func.vmap` batching rule does. A sample-dependent op without one is checked at capture
-  by the numerical probe (every sample perturbed in turn, every other sample's output must stay
-  bit-identical) and refused if it mixes samples; `dp_model.probed_operations` lists such ops.
+- a **sample rule** (in the family file of the op under `bkfx/rules/`, applied by
+  `passes/sample_dim.py`) proves how the op maps the sample dimension, the way a `torch.func.vmap`
+  batching rule does. A sample-dependent op without one is checked at capture by the numerical
+  probe (every sample perturbed in turn, every other sample's output must stay bit-identical)
+  and refused if it mixes samples; `dp_model.probed_operations` lists such ops.
 - a **gradient rule** (`bkfx/rules/`) gives, for an op with a trainable parameter among its
   operands, that parameter's per-sample gradient as factors (ghost or explicit norms, chosen by
   the cost model) or as an explicit per-sample gradient. A parametric op without one (or whose
@@ -40,7 +41,7 @@ Op names are those of `bkfx._ir.node.target_name` (`aten.addmm.default` is `addm
 
 def _gradient_rules() -> list[str]:
     from bkfx import rules
-    from passes import sample_dim
+    from bkfx.rules.sample import sample_rules
 
     lines = [
         "## Gradient rules (`bkfx/rules/`)",
@@ -50,19 +51,27 @@ def _gradient_rules() -> list[str]:
     ]
     for op, rule in sorted(rules.registered().items()):
         module = rule.spec.__module__.rsplit(".", 1)[-1]
-        lines.append(f"| `{op}` | `{rule.name}` | `bkfx/rules/{module}.py` | {_sample_rule_of(op, sample_dim)} |")
+        lines.append(f"| `{op}` | `{rule.name}` | `bkfx/rules/{module}.py` | {_sample_rule_of(op, sample_rules())} |")
     lines += ["", f"Any other parametric op: `{rules.FALLBACK.name}` (`bkfx/rules/fallback.py`).", ""]
     return lines
 
 
-def _sample_rule_of(op: str, sample_dim) -> str:
-    if op in sample_dim._RULES:
-        return f"`{sample_dim._RULES[op].__name__.lstrip('_')}`"
-    if op in sample_dim._LAYOUT_RULES:
-        return f"`{sample_dim._LAYOUT_RULES[op].__name__.lstrip('_')}` (layout rule)"
-    if op in sample_dim._ELEMENTWISE or _pointwise(op):
+def _sample_rule_of(op: str, registered: dict) -> str:
+    from bkfx.rules.sample import ELEMENTWISE, LAYOUT, MAP
+
+    rule = registered.get(op)
+    if rule is not None and rule.kind == MAP:
+        return f"`{rule.name}`"
+    if rule is not None and rule.kind == LAYOUT:
+        return f"`{rule.name}` (layout rule)"
+    if (rule is not None and rule.kind == ELEMENTWISE) or _pointwise(op):
         return "elementwise"
     return "none: probed at capture"
+
+
+def _file(rule) -> str:
+    """The family module that registered a sample rule, as a path."""
+    return f"`{rule.module.replace('.', '/')}.py`"
 
 
 def _pointwise(op: str) -> bool:
@@ -80,32 +89,36 @@ def _ops(names) -> str:
 
 
 def _sample_rules() -> list[str]:
-    from passes import sample_dim
+    from bkfx.rules.sample import ELEMENTWISE, LAYOUT, MAP, RESHAPE, VALUE_FREE, sample_rules
 
-    by_rule: dict[str, set] = {}
-    for op, fn in sample_dim._RULES.items():
-        by_rule.setdefault(fn.__name__.lstrip("_"), set()).add(op)
-    layout: dict[str, set] = {}
-    for op, fn in sample_dim._LAYOUT_RULES.items():
-        layout.setdefault(fn.__name__.lstrip("_"), set()).add(op)
+    by_kind: dict[str, dict] = {}  # kind -> (rule name, family file) -> ops
+    for op, rule in sample_rules().items():
+        by_kind.setdefault(rule.kind, {}).setdefault((rule.name, _file(rule)), set()).add(op)
+
+    def listed(kind: str) -> str:
+        return "; ".join(f"{_ops(ops)} ({file})" for (_, file), ops in sorted(by_kind[kind].items()))
+
+    maps = by_kind[MAP]
     lines = [
-        "## Sample rules (`passes/sample_dim.py`)",
+        "## Sample rules (`bkfx/rules/`)",
         "",
-        f"{sum(map(len, by_rule.values()))} ops with a dimension map, grouped by rule; besides them:",
+        "Registered in `bkfx/rules/sample.py` by the module of each op's family (its *family file*) and",
+        "applied by `passes/sample_dim.py`. "
+        f"{sum(map(len, maps.values()))} ops with a dimension map, grouped by rule; besides them:",
         "",
         "- **elementwise and broadcast**: every op tagged `torch.Tag.pointwise`, and these without the tag: "
-        + _ops(sample_dim._ELEMENTWISE) + ";",
-        "- **reshapes**, the sample dimension followed by its stride: " + _ops(sample_dim._RESHAPES) + ";",
+        + listed(ELEMENTWISE) + ";",
+        "- **reshapes**, the sample dimension followed by its stride: " + listed(RESHAPE) + ";",
         "- **value-free** ops (their value depends on shapes, dtypes and devices only, never on a sample): "
-        + _ops(sample_dim._VALUE_FREE) + ";",
+        + listed(VALUE_FREE) + ";",
         "- **layout rules**, for ops with several outputs that hold samples in different places: "
-        + "; ".join(f"`{name}`: {_ops(ops)}" for name, ops in sorted(layout.items())) + ".",
+        + "; ".join(f"`{name}`: {_ops(ops)} ({file})" for (name, file), ops in sorted(by_kind[LAYOUT].items())) + ".",
         "",
-        "| sample rule | ATen ops |",
-        "|---|---|",
+        "| sample rule | family file | ATen ops |",
+        "|---|---|---|",
     ]
-    for name, ops in sorted(by_rule.items()):
-        lines.append(f"| `{name}` | {_ops(ops)} |")
+    for (name, file), ops in sorted(maps.items()):
+        lines.append(f"| `{name}` | {file} | {_ops(ops)} |")
     lines.append("")
     return lines
 

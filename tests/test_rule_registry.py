@@ -4,16 +4,33 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import pytest
 import sympy
 
 import bkfx.rules
+import bkfx.rules.sample as sample
 from bkfx.rules import FALLBACK, RuleClass, explicit_spec, factored_spec, lookup, registered
+from bkfx.rules.sample import sample_rules
+
+
+# modules of bkfx/rules that register no rule: the fallback and the code the rules share
+SHARED = {"bkfx.rules.fallback", "bkfx.rules.factors", "bkfx.rules.precision", "bkfx.rules.sample"}
 
 
 def test_every_rule_module_registers_a_rule():
-    registering = {r.spec.__module__ for r in registered().values()}
+    # a gradient rule or a sample rule: a family module may hold either kind, or both
+    registering = {r.spec.__module__ for r in registered().values()} | {r.module for r in sample_rules().values()}
     modules = {f"bkfx.rules.{m.name}" for m in pkgutil.iter_modules(bkfx.rules.__path__)}
-    assert modules - registering == {FALLBACK.spec.__module__}
+    assert FALLBACK.spec.__module__ in SHARED
+    assert modules - registering == SHARED
+
+
+def test_a_sample_rule_is_registered_once(monkeypatch):
+    # two family modules claiming one op would leave the choice to the import order
+    monkeypatch.setattr(sample, "_SAMPLE_RULES", dict(sample._SAMPLE_RULES))
+    with pytest.raises(ValueError, match="transpose is registered twice"):
+        sample.sample_rule("transpose")(lambda node: [])
+    assert sample.find_sample_rule("transpose").module == "bkfx.rules.shape"
 
 
 def test_rule_classes_are_registered():

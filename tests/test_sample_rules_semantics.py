@@ -1,10 +1,10 @@
 """Every registered sample rule, checked against its op's semantics.
 
 A rule is a claim: "this op keeps samples apart, and sample i of the output lies at this
-layout". For every op name in the registry of `passes.sample_dim` (sample rules and layout
-rules), a generator draws shapes and arguments; the op is put in a one-node graph whose
-batched inputs share a symbolic batch size B (as a capture makes them), and the analysis
-runs on it. A refusal is always allowed. An accepted op must equal, at the claimed output
+layout". For every op name in the sample-rule registry (`bkfx.rules.sample`: the dimension
+maps and layout rules that the family modules of `bkfx/rules/` register), a generator draws
+shapes and arguments; the op is put in a one-node graph whose batched inputs share a symbolic
+batch size B (as a capture makes them), and the analysis runs on it. A refusal is always allowed. An accepted op must equal, at the claimed output
 layout, the op run on each sample alone (a batch of one):
 `batch_first(op(x), layout)[i] == batch_first(op(x[i:i+1]), layout)[0]` for every i.
 A registered name without a generator fails the test, so a new rule comes with its check.
@@ -22,10 +22,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, GraphModule
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+import bkfx.rules.sample as sample
 import passes.sample_dim as sd
 from bkfx.errors import SampleMixingError
 from bkfx._ir.layout import SampleLayout, batch_first
 from bkfx._ir.meta import META_BATCH, META_BATCH_DIMS, META_LAYOUT, META_PROBE
+from bkfx.rules.sample import LAYOUT, MAP, identity, layout_rule, ndim, sample_rule, sample_rules, works_along
 
 aten = torch.ops.aten
 f64 = torch.float64
@@ -874,16 +876,41 @@ NOT_ATEN = {"lp_pool1d", "lp_pool2d", "lp_pool3d", "unique"}
 
 
 def registered() -> list[str]:
-    return sorted(set(sd._RULES) | set(sd._LAYOUT_RULES))
+    """The ops whose sample rule makes a claim to check: dimension maps and layout rules."""
+    return sorted(op for op, r in sample_rules().items() if r.kind in (MAP, LAYOUT))
+
+
+def missing_generators() -> list[str]:
+    return [name for name in registered() if name not in GENERATORS and name not in DEVICE_ONLY and name not in NOT_ATEN]
 
 
 def test_every_registered_rule_has_a_generator():
     assert not any(hasattr(aten, name) for name in NOT_ATEN), "an op of NOT_ATEN is an ATen op now: give it a generator"
-    missing = [name for name in registered() if name not in GENERATORS and name not in DEVICE_ONLY and name not in NOT_ATEN]
+    missing = missing_generators()
     assert not missing, f"sample rules without a semantics generator in this file: {missing}"
+    rules = sample_rules()
     for name, twin in DEVICE_ONLY.items():
-        table = sd._RULES if name in sd._RULES else sd._LAYOUT_RULES
-        assert table[name] is table[twin], f"{name} has its own rule; give it a generator"
+        assert rules[name].fn is rules[twin].fn, f"{name} has its own rule; give it a generator"
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the sample-rule registry, for rules registered or replaced by a test, dropped after it."""
+    copy = dict(sample._SAMPLE_RULES)
+    monkeypatch.setattr(sample, "_SAMPLE_RULES", copy)
+    return copy
+
+
+def test_a_rule_without_a_generator_fails_the_check(registry):
+    @sample_rule("bkfx_op_without_generator")
+    def _new(node):
+        return [(node.args[0], identity)]
+
+    @layout_rule("bkfx_layout_op_without_generator")
+    def _new_layout(node, shapes, batch):
+        return [None for _ in shapes]
+
+    assert missing_generators() == ["bkfx_layout_op_without_generator", "bkfx_op_without_generator"]
 
 
 @pytest.mark.parametrize("name", [n for n in registered() if n in GENERATORS])
@@ -895,19 +922,18 @@ def test_each_rule_holds_on_its_op(name, data, batch):
     check_claim(op, args, kwargs)
 
 
-def test_the_semantics_check_catches_the_old_renorm_and_pad_rules():
-    old_renorm = sd._RULES["renorm"]
-    old_pad = sd._RULES["pad"]
-    try:
-        # the old claims: renorm "works along dim"; pad "keeps every sample in place"
-        sd._RULES["renorm"] = lambda node: [(node.args[0], sd._except(node.args[2], rank=sd._rank(node.args[0])))]
-        sd._RULES["pad"] = lambda node: [(node.args[0], sd._identity)]
-        with pytest.raises(AssertionError):
-            check_claim(aten.renorm.default, (Batched(torch.randn(4, 3, dtype=f64)), 2.0, 1, 0.5))
-        with pytest.raises(AssertionError):
-            check_claim(aten.pad.default, (Batched(torch.randn(4, 3, dtype=f64)), [0, 0, -1, 1], "constant", 0.0))
-    finally:
-        sd._RULES["renorm"], sd._RULES["pad"] = old_renorm, old_pad
-    assert check_claim(aten.renorm.default, (Batched(torch.randn(4, 3, dtype=f64)), 2.0, 1, 0.5)) == "refused"
+def test_the_semantics_check_catches_the_old_renorm_and_pad_rules(registry):
+    renorm = (aten.renorm.default, (Batched(torch.randn(4, 3, dtype=f64)), 2.0, 1, 0.5))
+    pad = (aten.pad.default, (Batched(torch.randn(4, 3, dtype=f64)), [0, 0, -1, 1], "constant", 0.0))
+    # the old claims: renorm "works along dim"; pad "keeps every sample in place"
+    old_renorm, old_pad = registry.pop("renorm"), registry.pop("pad")
+    sample_rule("renorm")(lambda node: [(node.args[0], works_along(node.args[2], rank=ndim(node.args[0])))])
+    sample_rule("pad")(lambda node: [(node.args[0], identity)])
+    with pytest.raises(AssertionError):
+        check_claim(*renorm)
+    with pytest.raises(AssertionError):
+        check_claim(*pad)
+    registry["renorm"], registry["pad"] = old_renorm, old_pad
+    assert check_claim(*renorm) == "refused"
     assert check_claim(aten.renorm.default, (Batched(torch.randn(4, 3, dtype=f64)), 2.0, 0, 0.5)) == "accepted"
-    assert check_claim(aten.pad.default, (Batched(torch.randn(4, 3, dtype=f64)), [0, 0, -1, 1], "constant", 0.0)) == "refused"
+    assert check_claim(*pad) == "refused"

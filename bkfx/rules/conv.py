@@ -14,11 +14,13 @@ import math
 import sympy
 import torch
 import torch.nn.functional as F
+from torch.fx import Node
 
 from bkfx.rules.factors import Dense, Explicit, Factored
 from bkfx.rules.precision import accumulation_dtype
 from bkfx._ir.node import bind, shape_of
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule
+from bkfx.rules.sample import ndim, sample_rule
 
 __all__ = ["unfold", "Conv"]
 
@@ -96,3 +98,23 @@ class Conv:
             L[:, j, :, j * per_out : (j + 1) * per_out] = g[:, :, j * per_out : (j + 1) * per_out]
         R = U.reshape(B, T, groups, per_in).transpose(1, 2)
         return Factored(Dense(L.reshape(B, groups * T, c_out)), Dense(R.reshape(B, groups * T, per_in)))
+
+
+# ---- sample rules: how these ops map the sample dimension (bkfx/rules/sample.py) ------------------
+
+# Convolutions work along channels and space; an unbatched input (no batch dimension) has none.
+
+
+_CONVS = {"convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+          "conv_transpose3d", "cudnn_convolution", "mkldnn_convolution"}
+
+
+@sample_rule(*_CONVS)
+def _conv(node):
+    x, w = node.args[:2]
+    bias = node.args[2] if len(node.args) > 2 else None
+    batched = ndim(x) == ndim(w)  # an unbatched input has no batch dimension: its dim 0 is channels
+    out = [(x, {0: 0}.get if batched else (lambda k: None)), (w, lambda k: None)]
+    if isinstance(bias, Node):
+        out.append((bias, lambda k: None))
+    return out

@@ -10,6 +10,7 @@ from bkfx.rules.factors import Explicit
 from bkfx._ir.node import shape_of
 from bkfx._ir.plan import get_path
 from bkfx.rules import explicit_spec, rule, sum_to
+from bkfx.rules.sample import elementwise_ops
 
 __all__ = ["Add", "Sub", "Mul", "Expand"]
 
@@ -62,3 +63,19 @@ class Expand:
 
     def piece(call, path):
         return _explicit(call, path, call.g)
+
+
+# ---- sample rules: how these ops map the sample dimension (bkfx/rules/sample.py) ------------------
+
+# Elementwise ops broadcast their inputs; those tagged torch.Tag.pointwise need no entry.
+
+
+# elementwise ops without the pointwise tag
+elementwise_ops(
+    "clone", "_to_copy", "to", "detach", "alias", "contiguous", "lift_fresh_copy", "dropout",
+    "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "__and__", "__or__", "__xor__",
+    "__lshift__", "__rshift__", "masked_fill", "copy", "fill", "hardswish", "hardsigmoid", "tril", "triu",
+    "_native_batch_norm_legit_no_training", "positive", "real", "imag",
+    "_conj", "resolve_conj", "resolve_neg", "where",
+    module=__name__,
+)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 
-from bkfx.errors import UnsupportedOperationError, node_error
+from bkfx.errors import SampleMixingError, UnsupportedOperationError, node_error
 from bkfx.rules.factors import Dense, Factored, OneHot
 from bkfx._ir.layout import batch_first
 from bkfx._ir.node import arguments, shape_of
 from bkfx.rules import numel, one_hot_spec, rows, rule
+from bkfx.rules.sample import identity, sample_rule
 
 __all__ = ["refuse_scale_grad_by_freq", "Embedding", "IndexSelect"]
 
@@ -71,3 +72,26 @@ class IndexSelect:
         flat = batch_first(ids, call.layouts[(2,)]).reshape(call.batch, -1)
         g = batch_first(call.g, call.out_layout).reshape(call.batch, -1, d)
         return Factored(OneHot(flat, weight.shape[0]), Dense(g))
+
+
+# ---- sample rules: how these ops map the sample dimension (bkfx/rules/sample.py) ------------------
+
+# Each sample looks up its own ids in a table that is not per-sample.
+
+
+@sample_rule("embedding")
+def _embedding(node):
+    weight, indices = node.args[:2]
+    return [(weight, lambda j: None), (indices, identity)]
+
+
+@sample_rule("embedding_renorm", refuses=True)
+def _embedding_renorm(node):
+    raise node_error(
+        SampleMixingError, node,
+        "nn.Embedding(max_norm=...) renormalises, in place and during the forward pass, the weight rows of the ids in "
+        "the batch: an update of the parameters that depends on the private batch and gets no noise (it reveals "
+        "which ids occurred)",
+        "drop max_norm, or renormalise the embedding weight yourself after each optimizer step (e.g. with "
+        "torch.renorm_ under torch.no_grad()), which uses only the noised parameters",
+    )

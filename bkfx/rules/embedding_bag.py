@@ -17,10 +17,17 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch.fx import Node
+
+from bkfx.errors import SampleMixingError, node_error
 from bkfx.rules.factors import Dense, Factored, OneHot
-from bkfx._ir.node import arguments, bind, shape_of
+from bkfx._ir.layout import SampleLayout
+from bkfx._ir.meta import META_DEPENDENT, META_LAYOUT
+from bkfx._ir.node import arguments, bind, op_name, shape_of, sym
 from bkfx.rules import numel, one_hot_spec, rule
 from bkfx.rules.embedding import refuse_scale_grad_by_freq
+from bkfx.rules.sample import expect_layouts, layout_rule
 
 __all__ = ["SUM", "MEAN", "MAX", "EmbeddingBag"]
 
@@ -67,3 +74,61 @@ class EmbeddingBag:
             s = s / n.clamp_min(1)[:, None]  # an empty bag's output is zero: so is its gradient
         return Factored(OneHot(ids, weight.shape[0], mask), Dense(s[:, :, None] * g[:, None, :]))
 
+
+# ---- sample rules: how these ops map the sample dimension (bkfx/rules/sample.py) ------------------
+
+# A layout rule: the bags are the samples when each sample's ids lie together.
+
+
+@layout_rule("embedding_bag", "_embedding_bag")
+def _embedding_bag(node, shapes, batch):
+    """`embedding_bag(W, ids, offsets, ...)`: bag k holds the flat ids from `offsets[k]` to the next
+    offset. Bags are samples when each sample's T ids lie contiguously in `ids` (`[B*T]`, as
+    nn.EmbeddingBag flattens a `[B, T]` input; per_sample_weights alike) and offsets is
+    `arange(0, ·, T)` (bag i starts at i*T). Outputs of the bags' size are per sample; outputs of
+    the ids' size (offset2bag) keep the ids' layout."""
+    args = arguments(node)
+    weight, ids, offsets = args["weight"], args["indices"], args["offsets"]
+    weights = args.get("per_sample_weights")
+    if weight.meta.get(META_DEPENDENT):
+        raise node_error(
+            SampleMixingError, node, "the embedding table is computed from samples, so one sample's rows are read by all",
+            "index a table that does not depend on the batch",
+        )
+    lo = ids.meta.get(META_LAYOUT)
+    wlo = weights.meta.get(META_LAYOUT) if isinstance(weights, Node) else None
+    step = _arange_step(offsets, batch)
+    T = lo.after if isinstance(lo, SampleLayout) else None
+    if (
+        not isinstance(lo, SampleLayout) or lo.dim != 0 or lo.before != 1 or step is None or step != T
+        or args.get("include_last_offset") or offsets.meta.get(META_DEPENDENT)
+        or (isinstance(weights, Node) and weights.meta.get(META_DEPENDENT) and wlo != lo)
+    ):
+        raise node_error(
+            SampleMixingError, node,
+            "the bags of this embedding bag are not the samples: bkfx splits them per sample only when the ids are a "
+            "[B, T] batch (flattened by nn.EmbeddingBag, with offsets arange(0, B*T, T)), not flat ids with offsets "
+            "from the data",
+            "pass the ids as a [B, T] tensor (pad bags of different lengths with padding_idx), per_sample_weights "
+            "of the same shape, and no offsets",
+        )
+    expected = []
+    for shape in shapes:
+        dims = [i for i, s in enumerate(shape or []) if s.has(batch)]
+        d = dims[0] if dims else None
+        expected.append(None if d is None else SampleLayout(d) if shape[d] == batch else SampleLayout(d, 1, T))
+    return expect_layouts(node, shapes, expected, batch)
+
+
+def _arange_step(node, batch) -> int | None:
+    """T when `node` is `arange(0, end, T)` with B entries (an offset every T ids), else None."""
+    if not isinstance(node, Node) or op_name(node) != "arange" or shape_of(node) != [batch]:
+        return None
+    if node.target is torch.ops.aten.arange.default:
+        return 1
+    args = arguments(node)
+    if args.get("start", 0) != 0:
+        return None
+    step = args.get("step", 1)
+    step = step.meta.get("val") if isinstance(step, Node) else step
+    return int(step) if isinstance(step, int) or (isinstance(step, torch.SymInt) and sym(step).is_Integer) else None

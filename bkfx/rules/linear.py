@@ -11,11 +11,13 @@ gradient is `g` summed over each sample's other dimensions (explicit).
 from __future__ import annotations
 
 import torch
+from torch.fx import Node
 
 from bkfx.rules.factors import Dense, Explicit, Factored
-from bkfx._ir.node import shape_of
+from bkfx._ir.node import op_name, shape_of
 from bkfx._ir.plan import get_path
 from bkfx.rules import factored_spec, explicit_spec, numel, rows, rule, sum_to
+from bkfx.rules.sample import aligned, ndim, out_ndim, sample_rule, works_along
 
 __all__ = ["Linear", "MatMul", "AddMM", "Einsum"]
 
@@ -141,3 +143,121 @@ def _einsum_letters(equation: str, n: int):
     lhs, out = eq.split("->")
     ins = lhs.split(",")
     return (ins, out) if len(ins) == n else None
+
+
+# ---- sample rules: how these ops map the sample dimension (bkfx/rules/sample.py) ------------------
+
+# Contractions map the free dimensions of each operand and contract the others.
+
+
+@sample_rule("mm")
+def _mm(node):
+    a, b = node.args[:2]
+    return [(a, {0: 0}.get), (b, {1: 1}.get)]
+
+
+@sample_rule("addmm")
+def _addmm(node):
+    bias, a, b = node.args[:3]
+    out = [(a, {0: 0}.get), (b, {1: 1}.get)]
+    if isinstance(bias, Node):
+        out.append((bias, aligned(ndim(bias), 2)))
+    return out
+
+
+@sample_rule("bmm")
+def _bmm(node):
+    a, b = node.args[:2]
+    return [(a, {0: 0, 1: 1}.get), (b, {0: 0, 2: 2}.get)]
+
+
+@sample_rule("baddbmm")
+def _baddbmm(node):
+    c, a, b = node.args[:3]
+    out = [(a, {0: 0, 1: 1}.get), (b, {0: 0, 2: 2}.get)]
+    if isinstance(c, Node):
+        out.append((c, aligned(ndim(c), 3)))
+    return out
+
+
+@sample_rule("mv", "addmv", "dot", "vdot", "outer", "ger")
+def _vector_products(node):
+    name = op_name(node)
+    tensors = [a for a in node.args if isinstance(a, Node)]
+    if name in ("dot", "vdot"):
+        return [(t, lambda k: None) for t in tensors]
+    if name in ("outer", "ger"):
+        return [(tensors[0], {0: 0}.get), (tensors[1], {0: 1}.get)]
+    if name == "mv":
+        return [(tensors[0], {0: 0}.get), (tensors[1], lambda k: None)]
+    c, m, v = tensors  # addmv
+    return [(c, aligned(ndim(c), 1)), (m, {0: 0}.get), (v, lambda k: None)]
+
+
+@sample_rule("matmul")
+def _matmul(node):
+    a, b = node.args[:2]
+    ra, rb, r = ndim(a), ndim(b), out_ndim(node)
+
+    def left(k):
+        if k == ra - 1:
+            return None  # contracted
+        if ra >= 2 and k == ra - 2:
+            return r - 2 if rb >= 2 else r - 1
+        return k + (r - (2 if rb >= 2 else 1)) - (ra - 2)  # batch dimensions, right-aligned
+
+    def right(k):
+        if rb == 1 or k == rb - 2:
+            return None
+        if k == rb - 1:
+            return r - 1
+        return k + (r - 2) - (rb - 2)
+
+    return [(a, left), (b, right)]
+
+
+@sample_rule("linear")
+def _linear(node):
+    x, w = node.args[:2]
+    bias = node.args[2] if len(node.args) > 2 else None
+    r = out_ndim(node)
+    out = [(x, works_along(-1, rank=ndim(x))), (w, {0: r - 1}.get if ndim(w) == 2 else (lambda k: None))]
+    if isinstance(bias, Node):
+        out.append((bias, aligned(ndim(bias), r)))
+    return out
+
+
+@sample_rule("einsum")
+def _einsum(node):
+    equation, operands = node.args[0], node.args[1]
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        letters = "".join(terms).replace("...", "")
+        rhs = ("..." if any("..." in t for t in terms) else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    out_rank = out_ndim(node)
+    out_ell = out_rank - len(rhs.replace("...", ""))
+    out = []
+    for term, operand in zip(terms, operands):
+        if not isinstance(operand, Node):
+            continue
+        rank = ndim(operand)
+        labels = _einsum_labels(term, rank)
+        out_labels = _einsum_labels(rhs, out_rank)
+        where = {}
+        for k, label in enumerate(labels):
+            if isinstance(label, int):  # an ellipsis dimension, counted from the right
+                j = out_rank - len(rhs.split("...")[1]) - (rank - len(term.split("...")[1]) - k) if "..." in rhs else None
+                where[k] = j if j is not None and out_ell > 0 else None
+            else:
+                where[k] = out_labels.index(label) if label in out_labels else None
+        out.append((operand, where.get))
+    return out
+
+
+def _einsum_labels(term: str, rank: int) -> list:
+    if "..." not in term:
+        return list(term)
+    head, tail = term.split("...")
+    n = rank - len(head) - len(tail)
+    return list(head) + list(range(n)) + list(tail)

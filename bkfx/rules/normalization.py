@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bkfx.errors import SampleMixingError, node_error
 from bkfx.rules.factors import Explicit
 from bkfx.rules.precision import accumulation_dtype
-from bkfx._ir.node import bind, shape_of
+from bkfx._ir.node import arguments, bind, op_name, shape_of
 from bkfx.rules import explicit_spec, rows, rule, sum_to
+from bkfx.rules.sample import identity, ndim, sample_rule, tensor_inputs
 
 __all__ = ["LayerNorm", "GroupNorm", "InstanceNorm", "BatchNormEval", "RMSNorm"]
 
@@ -111,3 +113,43 @@ class RMSNorm:
         eps = call.args[3] if len(call.args) > 3 else call.kwargs.get("eps")
         xhat = F.rms_norm(x, shape, None, eps)
         return Explicit(sum_to(call.g * xhat, call.out_layout, call.args[2].shape))
+
+
+# ---- sample rules: how these ops map the sample dimension (bkfx/rules/sample.py) ------------------
+
+# A norm works along the dimensions it normalises, which must not hold the samples.
+
+
+@sample_rule("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
+def _trailing_norm(node):
+    x = node.args[0]
+    rank = ndim(x)
+    k = len(arguments(node).get("normalized_shape", ()))
+    others = [n for n in tensor_inputs(node) if n is not x]  # weight, bias: parameters, aligned to the end
+    return [(x, lambda j: None if j >= rank - k else j)] + [(n, lambda j: None) for n in others]
+
+
+@sample_rule("group_norm", "native_group_norm", "instance_norm")
+def _per_sample_norm(node):
+    x = node.args[0]
+    rank = ndim(x)
+    keep = {0} if op_name(node) != "instance_norm" else {0, 1}
+    others = [n for n in tensor_inputs(node) if n is not x]
+    return [(x, lambda j: j if j in keep and rank > 1 else None)] + [(n, lambda j: None) for n in others]
+
+
+_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                "cudnn_batch_norm", "miopen_batch_norm", "_batch_norm_with_update", "_batch_norm_impl_index"}
+
+
+@sample_rule(*_BATCH_NORMS, refuses=True)
+def _batch_norm(node):
+    if arguments(node).get("training", True) or op_name(node) == "_batch_norm_with_update":
+        raise node_error(
+            SampleMixingError, node,
+            "batch normalisation in training mode normalises with statistics of the whole batch, which mixes samples",
+            "use GroupNorm (bkfx.replace_batchnorm(model) swaps every BatchNorm for a GroupNorm in place), "
+            "or put the BatchNorm layers in eval mode",
+        )
+    x = node.args[0]
+    return [(x, identity)] + [(n, lambda j: None) for n in tensor_inputs(node) if n is not x]
