@@ -51,7 +51,6 @@ LAYERS = {
 EXCEPTIONS = {
     ("passes", "bkfx"): "package bootstrap: `import bkfx` first, so that a pass imported on its own does not "
                         "find itself half-initialised inside bkfx/__init__ -> dpmodel -> passes; no name is used",
-    ("bkfx.rules", "bkfx.rules.fallback"): "the registry imports its rule modules after defining what they use",
 }
 
 

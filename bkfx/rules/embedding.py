@@ -13,7 +13,7 @@ from bkfx.errors import SampleMixingError, UnsupportedOperationError, node_error
 from bkfx.rules.factors import Dense, Factored, OneHot
 from bkfx._ir.layout import batch_first
 from bkfx._ir.node import arguments, shape_of
-from bkfx.rules import numel, one_hot_spec, rows, rule
+from bkfx.rules.registry import numel, one_hot_spec, rows, rule
 from bkfx.rules.sample import identity, sample_rule
 
 __all__ = ["refuse_scale_grad_by_freq", "Embedding", "IndexSelect"]

@@ -27,7 +27,7 @@ from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.rules.factors import Explicit
 from bkfx._ir.node import arguments, shape_of
 from bkfx._ir.plan import get_path, set_path
-from bkfx.rules import explicit_spec
+from bkfx.rules.registry import explicit_spec
 
 __all__ = ["Fallback"]
 

@@ -13,7 +13,7 @@ from bkfx.errors import SampleMixingError, node_error
 from bkfx.rules.factors import Explicit
 from bkfx.rules.precision import accumulation_dtype
 from bkfx._ir.node import arguments, bind, op_name, shape_of
-from bkfx.rules import explicit_spec, rows, rule, sum_to
+from bkfx.rules.registry import explicit_spec, rows, rule, sum_to
 from bkfx.rules.sample import identity, ndim, sample_rule, tensor_inputs
 
 __all__ = ["LayerNorm", "GroupNorm", "InstanceNorm", "BatchNormEval", "RMSNorm"]
