@@ -38,3 +38,8 @@ def device(request) -> str:
     (so a GPU machine runs them on both, a CPU-only CI only on the CPU; the CUDA runs carry the
     `gpu` marker)."""
     return request.param
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n 2` (README's test command): one process per core, so one intra-op thread each
+    torch.set_num_threads(1)
