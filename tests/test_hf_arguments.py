@@ -106,8 +106,11 @@ def test_seed_is_the_deprecated_name_of_dp_seed():
     with pytest.warns(DeprecationWarning, match="dp_seed"):
         args = PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, seed=4)
     assert args.dp_seed == 4 and args == PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, dp_seed=4)
+    with pytest.warns(DeprecationWarning, match="dp_seed"):
+        assert args.seed == 4
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
         PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, seed=4, dp_seed=5)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # dp_seed alone does not warn
-        PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, dp_seed=4)
+        warnings.simplefilter("error")  # dp_seed alone does not warn, and seed is no field: replace() ignores it
+        renewed = dataclasses.replace(PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, dp_seed=4), dp_seed=5)
+    assert renewed.dp_seed == 5

@@ -48,13 +48,14 @@ loss is not privatised either (as in Opacus); it is for monitoring.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
 import math
 import os
 import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
@@ -147,15 +148,8 @@ class PrivacyArguments:
     adaptive_clipping: AdaptiveClipping | str | None = field(default=None, **_help(
         "adaptive clipping (bkfx.AdaptiveClipping) as a JSON object of its fields, e.g. "
         "'{\"count_noise_multiplier\": 10, \"target_unclipped_quantile\": 0.5}'"))
-    seed: InitVar[int | None] = None  # deprecated name of dp_seed
 
-    def __post_init__(self, seed: int | None):
-        if seed is not None:
-            warnings.warn("PrivacyArguments(seed=) is renamed dp_seed= (seed clashes with TrainingArguments.seed "
-                          "in HfArgumentParser)", DeprecationWarning, stacklevel=3)
-            if self.dp_seed is not None and self.dp_seed != seed:
-                raise ValueError(f"seed={seed} and dp_seed={self.dp_seed} disagree: pass only dp_seed=")
-            self.dp_seed = seed
+    def __post_init__(self):
         if not 0 < self.target_delta < 1:
             raise ValueError(f"target_delta must be in (0, 1), got {self.target_delta}")
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -188,6 +182,30 @@ class PrivacyArguments:
         if reserved:
             raise ValueError(f"compile_options cannot set {sorted(reserved)}: they are fields of PrivacyArguments "
                              "(the loss is always summed over samples)")
+
+
+# `seed` is dp_seed's former name, kept as a deprecated keyword and attribute outside the dataclass's
+# fields: as a field it would clash with TrainingArguments.seed in HfArgumentParser.
+def _accepting_seed(init: Callable) -> Callable:
+    @functools.wraps(init)
+    def __init__(self, *args, seed: int | None = None, **kwargs):
+        if seed is not None:
+            warnings.warn("PrivacyArguments(seed=) is renamed dp_seed= (seed clashes with TrainingArguments.seed "
+                          "in HfArgumentParser)", DeprecationWarning, stacklevel=2)
+            if kwargs.get("dp_seed") not in (None, seed):
+                raise ValueError(f"seed={seed} and dp_seed={kwargs['dp_seed']} disagree: pass only dp_seed=")
+            kwargs["dp_seed"] = seed
+        init(self, *args, **kwargs)
+    return __init__
+
+
+def _deprecated_seed(self) -> int | None:
+    warnings.warn("PrivacyArguments.seed is renamed dp_seed", DeprecationWarning, stacklevel=2)
+    return self.dp_seed
+
+
+PrivacyArguments.__init__ = _accepting_seed(PrivacyArguments.__init__)
+PrivacyArguments.seed = property(_deprecated_seed)
 
 
 def _json_object(name: str, value) -> dict | None:
@@ -358,8 +376,8 @@ class PrivacyCallback(TrainerCallback):
                 )
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.max_epsilon is None:
-            return
+        if self.max_epsilon is None or state.global_step >= state.max_steps:
+            return  # no budget, or the run ends here anyway
         following = self.epsilon_after_next_step()
         if following > self.max_epsilon:
             control.should_training_stop = True
