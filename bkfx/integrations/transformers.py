@@ -88,6 +88,7 @@ __all__ = ["DPTrainer", "PrivacyArguments", "PrivacyCallback", "per_sample_loss"
 
 
 STYLES = ("all-layer", "layer-wise", "param-wise")  # the clipping styles the command line names
+# the command line's choices are these tuples themselves: Literal[("a", "b")] is Literal["a", "b"]
 
 
 def _help(text: str, **options) -> dict:
@@ -133,13 +134,13 @@ class PrivacyArguments:
     max_epsilon: float | None = field(default=None, **_help(
         "stop training before the step that would take ε (at target_delta) above this"))
     per_sample_max_grad_norm: float = field(default=1.0, **_help("R: each sample's gradient is clipped to norm R"))
-    clipping: Literal["abadi", "automatic"] = field(default="abadi", **_help(
+    clipping: Literal[CLIPPINGS] = field(default="abadi", **_help(
         "abadi: min(1, R/‖g_i‖); automatic: R/(‖g_i‖ + gamma)"))
-    style: Literal["all-layer", "layer-wise", "param-wise"] = field(default="all-layer", **_help(
+    style: Literal[STYLES] = field(default="all-layer", **_help(
         "clip the whole gradient (all-layer), each layer's or each parameter's apart, each to norm R"))
     max_physical_batch_size: int | None = field(default=None, **_help(
         "at most this many examples per forward and backward (a logical batch is split); default the whole batch"))
-    accountant: Literal["rdp", "pld"] = field(default="rdp", **_help(
+    accountant: Literal[METHODS] = field(default="rdp", **_help(
         "the privacy accountant of the calibration and of the logged ε: rdp, or pld (tighter, slower)"))
     dp_seed: int | None = field(default=None, **_help(
         "seeds the Poisson sampling and the noise (two independent streams); default TrainingArguments' seed"))
