@@ -4,6 +4,7 @@ step, in float64; ε logged as the accountant computes it; evaluation outside th
 from __future__ import annotations
 
 import copy
+import logging
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import transformers
 
 import bkfx
 from bkfx.errors import BkfxError
-from bkfx.integrations.transformers import DPTrainer, PrivacyArguments, per_sample_loss
+from bkfx.integrations.transformers import DPTrainer, PrivacyArguments, PrivacyCallback, per_sample_loss
 
 transformers.logging.set_verbosity_error()
 
@@ -125,7 +126,7 @@ def test_each_step_equals_bkfx_and_dp_optimizer_by_hand(name, tmp_path):
         model=model, args=training_args(tmp_path, max_steps=steps), train_dataset=dataset,
         optimizers=(sgd(model), None), callbacks=[snapshots],
         privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=sigma, per_sample_max_grad_norm=R,
-                                      max_physical_batch_size=3, seed=seed),
+                                      max_physical_batch_size=3, dp_seed=seed),
     )
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
@@ -145,6 +146,7 @@ def test_each_step_equals_bkfx_and_dp_optimizer_by_hand(name, tmp_path):
     assert all(a < b for a, b in zip(eps, eps[1:]))
     for k, e in enumerate(eps, start=1):
         assert e == bkfx.epsilon(sigma, 8 / N, k, 1e-5)
+    assert all(e["delta"] == 1e-5 for e in logged)
     assert "grad_norm" not in logged[0]  # the un-noised sum's norm is not logged
     report = trainer.privacy_report()
     assert (report.steps, report.noise_multiplier, report.sample_rate) == (steps, sigma, 8 / N)
@@ -161,7 +163,7 @@ def test_physical_batches_accumulate_one_logical_batch(tmp_path):
         trainer = DPTrainer(
             model=model, args=training_args(tmp_path, max_steps=2), train_dataset=Synthetic(N, "lm", seed=2),
             privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=0.5, per_sample_max_grad_norm=0.2,
-                                          max_physical_batch_size=physical, seed=5),
+                                          max_physical_batch_size=physical, dp_seed=5),
         )
         trainer.train()
         assert trainer.dp_optimizer.steps == 2
@@ -175,7 +177,7 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tmp_path):
     model = bert_classifier()
     trainer = DPTrainer(
         model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=Synthetic(N, "cls", seed=3),
-        privacy_args=PrivacyArguments(target_delta=1e-5, target_epsilon=4.0, seed=0),
+        privacy_args=PrivacyArguments(target_delta=1e-5, target_epsilon=4.0, dp_seed=0),
     )
     q = 8 / N
     assert trainer.planned_steps == round(1 / q)
@@ -195,7 +197,7 @@ def test_evaluation_leaves_parameters_grads_and_privacy_untouched(tmp_path):
     trainer = DPTrainer(
         model=model, args=training_args(tmp_path, max_steps=1, per_device_eval_batch_size=10), train_dataset=dataset,
         eval_dataset=held_out,
-        privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, per_sample_max_grad_norm=0.5, seed=0),
+        privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, per_sample_max_grad_norm=0.5, dp_seed=0),
     )
     trainer.train()
     g = torch.Generator().manual_seed(0)
@@ -247,6 +249,52 @@ def test_refusals(tmp_path):
                   train_dataset=dataset, privacy_args=privacy)
     with pytest.raises(ValueError, match="exactly one of target_epsilon"):
         PrivacyArguments(target_delta=1e-5)
+    with pytest.raises(ValueError, match="its own PrivacyCallback"):
+        DPTrainer(model=gpt2_lm(), args=training_args(tmp_path), train_dataset=dataset, privacy_args=privacy,
+                  callbacks=[PrivacyCallback(1e-5)])
+
+
+def test_privacy_callback_logs_epsilon_and_stops_before_max_epsilon(tmp_path, caplog):
+    """σ = 2, q = 4/48, δ = 1e-5: ε after steps 1, 2, 3, 4 is 0.468, 0.515, 0.559, 0.595. With
+    max_epsilon = 0.577 training stops after step 3, before the step that would pass it (max_steps
+    allows 50); step 3 is logged although logging_steps is 2, with ε_4 as the reason."""
+    sigma, q, max_epsilon = 2.0, 4 / 48, 0.577
+    spent = {k: bkfx.epsilon(sigma, q, k, 1e-5) for k in range(1, 5)}
+    trainer = DPTrainer(
+        model=gpt2_lm(), args=training_args(tmp_path, max_steps=50, per_device_train_batch_size=4, logging_steps=2),
+        train_dataset=Synthetic(48, "lm", seed=1),
+        privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=sigma, max_epsilon=max_epsilon, dp_seed=0),
+    )
+    assert trainer.callback_handler.callbacks[0] is trainer.privacy_callback  # reporters see ε
+    with caplog.at_level(logging.WARNING, logger="bkfx.integrations.transformers"):
+        trainer.train()
+    assert trainer.state.global_step == trainer.accountant.steps == trainer.privacy_callback.stopped_at == 3
+    assert spent[3] <= max_epsilon < spent[4]
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [(e["step"], e["epsilon"], e["delta"]) for e in logged] == [(2, spent[2], 1e-5), (3, spent[3], 1e-5)]
+    assert "epsilon_next_step" not in logged[0] and logged[1]["epsilon_next_step"] == spent[4]
+    final = trainer.state.log_history[-1]
+    assert "train_loss" in final and (final["epsilon"], final["delta"]) == (spent[3], 1e-5)
+    assert max(e.get("epsilon", 0) for e in trainer.state.log_history) <= max_epsilon
+    assert "stopping after step 3" in caplog.text and "max_epsilon = 0.577" in caplog.text
+
+
+def test_privacy_callback_refuses_a_first_step_over_max_epsilon_and_a_plain_optimizer(tmp_path):
+    """The Trainer runs its first step whatever the callbacks say: a budget the first step would
+    pass is refused before it; and the callback needs a DPOptimizer with an accountant to read."""
+    trainer = DPTrainer(
+        model=gpt2_lm(), args=training_args(tmp_path, max_steps=5, per_device_train_batch_size=4),
+        train_dataset=Synthetic(48, "lm", seed=1),
+        privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=2.0, max_epsilon=0.4),  # ε_1 = 0.468
+    )
+    with pytest.raises(BkfxError, match="first step"):
+        trainer.train()
+    assert trainer.accountant.steps == 0
+    model = gpt2_lm()
+    plain = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=1),
+                                 train_dataset=Synthetic(N, "lm", seed=1), callbacks=[PrivacyCallback(1e-5)])
+    with pytest.raises(BkfxError, match="DPOptimizer"):
+        plain.train()
 
 
 def test_importing_bkfx_does_not_import_transformers():
@@ -267,7 +315,7 @@ def test_resume_from_checkpoint_continues_the_same_batches_noise_and_accounting(
             model=model, args=args, train_dataset=Synthetic(N, "lm", seed=1), optimizers=(sgd(model), None),
             callbacks=[snapshots],
             privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, per_sample_max_grad_norm=0.3,
-                                          seed=5),
+                                          dp_seed=5),
         )
         trainer.train(resume_from_checkpoint=resume)
         return trainer, snapshots.after_step
@@ -307,7 +355,7 @@ def test_torch_compile_argument_compiles_the_dp_step(tmp_path):
         trainer = DPTrainer(
             model=model, args=training_args(tmp_path, max_steps=2, **options), train_dataset=Synthetic(N, "lm", seed=2),
             privacy_args=PrivacyArguments(target_delta=1e-5, noise_multiplier=0.5, per_sample_max_grad_norm=0.2,
-                                          max_physical_batch_size=4, seed=5),
+                                          max_physical_batch_size=4, dp_seed=5),
         )
         trainer.train()
         assert (trainer.dp_model._last_program is not None) == compile_

@@ -2,12 +2,11 @@
 
     from bkfx.integrations.transformers import DPTrainer, PrivacyArguments
 
-    args = TrainingArguments("out", per_device_train_batch_size=64,     # expected logical batch size
-                             num_train_epochs=3, max_grad_norm=0, ...)  # max_grad_norm=0: see below
-    trainer = DPTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
-                        privacy_args=PrivacyArguments(target_epsilon=3.0, target_delta=1e-5,
-                                                      per_sample_max_grad_norm=1.0, max_physical_batch_size=16))
-    trainer.train()                      # logs ε with the loss
+    parser = HfArgumentParser((PrivacyArguments, TrainingArguments))   # --target_epsilon 3 --target_delta 1e-5 ...
+    privacy_args, args = parser.parse_args_into_dataclasses()           # or PrivacyArguments(...) in code
+    # TrainingArguments: per_device_train_batch_size is the expected logical batch size, max_grad_norm=0 (see below)
+    trainer = DPTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, privacy_args=privacy_args)
+    trainer.train()                      # logs ε and δ with the loss; stops before ε passes max_epsilon
     trainer.evaluate()                   # the plain model: no clipping, no noise, eval mode
     print(trainer.privacy_report())      # ε by RDP and PLD, σ, q, steps
 
@@ -15,7 +14,7 @@ What each part of DP-SGD becomes in the Trainer:
 
 - **Poisson sampling.** Each optimizer step's logical batch holds each training example with
   probability q = per_device_train_batch_size / N (`bkfx.poisson_loader`, seeded from
-  `PrivacyArguments.seed`, default `TrainingArguments.seed`); an epoch is round(1/q) steps.
+  `PrivacyArguments.dp_seed`, default `TrainingArguments.seed`); an epoch is round(1/q) steps.
   The Trainer's samplers (shuffling, `group_by_length`) are not used.
 - **Clipping.** The model is compiled with `bkfx.compile(loss_reduction="sum")` (`trainer.dp_model`;
   a peft model's base model, where its adapters live), so backward leaves the sum of clipped
@@ -30,8 +29,9 @@ What each part of DP-SGD becomes in the Trainer:
   step, the sum divided by the expected batch size q N. σ is `noise_multiplier`, or the smallest
   that keeps the planned steps (`max_steps`, or `num_train_epochs` × round(1/q)) within
   (target_epsilon, target_delta). The LR scheduler steps the wrapped optimizer's param_groups.
-- **Accounting.** Every step is recorded in `trainer.accountant`; ε at target_delta is logged
-  with the loss (`epsilon`) and `trainer.privacy_report()` prints RDP and PLD side by side.
+- **Accounting.** Every step is recorded in `trainer.accountant`; a `PrivacyCallback` logs ε at
+  target_delta with the loss (`epsilon`, `delta`) and, with `max_epsilon`, stops training before
+  the step that would take ε above it; `trainer.privacy_report()` prints RDP and PLD side by side.
 - **Checkpoints** hold the DPOptimizer's state (noise generators, accountant; `optimizer.pt`) and
   the Poisson sampler's position (`bkfx_sampler.pt`); resuming continues the sampling stream where
   it stopped (the Trainer's own batch skipping is turned off: it would resample steps already taken).
@@ -48,19 +48,24 @@ loss is not privatised either (as in Opacus); it is for monitoring.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import json
+import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from bkfx._runtime.clipping import CLIPPINGS
 from bkfx.training.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from bkfx.training.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
 from bkfx.dpmodel import compile as bkfx_compile
@@ -79,37 +84,71 @@ SAMPLER_FILE = "bkfx_sampler.pt"  # the Poisson sampler's position, beside the T
 
 IGNORE_INDEX = -100  # the label Hugging Face's token losses skip
 
-__all__ = ["DPTrainer", "PrivacyArguments", "per_sample_loss"]
+__all__ = ["DPTrainer", "PrivacyArguments", "PrivacyCallback", "per_sample_loss"]
+
+
+STYLES = ("all-layer", "layer-wise", "param-wise")  # the clipping styles the command line names
+# the command line's choices are these tuples themselves: Literal[("a", "b")] is Literal["a", "b"]
+
+
+def _help(text: str, **options) -> dict:
+    return dict(metadata={"help": text}, **options)
 
 
 @dataclass
 class PrivacyArguments:
     """The DP side of a `DPTrainer` run; the rest is `TrainingArguments`.
 
+    Every field has a type `transformers.HfArgumentParser` reads from the command line, beside
+    `TrainingArguments`:
+
+        parser = HfArgumentParser((PrivacyArguments, TrainingArguments))
+        privacy_args, training_args = parser.parse_args_into_dataclasses()
+
     target_delta: δ, for calibrating σ and for the ε that is logged and reported.
     target_epsilon | noise_multiplier: exactly one; target_epsilon calibrates σ to the planned steps.
-    per_sample_max_grad_norm, clipping, style: `bkfx.compile`'s max_grad_norm, clipping, style.
+    max_epsilon: training stops before the step that would take ε above it (`PrivacyCallback`).
+    per_sample_max_grad_norm, clipping, style: `bkfx.compile`'s max_grad_norm, clipping, style. The
+        command line names a style; in code, style may also be a list of lists of parameter names
+        or a callable from parameter name to group key, as `bkfx.compile` takes.
     max_physical_batch_size: bound on the examples per forward/backward (None: the whole logical batch).
     accountant: "rdp" or "pld", for the calibration and the logged ε.
-    seed: seeds the Poisson sampling and the noise (two independent streams, as `bkfx.make_private`);
-        None takes `TrainingArguments.seed`.
-    compile_options: more `bkfx.compile` options (norm_mode, memory_budget, batch_dim, ...).
+    dp_seed: seeds the Poisson sampling and the noise (two independent streams, as `bkfx.make_private`);
+        None takes `TrainingArguments.seed`. (`seed=` is its deprecated name: on the command line it
+        would clash with `TrainingArguments.seed`.)
+    compile_options: more `bkfx.compile` options (norm_mode, memory_budget, batch_dim, ...): a dict,
+        or on the command line a JSON object, as `TrainingArguments` takes its dict fields.
     adaptive_clipping: a `bkfx.AdaptiveClipping` (R then follows a quantile of the norms, starting at
-        per_sample_max_grad_norm); noise_multiplier is the gradient's z_Δ, and target_epsilon
-        calibrates the combined z of gradient and count (as `bkfx.make_private`).
+        per_sample_max_grad_norm), or on the command line a JSON object of its fields;
+        noise_multiplier is the gradient's z_Δ, and target_epsilon calibrates the combined z of
+        gradient and count (as `bkfx.make_private`).
     """
 
-    target_delta: float
-    target_epsilon: float | None = None
-    noise_multiplier: float | None = None
-    per_sample_max_grad_norm: float = 1.0
-    clipping: str = "abadi"
-    style: object = "all-layer"
-    max_physical_batch_size: int | None = None
-    accountant: str = "rdp"
-    seed: int | None = None
-    compile_options: dict = field(default_factory=dict)
-    adaptive_clipping: AdaptiveClipping | None = None
+    target_delta: float = field(**_help("δ of the (ε, δ) guarantee: σ is calibrated and ε is logged at this δ "
+                                        "(keep it below 1 / the number of training examples)"))
+    target_epsilon: float | None = field(default=None, **_help(
+        "ε to reach after the planned steps (max_steps, or num_train_epochs × round(1/q)): calibrates the noise "
+        "multiplier; give this or noise_multiplier"))
+    noise_multiplier: float | None = field(default=None, **_help(
+        "σ: the noise's standard deviation over the clipping threshold; give this or target_epsilon"))
+    max_epsilon: float | None = field(default=None, **_help(
+        "stop training before the step that would take ε (at target_delta) above this"))
+    per_sample_max_grad_norm: float = field(default=1.0, **_help("R: each sample's gradient is clipped to norm R"))
+    clipping: Literal[CLIPPINGS] = field(default="abadi", **_help(
+        "abadi: min(1, R/‖g_i‖); automatic: R/(‖g_i‖ + gamma)"))
+    style: Literal[STYLES] = field(default="all-layer", **_help(
+        "clip the whole gradient (all-layer), each layer's or each parameter's apart, each to norm R"))
+    max_physical_batch_size: int | None = field(default=None, **_help(
+        "at most this many examples per forward and backward (a logical batch is split); default the whole batch"))
+    accountant: Literal[METHODS] = field(default="rdp", **_help(
+        "the privacy accountant of the calibration and of the logged ε: rdp, or pld (tighter, slower)"))
+    dp_seed: int | None = field(default=None, **_help(
+        "seeds the Poisson sampling and the noise (two independent streams); default TrainingArguments' seed"))
+    compile_options: dict | str | None = field(default_factory=dict, **_help(
+        "more bkfx.compile options, as a JSON object, e.g. '{\"norm_mode\": \"ghost\"}'"))
+    adaptive_clipping: AdaptiveClipping | str | None = field(default=None, **_help(
+        "adaptive clipping (bkfx.AdaptiveClipping) as a JSON object of its fields, e.g. "
+        "'{\"count_noise_multiplier\": 10, \"target_unclipped_quantile\": 0.5}'"))
 
     def __post_init__(self):
         if not 0 < self.target_delta < 1:
@@ -118,18 +157,71 @@ class PrivacyArguments:
             raise ValueError("pass exactly one of target_epsilon= (σ is then calibrated) and noise_multiplier=")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ValueError(f"target_epsilon must be positive, got {self.target_epsilon}")
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise ValueError(f"max_epsilon must be positive, got {self.max_epsilon}")
         if self.noise_multiplier is not None:
             check_noise_multiplier(self.noise_multiplier)
         if self.max_physical_batch_size is not None:
             check_physical_batch_size(self.max_physical_batch_size)
         if self.accountant not in METHODS:
             raise ValueError(f"accountant must be one of {METHODS}, got {self.accountant!r}")
+        if self.clipping not in CLIPPINGS:
+            raise ValueError(f"clipping must be one of {CLIPPINGS}, got {self.clipping!r}")
+        if isinstance(self.style, str) and self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, a list of lists of parameter names or a callable, "
+                             f"got {self.style!r}")
+        self.compile_options = _json_object("compile_options", self.compile_options) or {}
+        if isinstance(self.adaptive_clipping, str):
+            fields = _json_object("adaptive_clipping", self.adaptive_clipping)
+            try:
+                self.adaptive_clipping = AdaptiveClipping(**fields)
+            except TypeError as e:
+                raise ValueError(f"adaptive_clipping: {e} (the fields are those of bkfx.AdaptiveClipping)") from None
         if self.adaptive_clipping is not None and not isinstance(self.adaptive_clipping, AdaptiveClipping):
             raise TypeError(f"adaptive_clipping must be a bkfx.AdaptiveClipping, got {type(self.adaptive_clipping).__name__}")
         reserved = {"max_grad_norm", "clipping", "style", "loss_reduction"} & set(self.compile_options)
         if reserved:
             raise ValueError(f"compile_options cannot set {sorted(reserved)}: they are fields of PrivacyArguments "
                              "(the loss is always summed over samples)")
+
+
+# `seed` is dp_seed's former name, kept as a deprecated keyword and attribute outside the dataclass's
+# fields: as a field it would clash with TrainingArguments.seed in HfArgumentParser.
+def _accepting_seed(init: Callable) -> Callable:
+    @functools.wraps(init)
+    def __init__(self, *args, seed: int | None = None, **kwargs):
+        if seed is not None:
+            warnings.warn("PrivacyArguments(seed=) is renamed dp_seed= (seed clashes with TrainingArguments.seed "
+                          "in HfArgumentParser)", DeprecationWarning, stacklevel=2)
+            if kwargs.get("dp_seed") not in (None, seed):
+                raise ValueError(f"seed={seed} and dp_seed={kwargs['dp_seed']} disagree: pass only dp_seed=")
+            kwargs["dp_seed"] = seed
+        init(self, *args, **kwargs)
+    return __init__
+
+
+def _deprecated_seed(self) -> int | None:
+    warnings.warn("PrivacyArguments.seed is renamed dp_seed", DeprecationWarning, stacklevel=2)
+    return self.dp_seed
+
+
+PrivacyArguments.__init__ = _accepting_seed(PrivacyArguments.__init__)
+PrivacyArguments.seed = property(_deprecated_seed)
+
+
+def _json_object(name: str, value) -> dict | None:
+    """A dict field as code passes it, or as the command line does: a JSON object."""
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a dict (or a JSON object string), got {type(value).__name__}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} must be a JSON object, got {value!r}: {e}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return parsed
 
 
 # ---- per-sample losses of Hugging Face heads ---------------------------------------------------
@@ -200,6 +292,117 @@ def per_sample_loss(model: nn.Module, outputs, labels: torch.Tensor) -> torch.Te
     return losses.flatten(1).mean(1)
 
 
+# ---- privacy spent, in the Trainer's logs -----------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+
+def _find_dp_optimizer(optimizer) -> DPOptimizer | None:
+    """The DPOptimizer inside the Trainer's optimizer (accelerate wraps it), or None."""
+    while optimizer is not None and not isinstance(optimizer, DPOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class PrivacyCallback(TrainerCallback):
+    """Writes ε at δ into the Trainer's training logs, and stops training before ε would pass `max_epsilon`.
+
+    Works with any `transformers.Trainer` whose optimizer is a `bkfx.DPOptimizer` with an
+    accountant; `DPTrainer` adds one itself (from `PrivacyArguments.target_delta` and `max_epsilon`).
+
+    Logs: each log with a training loss (`loss`, and `train_loss` at the end) gets `epsilon`
+    (ε_t at δ after the t steps taken, by the accountant) and `delta`. The Trainer appends an
+    entry to `state.log_history` just before `on_log`; the callback writes the same keys there.
+
+    Stopping: after step t, the accountant is asked for ε_{t+1}, its history composed with one
+    more step as the optimizer will charge it (its accounted σ and sample rate q). If
+    ε_{t+1} > max_epsilon, training stops now (`control.should_training_stop`), step t is logged
+    with `epsilon_next_step` = ε_{t+1}, and a warning says why; so ε_T ≤ max_epsilon for the
+    steps T taken. The Trainer always runs a first step, so a run whose first step would already
+    pass max_epsilon (or a resumed run whose budget is spent) is refused at `on_train_begin`.
+    """
+
+    def __init__(self, delta: float, max_epsilon: float | None = None):
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if max_epsilon is not None and not max_epsilon > 0:
+            raise ValueError(f"max_epsilon must be positive, got {max_epsilon}")
+        self.delta, self.max_epsilon = delta, max_epsilon
+        self.optimizer: DPOptimizer | None = None
+        self.stopped_at: int | None = None  # the last step taken when max_epsilon stopped training
+        self._next_epsilon: float | None = None
+        self._spent: dict = {}  # (method, history) -> ε at δ
+
+    def epsilon(self) -> float:
+        """ε_t at δ of the steps taken so far."""
+        return self._epsilon_of(self.optimizer.accountant)
+
+    def epsilon_after_next_step(self) -> float:
+        """ε_{t+1} at δ: the steps taken and one more, charged as the optimizer charges a step."""
+        accountant = self.optimizer.accountant
+        probe = Accountant(accountant.method)
+        probe.load_state_dict(accountant.state_dict())
+        last = accountant.history[-1] if accountant.history else None
+        probe.step(noise_multiplier=self.optimizer.accounted_noise_multiplier, sample_rate=self.optimizer.sample_rate,
+                   truncation_probability=last.truncation if last is not None else 0.0)
+        return self._epsilon_of(probe)
+
+    def _epsilon_of(self, accountant: Accountant) -> float:
+        # ε_{t+1} asked after step t is the ε_t+1 logged after step t+1: each history is composed once
+        key = (accountant.method, tuple(accountant.history))
+        if key not in self._spent:
+            with _quiet_absl():
+                spent = accountant.epsilon(self.delta)
+            self._spent = {k: v for k, v in list(self._spent.items())[-3:]}  # the last few histories are enough
+            self._spent[key] = spent
+        return self._spent[key]
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = _find_dp_optimizer(optimizer)
+        if self.optimizer is None or self.optimizer.accountant is None:
+            raise BkfxError(
+                "PrivacyCallback reads the privacy spent from the Trainer's optimizer, which is not a bkfx.DPOptimizer "
+                "with an accountant\n  what to do: train with DPTrainer, or pass optimizers=(DPOptimizer(..., "
+                "accountant=bkfx.Accountant(), sample_rate=q), scheduler) to the Trainer"
+            )
+        self.stopped_at = None
+        if self.max_epsilon is not None:
+            following = self.epsilon_after_next_step()
+            if following > self.max_epsilon:
+                raise BkfxError(
+                    f"the next step would take ε to {following:.4g} at δ = {self.delta:g}, above max_epsilon = "
+                    f"{self.max_epsilon:g} ({self.optimizer.accountant.steps} steps taken), and the Trainer cannot stop "
+                    "before its first step\n  what to do: raise max_epsilon or the noise multiplier, or lower the "
+                    "sample rate (per_device_train_batch_size / N)"
+                )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.max_epsilon is None or state.global_step >= state.max_steps:
+            return  # no budget, or the run ends here anyway
+        following = self.epsilon_after_next_step()
+        if following > self.max_epsilon:
+            control.should_training_stop = True
+            control.should_log = True  # the last step's ε goes in the logs, with the reason
+            self.stopped_at, self._next_epsilon = state.global_step, following
+            logger.warning(
+                "stopping after step %d: ε = %.4g at δ = %g, and step %d would take it to %.4g > max_epsilon = %g",
+                state.global_step, self.epsilon(), self.delta, state.global_step + 1, following, self.max_epsilon)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not ("loss" in logs or "train_loss" in logs) or self.optimizer is None:
+            return
+        # the Trainer appended this log's entry to log_history just before calling on_log
+        entry = state.log_history[-1] if state.log_history else None
+        if entry is not None and {k: v for k, v in entry.items() if k != "step"} != logs:
+            entry = None
+        spent = {"epsilon": self.epsilon(), "delta": self.delta}
+        if self.stopped_at is not None and self.stopped_at == state.global_step and "loss" in logs:
+            spent["epsilon_next_step"] = self._next_epsilon
+        logs.update(spent)
+        if entry is not None:
+            entry.update(spent)
+
+
 # ---- the trainer ------------------------------------------------------------------------------
 
 class DPTrainer(Trainer):
@@ -208,7 +411,9 @@ class DPTrainer(Trainer):
     per_sample_loss: fn(outputs, labels) -> [B] losses, one per sample; default the head's own
     loss per sample (`bkfx.integrations.transformers.per_sample_loss`).
     Attributes: `dp_model` (the compiled model), `accountant`, `noise_multiplier`, `sample_rate`,
-    `expected_batch_size`, `planned_steps`; `dp_optimizer` once training has created the optimizer.
+    `expected_batch_size`, `planned_steps`, `privacy_callback` (the `PrivacyCallback` that logs ε
+    and enforces max_epsilon, first among the callbacks); `dp_optimizer` once training has created
+    the optimizer.
     """
 
     def __init__(self, model: nn.Module | None = None, args=None, *, privacy_args: PrivacyArguments,
@@ -222,8 +427,14 @@ class DPTrainer(Trainer):
                              "instead of compute_loss_func=")
         if model is None:
             raise ValueError("DPTrainer needs model=")
+        if any(isinstance(c, PrivacyCallback) or c is PrivacyCallback for c in trainer_options.get("callbacks") or ()):
+            raise ValueError("DPTrainer adds its own PrivacyCallback (from PrivacyArguments.target_delta and max_epsilon): "
+                             "do not pass one in callbacks=")
         super().__init__(model=model, args=args, **trainer_options)
         self.privacy_args = privacy_args
+        self.privacy_callback = PrivacyCallback(privacy_args.target_delta, privacy_args.max_epsilon)
+        # first in line: the reporting callbacks and the printer then see ε in the logs
+        self.callback_handler.callbacks.insert(0, self.privacy_callback)
         self._check_training_arguments()
         self._per_sample_loss = per_sample_loss
         if per_sample_loss is None:
@@ -252,7 +463,7 @@ class DPTrainer(Trainer):
             if privacy_args.adaptive_clipping is not None:  # the calibrated σ is the pair's: the gradient gets z_Δ
                 self.noise_multiplier = gradient_noise_multiplier(
                     self.noise_multiplier, privacy_args.adaptive_clipping.count_noise_multiplier)
-        seed = privacy_args.seed if privacy_args.seed is not None else self.args.seed
+        seed = privacy_args.dp_seed if privacy_args.dp_seed is not None else self.args.seed
         sampling_seed, noise_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))  # as make_private
         self._sampling_generator = torch.Generator().manual_seed(sampling_seed)  # one stream over every epoch and train()
         self._train_sampler = None  # the PoissonSampler of the last training loader (its position goes in checkpoints)
@@ -294,10 +505,7 @@ class DPTrainer(Trainer):
     @property
     def dp_optimizer(self) -> DPOptimizer | None:
         """The DPOptimizer the Trainer steps (inside accelerate's wrapper, if any)."""
-        optimizer = self.optimizer
-        while optimizer is not None and not isinstance(optimizer, DPOptimizer):
-            optimizer = getattr(optimizer, "optimizer", None)
-        return optimizer
+        return _find_dp_optimizer(self.optimizer)
 
     def create_optimizer(self, *args, **kwargs):
         if self.dp_optimizer is not None:
@@ -417,11 +625,6 @@ class DPTrainer(Trainer):
     def privacy_report(self) -> PrivacyReport:
         """ε at target_delta by RDP and by PLD, σ, q and the steps taken so far."""
         return privacy_report(self.accountant, delta=self.privacy_args.target_delta)
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs or "train_loss" in logs:
-            logs["epsilon"] = self.epsilon()
-        super().log(logs, *args, **kwargs)
 
 
 def _is_hf_dataset(dataset) -> bool:

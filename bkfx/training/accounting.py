@@ -152,12 +152,15 @@ def noise_multiplier_for(
     target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp",
     precision: float = 1e-3,
 ) -> float:
-    """The smallest noise multiplier σ with `epsilon(σ, q, steps, δ) ≤ target_epsilon`, by bisection.
+    """The smallest noise multiplier σ with `epsilon(σ, q, steps, δ) ≤ target_epsilon`, by
+    `dp_accounting.calibrate_dp_mechanism` (Brent's method on ε(σ) − target_epsilon, which
+    decreases as σ grows, with a final step to the side where ε ≤ target).
 
-    ε decreases as σ grows. The returned σ reaches the target (ε(σ) ≤ target_epsilon) and
-    exceeds the exact smallest such σ* by at most `precision`: σ* ≤ σ ≤ σ* + precision.
-    The PLD search starts from the RDP answer (PLD's ε is the smaller, so its σ* too),
-    which keeps it away from the small σ where PLD is slow.
+    The returned σ reaches the target (ε(σ) ≤ target_epsilon) and exceeds the exact smallest
+    such σ* by at most `precision`: σ* ≤ σ ≤ σ* + precision. RDP searches from [0, 1] upwards
+    (ε(0) = ∞). PLD searches between the RDP answer, which reaches the target (PLD's ε is the
+    smaller, so its σ* too), and a σ below it that does not, found by steps of × 0.8: PLD is slow
+    at small σ, and the bracket keeps it away from them.
     """
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
@@ -168,29 +171,31 @@ def noise_multiplier_for(
     _check_delta(delta)
     if steps == 0 or sample_rate == 0:
         return 0.0  # nothing is released, any σ will do
+    import dp_accounting
+    from dp_accounting import pld, rdp
+    from dp_accounting.mechanism_calibration import NoBracketIntervalFoundError
 
-    def reaches(sigma: float) -> bool:
-        return sigma > 0 and epsilon(sigma, sample_rate, steps, delta, accountant) <= target_epsilon
+    def event(sigma: float):
+        return Run(float(sigma), float(sample_rate), int(steps)).event()
 
-    with _quiet_absl():
-        if accountant == "rdp":
-            hi, shrink = 1.0, 0.5
-        else:
-            hi, shrink = noise_multiplier_for(target_epsilon, sample_rate, steps, delta, "rdp", precision), 0.8
-        while not reaches(hi):
-            hi *= 2
-            if hi > 1e6:
-                raise ValueError(
-                    f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon} at delta {delta} "
-                    f"with sample rate {sample_rate} and {steps} steps"
-                )
-        lo = hi * shrink  # invariant once bracketed: lo does not reach the target, hi does
-        while reaches(lo):
-            hi, lo = lo, (lo * shrink if lo * shrink >= precision else 0.0)
-        while hi - lo > precision:
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
-    return hi
+    if accountant == "rdp":
+        engine, bracket = rdp.RdpAccountant, dp_accounting.LowerEndpointAndGuess(0.0, 1.0)
+    else:
+        hi = noise_multiplier_for(target_epsilon, sample_rate, steps, delta, "rdp", precision)
+        lo = 0.8 * hi
+        with _quiet_absl():
+            while epsilon(lo, sample_rate, steps, delta, "pld") <= target_epsilon:
+                hi, lo = lo, 0.8 * lo
+        engine, bracket = pld.PLDAccountant, dp_accounting.ExplicitBracketInterval(lo, hi)
+    try:
+        with _quiet_absl():
+            sigma = dp_accounting.calibrate_dp_mechanism(engine, event, target_epsilon, delta, bracket, tol=precision)
+    except NoBracketIntervalFoundError:
+        raise ValueError(
+            f"no noise multiplier up to 2^30 reaches epsilon {target_epsilon} at delta {delta} "
+            f"with sample rate {sample_rate} and {steps} steps"
+        ) from None
+    return float(sigma)
 
 
 class Accountant:
