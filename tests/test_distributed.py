@@ -23,6 +23,9 @@ from torch import nn
 import bkfx
 from bkfx.training.data import PoissonSampler, poisson_loader
 
+# under pytest-xdist every test of this file runs in one worker, so each world size is spawned once
+pytestmark = pytest.mark.xdist_group("distributed")
+
 WORLDS = (2, 3)
 N, Q, SEED, STEPS = 24, 0.5, 3, 2  # the data-parallel run: 24 examples at rate 1/2, 2 steps
 NOISE_SHAPE = (100, 100)  # σ > 0 check: the noise's std over 10 000 entries
