@@ -23,10 +23,12 @@ from bkfx.training.distributed import FSDPShards, check_not_sharded_after_compil
 from bkfx.errors import BkfxError, NotCapturedError
 from bkfx._runtime.guards import ModelGuard
 from bkfx._runtime.ledger import ClipConfig, Tape, recording, tied_parameters
+from bkfx._runtime.receipts import zero_sums_on_backward
 from bkfx._ir.meta import META_PROBE, META_SITES
 from bkfx._ir.node import original_op_name
 from bkfx._ir.plan import Site
 from bkfx.rules.precision import AutocastState
+from bkfx._torch import pytree
 from bkfx._runtime import ops
 from bkfx._runtime.live_models import _COMPILED
 from passes.annotate import annotate
@@ -229,6 +231,8 @@ class DPModel(nn.Module):
         batch = batch_size(batched)
         self._call_mask = self._padding_mask(batched, batch)
         compiled = self._captures.get(key)
+        if compiled is None and batch == 0:
+            return self._empty_before_capture(args, kwargs)
         if compiled is None:
             compiled = self._captures[key] = self._capture(args, kwargs, batch)
         self._last = compiled
@@ -248,6 +252,27 @@ class DPModel(nn.Module):
         self._open = tape
         with recording(tape):
             return compiled.graph_module(*args, **kwargs)
+
+    def _empty_before_capture(self, args, kwargs):
+        """An empty batch with no capture of its signature yet (a Poisson batch at a small rate can
+        be the first): there is no sample to capture from, and nothing to clip. The module runs on
+        it with its parameters detached, so its outputs have their usual types and shapes, and a
+        backward of a loss of them writes the clipped sum of no samples, zero, into every trainable
+        parameter's `.grad` with a receipt: the step then adds the noise and is accounted, as after
+        an empty batch of a captured model. Nothing is cached; the first non-empty batch captures."""
+        if self.shards is not None:
+            raise BkfxError(
+                "the first call of an FSDP2-sharded bkfx model got an empty batch: there is no sample to capture the "
+                "graph from\n  what to do: skip the forward and backward of an empty batch and call "
+                "optimizer.step(empty_batch=True) (the noise is added and the step accounted)"
+            )
+        detached = {n: p.detach() for n, p in self.module.named_parameters()}
+        out = torch.func.functional_call(self.module, detached, tuple(args), dict(kwargs), strict=False)
+        flat, spec = pytree.tree_flatten(out)
+        floats = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        for i, t in zip(floats, zero_sums_on_backward(list(self._params.values()), [flat[i] for i in floats])):
+            flat[i] = t
+        return pytree.tree_unflatten(flat, spec)
 
     def _forward_compiled(self, compiled: Rewritten, options, args, kwargs, batched, batch: int):
         """One call through the compiled BK step: the trace that admits this batch size, or a new one."""

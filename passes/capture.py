@@ -133,7 +133,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, batch_dim=0) -> C
             "the batch with batch_dim= (a dict from argument name to dimension, None for an unbatched argument)."
         )
     if sizes == {0}:
-        raise CaptureError("the first call of a bkfx-compiled model needs at least one sample to capture the graph.")
+        raise CaptureError("a capture needs at least one sample, and this batch has none. A DP model runs an empty "
+                           "batch before its first capture without one (its backward writes zero sums); to "
+                           "capture, call with a non-empty batch.")
     dims = {id(t): d for t, d in batched}
     # torch.export specialises sizes 0 and 1; trace on two samples (the first repeated) when given one.
     if sizes == {1}:

@@ -13,14 +13,12 @@ import bkfx
 from bkfx.errors import StateWriteError
 from bkfx.testing import assert_matches_reference
 
+from helpers import marked_lines
+
 f64 = torch.float64
 
 
-def line_of(marker: str) -> int:
-    with open(__file__) as f:
-        lines = [i for i, text in enumerate(f, 1) if text.rstrip().endswith(f"# {marker}")]
-    assert len(lines) == 1, marker
-    return lines[0]
+line_of = marked_lines(__file__)  # line_of("x"): the line ending with the comment `# x`
 
 
 class InstanceNormed(nn.Module):

@@ -8,23 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 
 import bkfx
 from bkfx.testing import assert_matches_reference
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
+from test_hf_zoo import B, L, V, _text  # the tiny vocabulary and the padded text batch the zoo uses
 
 f64 = torch.float64
-B, L, V = 3, 7, 40
-
-
-def _text():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, V, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[0, -3:] = 0
-    return ids, mask
 
 
 class Logits(nn.Module):

@@ -20,6 +20,8 @@ from bkfx.errors import BkfxError
 from bkfx.testing import assert_matches_reference
 from bkfx.testing.strategies import architectures, compile_options
 
+from helpers import with_simulated_cuda_graphs
+
 pytestmark = pytest.mark.compiled
 
 AOT = {"backend": "aot_eager"}
@@ -372,18 +374,7 @@ def test_cuda_graph_memory_protocol_with_simulated_graphs(monkeypatch):
     has not run must be moved out before the forward graph runs again, and an earlier call's saved
     values copied into the forward graph's memory only after the call holding it has moved out:
     sequences that break either rule give wrong gradients, compared here with the eager step."""
-    import bkfx._runtime.step as compiled_step
-    from bkfx._runtime.step import cudagraphs
-
-    monkeypatch.setattr(cudagraphs, "capture", cudagraphs.simulated_capture)
-    real_build = compiled_step.build
-
-    def with_graphs(*args, **kwargs):
-        program = real_build(*args, **kwargs)
-        program.graphs = cudagraphs.CudaGraphs()
-        return program
-
-    monkeypatch.setattr(compiled_step, "build", with_graphs)
+    with_simulated_cuda_graphs(monkeypatch)
     eager, compiled = eager_and_compiled(mlp(15), max_grad_norm=0.1)
     x8, y8 = data(8, seed=1)
     x5, y5 = data(5, seed=2)

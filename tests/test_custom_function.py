@@ -14,14 +14,12 @@ from torch.utils.checkpoint import checkpoint
 import bkfx
 from bkfx.testing import assert_matches_reference, per_sample_gradients
 
+from helpers import marked_lines
+
 f64 = torch.float64
 
 
-def line_of(marker: str) -> int:
-    with open(__file__) as f:
-        lines = [i for i, text in enumerate(f, 1) if text.rstrip().endswith(f"# {marker}")]
-    assert len(lines) == 1, marker
-    return lines[0]
+line_of = marked_lines(__file__)  # line_of("x"): the line ending with the comment `# x`
 
 
 class RoundSTE(torch.autograd.Function):

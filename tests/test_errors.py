@@ -10,16 +10,13 @@ from torch import nn
 
 import bkfx
 
+from helpers import marked_lines
+
 f64 = torch.float64
 HERE = os.path.basename(__file__)
 
 
-def line_of(marker: str) -> int:
-    """The line of this file that carries the comment `# <marker>`."""
-    with open(__file__) as f:
-        lines = [i for i, text in enumerate(f, 1) if text.rstrip().endswith(f"# {marker}")]
-    assert len(lines) == 1, marker
-    return lines[0]
+line_of = marked_lines(__file__)  # line_of("x"): the line ending with the comment `# x`
 
 
 class Mixer(nn.Module):

@@ -16,6 +16,8 @@ import bkfx
 from bkfx.training.accounting import Run, _epsilon_of, _mechanism_epsilon
 from bkfx.training.data import PoissonSampler, current_padding, padded
 
+from helpers import with_simulated_cuda_graphs
+
 
 def mlp(seed=0):
     torch.manual_seed(seed)
@@ -107,18 +109,7 @@ def test_reduce_overhead_captures_at_most_ceil_m_over_k_graph_pairs(monkeypatch)
     """mode="reduce-overhead" with simulated CUDA graphs (as tests/test_compiled.py): 25 Poisson
     steps at q N = 12 capture a graph pair per batch size unpadded, at most ⌈M/k⌉ = 3 padded (M=20,
     k=8); the padded run's parameters equal an eager padded run's."""
-    import bkfx._runtime.step as compiled_step
-    from bkfx._runtime.step import cudagraphs
-
-    monkeypatch.setattr(cudagraphs, "capture", cudagraphs.simulated_capture)
-    real_build = compiled_step.build
-
-    def with_graphs(*args, **kwargs):
-        program = real_build(*args, **kwargs)
-        program.graphs = cudagraphs.CudaGraphs()
-        return program
-
-    monkeypatch.setattr(compiled_step, "build", with_graphs)
+    with_simulated_cuda_graphs(monkeypatch)
     data = dataset(60, seed=3)
     counts = {}
     models = {}

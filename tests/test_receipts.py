@@ -186,6 +186,50 @@ def test_explicit_empty_batch_is_accepted_and_counted():
     assert_unchanged(model, opt, before)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_empty_first_batch_steps_as_an_explicit_empty_step_then_the_next_captures(reduction):
+    """A Poisson batch at a small rate can be empty on the first call, before any capture: the
+    model runs on it, its backward writes receipted zeros, and the step is exactly
+    step(empty_batch=True)'s (the same noise, counted); the next batch captures and is clipped."""
+    runs = {}
+    for how in ("forward", "explicit"):
+        model = mlp()
+        dp, opt, accountant = private(model)
+        x, y = data(6)
+        if how == "forward":
+            out = dp(x[:0])
+            assert out.shape == (0, 3) and out.requires_grad and not dp._captures  # nothing captured from 0 rows
+            F.cross_entropy(out, y[:0], reduction=reduction).backward()
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+            opt.step()
+        else:
+            opt.step(empty_batch=True)
+        assert opt.steps == 1 and history(opt) == [(SIGMA, 0.25, 1)]
+        opt.zero_grad()
+        after_empty = {n: p.detach().clone() for n, p in model.named_parameters()}
+        reference = copy.deepcopy(model)
+        F.cross_entropy(dp(x), y).backward()
+        expected, _ = clipped_sum_reference(per_sample_gradients(reference, F.cross_entropy, (x,), y),
+                                            max_grad_norm=R, loss_reduction="sum")  # .grad holds Σ_i C_i G_i
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12)
+        runs[how] = after_empty
+    for n in runs["forward"]:
+        assert torch.equal(runs["forward"][n], runs["explicit"][n]), n
+
+
+def test_an_empty_first_batch_through_the_original_model_is_still_refused():
+    model = mlp()
+    dp, opt, _ = private(model)
+    x, y = data(3)
+    F.cross_entropy(dp(x[:0]), y[:0], reduction="sum").backward()
+    F.cross_entropy(model(x), y).backward()  # unclipped gradients added after the zero sums
+    before = snapshot(model, opt)
+    with pytest.raises(UnclippedGradientError, match="modified in place"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+
+
 def test_accumulation_over_three_backward_calls_is_the_reference():
     model = mlp()
     reference = copy.deepcopy(model)

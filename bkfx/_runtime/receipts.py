@@ -77,6 +77,31 @@ def add_clipped_sum(p: torch.Tensor, grad: torch.Tensor, *, receipt: bool = True
     _receipts[p] = Receipt(weakref.ref(p.grad), p.grad._version, kind)
 
 
+class _ZeroSums(torch.autograd.Function):
+    """Passes outputs through; its backward writes the clipped sum of no samples, zero, into each
+    parameter's `.grad` with a receipt (the empty-batch step of a model not captured yet)."""
+
+    @staticmethod
+    def forward(ctx, params, anchor, *outputs):
+        ctx.params = params
+        return tuple(o.clone() for o in outputs)  # new tensors: the Function's outputs, not views of inputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        for p in ctx.params:
+            add_clipped_sum(p, torch.zeros_like(p))
+        return (None, None, *grads)
+
+
+def zero_sums_on_backward(params: list, outputs: list) -> list:
+    """`outputs` (tensors of an empty batch) made part of a graph whose backward writes receipted
+    zero sums into `params`' `.grad`: outputs computed with detached parameters have no graph to
+    parameters (nor, with inputs that need none, any graph), and a loss of them must still lead to
+    the step's receipts. Gradients to the outputs' own graph (the inputs) pass through unchanged."""
+    anchor = torch.zeros((), requires_grad=True)
+    return list(_ZeroSums.apply(params, anchor, *outputs))
+
+
 def receipt_zeroed(p: torch.Tensor) -> None:
     """`p.grad` was just zeroed in place by the DP optimizer: a clean start, not a clipped sum."""
     if p.grad is not None:
