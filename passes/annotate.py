@@ -64,12 +64,28 @@ def _params_of(gm: GraphModule, node: Node, names) -> frozenset:
         if isinstance(value, torch.nn.Parameter) and value.requires_grad:
             return frozenset([names[id(value)]])
         return frozenset()
-    if node.meta.get(META_DEPENDENT):
+    if node.meta.get(META_DEPENDENT) or _carries_no_gradient(node):
         return frozenset()
     out = frozenset()
     for n in node.all_input_nodes:
         out |= n.meta.get(META_PARAMS, frozenset())
     return out
+
+
+_NO_GRAD_REGION = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+
+
+def _carries_no_gradient(node: Node) -> bool:
+    """A value no gradient flows through to the parameters: a `torch.no_grad()` region's outputs
+    (spectral norm's power iteration) and detached values. For a site it is a constant, so a
+    parameter's chain takes it as a leaf computed in the forward pass instead of running the
+    region again in the backward pass, where a region that updates buffers (u and v) would
+    update them a second time and pull back through the updated values."""
+    if node.op != "call_function":
+        return False
+    if _NO_GRAD_REGION is not None and node.target is _NO_GRAD_REGION:
+        return node.args[0] is False
+    return op_name(node) == "detach"
 
 
 def _param_operands(node: Node) -> list[tuple[tuple, Node]]:

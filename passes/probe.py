@@ -46,7 +46,7 @@ def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
     batched = [(k, n.meta[META_LAYOUT]) for k, n in enumerate(placeholders)
                if n.meta.get(META_DEPENDENT) and isinstance(n.meta.get(META_LAYOUT), SampleLayout)]
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    with torch.no_grad():
+    with torch.no_grad(), _SameBuffers(gm) as buffers:
         interpreter = _Probing(gm) if any(n.meta.get(META_PROBE) for n in gm.graph.nodes) else Interpreter(gm)
         with _same_randomness(flat):
             base = pytree.tree_leaves(interpreter.run(*flat))
@@ -58,6 +58,7 @@ def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
             inputs = list(flat)
             for k, layout in batched:
                 inputs[k] = perturb(flat[k], layout, perturbed_samples, generator)
+            buffers.restore()
             try:
                 with _same_randomness(flat):
                     again = pytree.tree_leaves(Interpreter(gm).run(*inputs))
@@ -65,6 +66,28 @@ def probe(gm: GraphModule, args: tuple, kwargs: dict) -> GraphModule:
                 raise _unchecked(None, e) from e
             _compare_outputs(output, base, again, _output_layouts(output), perturbed_samples, whole_model=True)
     return gm
+
+
+class _SameBuffers:
+    """Every run of the probe starts from the buffers the capture saw, and the probe leaves them so.
+    A forward that updates a buffer from the weights alone (spectral norm's power iteration,
+    a step counter) would otherwise change every sample's output between runs, which reads as
+    mixing, and would advance the user's model once per probe run."""
+
+    def __init__(self, gm: GraphModule):
+        self.saved = [(b, b.detach().clone()) for b in gm.buffers()]
+
+    def restore(self) -> None:
+        for b, value in self.saved:
+            if not torch.equal(b, value):
+                b.copy_(value)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
 
 
 def sample_runs(batch: int) -> list[frozenset[int]]:

@@ -4,6 +4,8 @@ naming the module tensor, the node and the user's line; writes that do not read 
 (counters) and eval-mode normalisation stay, and match the reference."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 import bkfx
 from bkfx.errors import StateWriteError
-from bkfx.testing import assert_matches_reference
+from bkfx.testing import assert_matches_reference, clipped_sum_reference
 
 from helpers import marked_lines
 
@@ -120,3 +122,58 @@ def test_batch_norm_in_training_keeps_its_mixing_refusal():
     with pytest.raises(bkfx.SampleMixingError, match="replace_batchnorm"):
         bkfx.compile(model)(torch.randn(3, 4, dtype=f64))
 
+
+
+def _loop_clipped_mean(model, state, x, y, max_grad_norm):
+    """(1/B) Σ_i C_i G_i with each G_i from a copy of `model` at `state` run on sample i alone
+    (a per-sample loop: each sample's forward updates the copy's buffers as the batch's does)."""
+    grads = {n: [] for n, _ in model.named_parameters()}
+    for i in range(len(y)):
+        one = copy.deepcopy(model)
+        one.load_state_dict(state)
+        one.zero_grad(set_to_none=True)
+        F.cross_entropy(one(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in one.named_parameters():
+            grads[n].append(p.grad)
+    expected, _ = clipped_sum_reference({n: torch.stack(g) for n, g in grads.items()}, max_grad_norm=max_grad_norm)
+    return expected
+
+
+def test_spectral_norm_in_training_updates_its_vectors_once_a_step_and_matches_the_reference():
+    """Spectral norm's power iteration writes u and v from the weight alone, under no_grad: allowed.
+    The probe runs from the buffers the capture saw (so the iteration reads as no mixing) and
+    leaves them so; the weight's chain to its site takes the region's outputs as constants, so
+    the backward neither updates u and v again nor pulls back through updated ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 3)).to(f64)
+    plain = copy.deepcopy(model)
+    dp = bkfx.compile(model, max_grad_norm=0.5)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x, y = torch.randn(6, 4, generator=g, dtype=f64), torch.randint(0, 3, (6,), generator=g)
+        state = copy.deepcopy(model.state_dict())
+        expected = _loop_clipped_mean(model, state, x, y, 0.5)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(dp(x), y).backward()
+        plain(x)  # the original module, one forward: the same u and v after it
+        for n, b in model.named_buffers():
+            torch.testing.assert_close(b, dict(plain.named_buffers())[n], rtol=1e-12, atol=1e-14)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-13)
+
+
+class DetachedPath(nn.Module):
+    """The weight reaches the output twice, once detached (no gradient flows there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) + torch.tanh(F.linear(x, self.fc.weight.detach()))
+
+
+def test_a_detached_use_of_a_weight_gets_no_gradient_like_the_reference():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=f64), torch.randint(0, 3, (5,))
+    assert_matches_reference(DetachedPath().to(f64), F.cross_entropy, (x,), y, max_grad_norm=0.3)
