@@ -292,18 +292,24 @@ _ADVICE = {  # torch's own Functions that models reach, with what to do instead
 # too) by the backward registered for it
 _KEPT_AS_ONE_OP = frozenset({"torch._library.autograd"})
 
+# Functions whose output no gradient flows through, so differentiating the operations their forward
+# records changes nothing: non-reentrant checkpointing (torch 2.11) applies `_NoopSaveInputs`, whose
+# forward returns an empty tensor that only holds the saved inputs for the recomputation
+_GRADIENT_FREE = frozenset({"torch.utils.checkpoint._NoopSaveInputs"})
+
 
 @contextlib.contextmanager
 def _functions_recorded(applied: list):
     """Record every `torch.autograd.Function` this thread applies (nested ones and those inside
-    library code too) while the block runs, except those custom ops generate (`_KEPT_AS_ONE_OP`): no
-    other Function of torch is exempt, and none is applied when GPT-2, Llama, BERT, T5, OPT, Qwen2,
-    DistilBERT, Whisper or CLIP is captured."""
+    library code too) while the block runs, except those custom ops generate (`_KEPT_AS_ONE_OP`) and
+    checkpointing's gradient-free one (`_GRADIENT_FREE`): no other Function of torch is exempt, and
+    none is applied when GPT-2, Llama, BERT, T5, OPT, Qwen2, DistilBERT, Whisper or CLIP is captured."""
     original = torch.autograd.Function.__dict__["apply"]
     thread = threading.get_ident()
 
     def apply(cls, *args, **kwargs):
-        if threading.get_ident() == thread and cls.__module__ not in _KEPT_AS_ONE_OP:
+        if threading.get_ident() == thread and cls.__module__ not in _KEPT_AS_ONE_OP \
+                and _qualname(cls) not in _GRADIENT_FREE:
             applied.append(_Applied(cls, _caller()))
         return original.__func__(cls, *args, **kwargs)
 
