@@ -14,7 +14,22 @@ import bkfx
 from bkfx.testing import assert_matches_reference
 from passes.probe import sample_runs
 
-from test_soundness import D, Chain, Mixer  # a random separable chain; a linear, an op, a head
+from test_soundness import D, Chain  # the random separable chain the mixer is inserted into
+
+
+class Mixer(nn.Module):
+    """A linear layer, then one operation on the `[B, D]` activation, then a head (as test_soundness's,
+    defined here so that the refusals name this file's line)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+        self.op = op
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.head(self.op(h))
 
 
 def refusal(model, *inputs, cls=bkfx.SampleMixingError):
