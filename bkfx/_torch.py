@@ -45,18 +45,17 @@ def exported_in_spec(gm):
     return getattr(gm, "_in_spec", None)
 
 # -- fake tensors: the compiled step and the torch.compile operator run bkfx's code on shapes only --
-from torch._guards import detect_fake_mode  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode, is_fake  # noqa: E402
-
 # -- the compiled BK step (bkfx's own AOTAutograd-like pipeline) ------------------------------------
 # The python dispatcher keeps linear/matmul symbolic in a dynamic-batch trace; the partitioner
 # splits the joint forward+backward trace; the decomposition tables are inductor's.
 from torch._decomp import decomposition_table  # noqa: E402
 from torch._dispatch.python import enable_python_dispatcher  # noqa: E402
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: E402
+from torch._guards import detect_fake_mode  # noqa: E402
 
 # -- torch's op objects (graph drawing names ATen overloads) ---------------------------------------
 from torch._ops import OpOverload, OpOverloadPacket  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake  # noqa: E402
 
 
 def is_view(t: torch.Tensor) -> bool:

@@ -5,32 +5,31 @@ The module is `bkfx.dpmodel`, so `bkfx.compile` names one thing: the function.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-import math
-import os
-import warnings
-import weakref
-
-from bkfx._runtime import step as compiled_step
-from bkfx._runtime import dynamo_op as compile_operator
-from bkfx._runtime.clipping import CLIPPINGS, groups_for, thresholds
-from bkfx.training.data import current_padding
-from bkfx.training.distributed import FSDPShards, check_not_sharded_after_compile
-from bkfx.errors import BkfxError, NotCapturedError
-from bkfx._runtime.guards import ModelGuard
-from bkfx._runtime.ledger import ClipConfig, Tape, recording, tied_parameters
-from bkfx._runtime.receipts import zero_sums_on_backward
 from bkfx._ir.meta import META_PROBE, META_SITES
 from bkfx._ir.node import original_op_name
 from bkfx._ir.plan import Site
-from bkfx.rules.precision import AutocastState
-from bkfx._torch import pytree
+from bkfx._runtime import dynamo_op as compile_operator
 from bkfx._runtime import ops
+from bkfx._runtime import step as compiled_step
+from bkfx._runtime.clipping import CLIPPINGS, groups_for, thresholds
+from bkfx._runtime.guards import ModelGuard
+from bkfx._runtime.ledger import ClipConfig, Tape, recording, tied_parameters
 from bkfx._runtime.live_models import _COMPILED
+from bkfx._runtime.receipts import zero_sums_on_backward
+from bkfx._torch import pytree
+from bkfx.errors import BkfxError, NotCapturedError
+from bkfx.rules.precision import AutocastState
+from bkfx.training.data import current_padding
+from bkfx.training.distributed import FSDPShards, check_not_sharded_after_compile
 from passes.annotate import annotate
 from passes.capture import batch_dims_of, batch_size, capture, signature
 from passes.cost_model import MODES, cost_model

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from bkfx.training.adaptive import AdaptiveClipping, gradient_noise_multiplier
+from bkfx.dpmodel import DPModel, compile
+from bkfx.errors import PoissonSamplingWarning
 from bkfx.training.accounting import (
     METHODS,
     Accountant,
@@ -34,9 +35,8 @@ from bkfx.training.accounting import (
     check_sample_rate,
     noise_multiplier_for,
 )
-from bkfx.dpmodel import DPModel, compile
+from bkfx.training.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from bkfx.training.data import PhysicalBatches, PoissonSampler, check_physical_batch_size, poisson_loader
-from bkfx.errors import PoissonSamplingWarning
 from bkfx.training.optimizer import DPOptimizer
 
 __all__ = ["PrivateTraining", "make_private"]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.meta import META_BATCH, META_DEPENDENT, META_LAYOUT, META_PARAMS, META_SITE, META_SITES
 from bkfx._ir.node import attribute, op_name, shape_of
 from bkfx._ir.plan import Operand, Site
-from bkfx.rules import FALLBACK, lookup
 from bkfx._ir.source import module_path, user_source_line
+from bkfx.errors import UnsupportedOperationError, node_error
+from bkfx.rules import FALLBACK, lookup
 
 __all__ = ["annotate"]
 

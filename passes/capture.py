@@ -30,13 +30,20 @@ from dataclasses import dataclass
 
 import sympy
 import torch
-from bkfx._torch import pytree
 from torch.export import Dim
 
-from bkfx.errors import CaptureError, SampleMixingError, StateWriteError, UnsupportedOperationError, located_error, node_error
 from bkfx._ir.meta import META_BATCH, META_BATCH_DIMS
 from bkfx._ir.node import arguments, attribute, op_name
 from bkfx._ir.source import _OWN_DIRS, _TORCH_DIR, _frames, user_source_line
+from bkfx._torch import pytree
+from bkfx.errors import (
+    CaptureError,
+    SampleMixingError,
+    StateWriteError,
+    UnsupportedOperationError,
+    located_error,
+    node_error,
+)
 
 __all__ = ["Capture", "batch_dims_of", "batch_size", "signature", "capture"]
 

@@ -26,13 +26,13 @@ import itertools
 import math
 
 import torch
-from bkfx._torch import exported_in_spec, fx_pytree, pytree
 from torch.fx import GraphModule, Interpreter, Node
 
-from bkfx.errors import SampleMixingError, node_error
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.meta import META_DEPENDENT, META_LAYOUT, META_PROBE
 from bkfx._ir.node import op_name
+from bkfx._torch import exported_in_spec, fx_pytree, pytree
+from bkfx.errors import SampleMixingError, node_error
 
 __all__ = ["probe", "sample_runs", "sample_mask", "perturb"]
 

@@ -40,10 +40,10 @@ import sympy
 import torch
 from torch.fx import GraphModule, Node
 
-from bkfx.errors import SampleMixingError, node_error
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.meta import META_BATCH, META_BATCH_DIMS, META_DEPENDENT, META_IDENTITY, META_LAYOUT, META_PROBE
 from bkfx._ir.node import arguments, op_name, shape_of, sym
+from bkfx.errors import SampleMixingError, node_error
 from bkfx.rules.sample import LAYOUT, RESHAPE, VALUE_FREE, check_maps, dimension_map, find_sample_rule
 
 __all__ = ["aten", "sample_dim", "probed_nodes"]

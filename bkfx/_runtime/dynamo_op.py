@@ -44,12 +44,10 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from bkfx._torch import (assume_constant_result, compiling_for_cuda_graphs, detect_fake_mode, pytree,
-                         top_level_dispatch)
-
-from bkfx.errors import BkfxError
 from bkfx._runtime.guards import PlainAttributes
 from bkfx._runtime.ledger import _keeping_graph
+from bkfx._torch import assume_constant_result, compiling_for_cuda_graphs, detect_fake_mode, pytree, top_level_dispatch
+from bkfx.errors import BkfxError
 from bkfx.rules.precision import AUTOCAST_DEVICES, AutocastState
 
 # the dispatcher's thread-local state at top level: an operator's implementation runs below

@@ -25,22 +25,22 @@ asks for sums).
 from __future__ import annotations
 
 import contextlib
-import math
 import contextvars
+import math
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch.func import vjp, vmap
 
-from bkfx._runtime.clipping import clip_factor
-from bkfx.errors import BkfxError, InPlaceModificationError, located_error
-from bkfx.rules.factors import Dense, Explicit, Factored, OneHot, GramCache, ScaledCache, inner, rowdot, weighted_sum
 from bkfx._ir.plan import Site, get_path
-from bkfx.rules.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
-from bkfx._torch import keeping_graph, queue_end_of_backward
+from bkfx._runtime.clipping import clip_factor
 from bkfx._runtime.receipts import add_clipped_sum
+from bkfx._torch import keeping_graph, queue_end_of_backward
+from bkfx.errors import BkfxError, InPlaceModificationError, located_error
 from bkfx.rules import SiteCall
+from bkfx.rules.factors import Dense, Explicit, Factored, GramCache, OneHot, ScaledCache, inner, rowdot, weighted_sum
+from bkfx.rules.precision import NO_AUTOCAST, AutocastState, accumulation_dtype, loss_scale
 
 _current: contextvars.ContextVar["Tape | None"] = contextvars.ContextVar("bkfx_tape", default=None)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from bkfx._runtime import ledger
 from bkfx._ir.plan import get_path, set_path
+from bkfx._runtime import ledger
 from bkfx.rules import runner
 
 

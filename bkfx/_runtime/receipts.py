@@ -32,10 +32,9 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-
-from bkfx._torch import is_view
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bkfx._torch import is_view
 from bkfx.errors import UnclippedGradientError
 
 CLIPPED, ZERO, SPOILED = "clipped", "zero", "spoiled"

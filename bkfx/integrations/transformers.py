@@ -66,9 +66,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from bkfx._runtime.clipping import CLIPPINGS
-from bkfx.training.adaptive import AdaptiveClipping, gradient_noise_multiplier
-from bkfx.training.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
 from bkfx.dpmodel import compile as bkfx_compile
+from bkfx.errors import BkfxError
+from bkfx.training.accounting import METHODS, Accountant, _quiet_absl, check_noise_multiplier, noise_multiplier_for
+from bkfx.training.adaptive import AdaptiveClipping, gradient_noise_multiplier
 from bkfx.training.data import (
     PoissonSampler,
     batch_size_of,
@@ -76,7 +77,6 @@ from bkfx.training.data import (
     poisson_loader,
     split_physical_batches,
 )
-from bkfx.errors import BkfxError
 from bkfx.training.optimizer import DPOptimizer
 from bkfx.training.report import PrivacyReport, privacy_report
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from bkfx._ir.node import bind, shape_of
 from bkfx.rules.factors import Dense, Explicit, Factored
 from bkfx.rules.precision import accumulation_dtype
-from bkfx._ir.node import bind, shape_of
-from bkfx.rules.registry import factored_spec, explicit_spec, numel, rows, rule
+from bkfx.rules.registry import explicit_spec, factored_spec, numel, rows, rule
 from bkfx.rules.sample import ndim, sample_rule
 
 __all__ = ["unfold", "Conv"]

@@ -6,9 +6,9 @@ sample i's entries along the dimensions P was broadcast along (explicit).
 """
 from __future__ import annotations
 
-from bkfx.rules.factors import Explicit
 from bkfx._ir.node import shape_of
 from bkfx._ir.plan import get_path
+from bkfx.rules.factors import Explicit
 from bkfx.rules.registry import explicit_spec, rule, sum_to
 from bkfx.rules.sample import elementwise_ops
 

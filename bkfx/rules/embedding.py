@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from bkfx.errors import SampleMixingError, UnsupportedOperationError, node_error
-from bkfx.rules.factors import Dense, Factored, OneHot
 from bkfx._ir.layout import batch_first
 from bkfx._ir.node import arguments, shape_of
+from bkfx.errors import SampleMixingError, UnsupportedOperationError, node_error
+from bkfx.rules.factors import Dense, Factored, OneHot
 from bkfx.rules.registry import numel, one_hot_spec, rows, rule
 from bkfx.rules.sample import identity, sample_rule
 

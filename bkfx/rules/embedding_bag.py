@@ -20,13 +20,13 @@ import math
 import torch
 from torch.fx import Node
 
-from bkfx.errors import SampleMixingError, node_error
-from bkfx.rules.factors import Dense, Factored, OneHot
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.meta import META_DEPENDENT, META_LAYOUT
 from bkfx._ir.node import arguments, bind, op_name, shape_of, sym
-from bkfx.rules.registry import numel, one_hot_spec, rule
+from bkfx.errors import SampleMixingError, node_error
 from bkfx.rules.embedding import refuse_scale_grad_by_freq
+from bkfx.rules.factors import Dense, Factored, OneHot
+from bkfx.rules.registry import numel, one_hot_spec, rule
 from bkfx.rules.sample import expect_layouts, layout_rule
 
 __all__ = ["SUM", "MEAN", "MAX", "EmbeddingBag"]

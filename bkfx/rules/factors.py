@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from bkfx._torch import is_fake
 
+from bkfx._torch import is_fake
 from bkfx.rules.precision import accumulation_dtype, as_dtype, compute_dtype, gram_dtype, gram_matmul
 
 __all__ = ["Dense", "OneHot", "Factor", "canonical_matrix", "gram", "per_sample", "clipped_sum",

@@ -20,13 +20,13 @@ every sample but i zeroed, exact for any op, at the cost of B pullbacks of the w
 from __future__ import annotations
 
 import torch
-from bkfx._torch import pytree
 from torch.func import vjp, vmap
 
-from bkfx.errors import UnsupportedOperationError, node_error
-from bkfx.rules.factors import Explicit
 from bkfx._ir.node import arguments, shape_of
 from bkfx._ir.plan import get_path, set_path
+from bkfx._torch import pytree
+from bkfx.errors import UnsupportedOperationError, node_error
+from bkfx.rules.factors import Explicit
 from bkfx.rules.registry import explicit_spec
 
 __all__ = ["Fallback"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from bkfx.errors import SampleMixingError, node_error
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.meta import META_DEPENDENT, META_IDENTITY, META_LAYOUT
 from bkfx._ir.node import arguments, op_name
+from bkfx.errors import SampleMixingError, node_error
 from bkfx.rules.sample import identity, ndim, out_ndim, sample_rule, tensor_inputs, works_along
 
 __all__ = []  # sample rules only, registered by their decorators

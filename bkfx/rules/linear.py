@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from bkfx.rules.factors import Dense, Explicit, Factored
 from bkfx._ir.node import op_name, shape_of
 from bkfx._ir.plan import get_path
-from bkfx.rules.registry import factored_spec, explicit_spec, numel, rows, rule, sum_to
+from bkfx.rules.factors import Dense, Explicit, Factored
+from bkfx.rules.registry import explicit_spec, factored_spec, numel, rows, rule, sum_to
 from bkfx.rules.sample import aligned, ndim, out_ndim, sample_rule, works_along
 
 __all__ = ["Linear", "MatMul", "AddMM", "Einsum"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bkfx._ir.node import arguments, bind, op_name, shape_of
 from bkfx.errors import SampleMixingError, node_error
 from bkfx.rules.factors import Explicit
 from bkfx.rules.precision import accumulation_dtype
-from bkfx._ir.node import arguments, bind, op_name, shape_of
 from bkfx.rules.registry import explicit_spec, rows, rule, sum_to
 from bkfx.rules.sample import identity, ndim, sample_rule, tensor_inputs
 

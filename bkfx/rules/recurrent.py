@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.node import arguments, op_name
+from bkfx.errors import UnsupportedOperationError, node_error
 from bkfx.rules.sample import check_maps, expect_layouts, layout_rule, ndim
 
 __all__ = []  # a layout rule only, registered by its decorator

@@ -35,10 +35,10 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
-from bkfx.errors import SampleMixingError, node_error
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.meta import META_DEPENDENT, META_LAYOUT
 from bkfx._ir.node import op_name, shape_of
+from bkfx.errors import SampleMixingError, node_error
 
 __all__ = ["DimMap", "MAP", "LAYOUT", "RESHAPE", "ELEMENTWISE", "VALUE_FREE", "SampleRule", "sample_rule",
            "layout_rule", "reshape_rule", "elementwise_ops", "value_free_ops", "sample_rules", "find_sample_rule",

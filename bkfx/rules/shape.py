@@ -12,11 +12,21 @@ from __future__ import annotations
 import sympy
 from torch.fx import Node
 
-from bkfx.errors import SampleMixingError, node_error
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.node import arguments, shape_of
-from bkfx.rules.sample import (aligned, identity, ndim, out_ndim, reshape_rule, sample_rule, shape_only,
-                               tensor_inputs, value_free_ops, works_along)
+from bkfx.errors import SampleMixingError, node_error
+from bkfx.rules.sample import (
+    aligned,
+    identity,
+    ndim,
+    out_ndim,
+    reshape_rule,
+    sample_rule,
+    shape_only,
+    tensor_inputs,
+    value_free_ops,
+    works_along,
+)
 
 __all__ = []  # sample rules only, registered by their decorators
 

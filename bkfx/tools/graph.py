@@ -29,12 +29,11 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from bkfx._torch import OpOverload
-
-from bkfx.errors import RenderError
-from bkfx.tools.explain import shape_in_B
 from bkfx._ir.layout import SampleLayout
 from bkfx._ir.meta import META_BATCH, META_LAYOUT, META_PARAMS, META_SITE
+from bkfx._torch import OpOverload
+from bkfx.errors import RenderError
+from bkfx.tools.explain import shape_in_B
 
 __all__ = ["MODE_COLOURS", "TIED_COLOUR", "ENGINES", "site_mode", "to_networkx", "tied_links", "to_dot",
     "write_dot", "available_engine", "render", "layered_positions"]

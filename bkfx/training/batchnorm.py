@@ -1,7 +1,6 @@
 """`replace_batchnorm`: swap BatchNorm layers (which mix samples in training) for GroupNorm."""
 from __future__ import annotations
 
-
 from torch import nn
 
 __all__ = ["replace_batchnorm"]

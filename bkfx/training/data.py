@@ -20,11 +20,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-
-from bkfx._torch import pin_batch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from bkfx._torch import pin_batch
 from bkfx.training.accounting import check_sample_rate, truncation_probability
 
 __all__ = ["PoissonSampler", "EmptyBatchCollate", "Padding", "current_padding", "padded", "PaddedCollate",

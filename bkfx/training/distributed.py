@@ -36,10 +36,9 @@ import contextlib
 import math
 
 import torch
-
-from bkfx._torch import fsdp_forward_hooks_quiet
 import torch.distributed as dist
 
+from bkfx._torch import fsdp_forward_hooks_quiet
 from bkfx.errors import BkfxError
 
 __all__ = ["ALLREDUCE_BUCKET", "all_reduce_sum_", "reduce_scatter_sum_", "FSDPShards", "fsdp_modules",

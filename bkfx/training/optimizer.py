@@ -91,13 +91,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bkfx._torch import foreach_add_, foreach_div_, grad_scaler_unscaled
-
 from bkfx._runtime import receipts
+from bkfx._torch import foreach_add_, foreach_div_, grad_scaler_unscaled
+from bkfx.errors import BkfxError
 from bkfx.training.accounting import check_noise_multiplier, check_sample_rate
 from bkfx.training.adaptive import AdaptiveClipping, UnclippedCount, combined_noise_multiplier, updated_thresholds
 from bkfx.training.distributed import all_reduce_sum_
-from bkfx.errors import BkfxError
 
 __all__ = ["NOISE_CHUNK", "SECURE_DRAWS", "DPOptimizer", "add_gaussian_noise_", "secure_standard_normal"]
 

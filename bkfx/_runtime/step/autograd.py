@@ -8,12 +8,12 @@ from __future__ import annotations
 import weakref
 
 import torch
-from bkfx._torch import pytree
 
-from bkfx.errors import BkfxError
 from bkfx._runtime.ledger import _keeping_graph
 from bkfx._runtime.receipts import add_clipped_sum
 from bkfx._runtime.step.program import Program
+from bkfx._torch import pytree
+from bkfx.errors import BkfxError
 
 
 def eager_reason(dp_model, batch: int) -> str | None:

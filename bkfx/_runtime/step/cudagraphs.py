@@ -7,9 +7,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-from bkfx._torch import foreach_copy_
 
 from bkfx._runtime.step.program import Program
+from bkfx._torch import foreach_copy_
 
 
 class CudaGraphs:

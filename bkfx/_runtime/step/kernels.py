@@ -9,6 +9,7 @@ import math
 import warnings
 
 import torch
+
 from bkfx._torch import inductor_decompositions
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import sympy
 import torch
-from bkfx._torch import inductor
 
+from bkfx._torch import inductor
 from bkfx.errors import BkfxError
 
 

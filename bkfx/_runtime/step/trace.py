@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from bkfx._torch import FakeTensorMode, enable_python_dispatcher, min_cut_rematerialization_partition, pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -22,6 +21,7 @@ from bkfx._runtime.ledger import Tape, recording
 from bkfx._runtime.step.cudagraphs import CudaGraphs
 from bkfx._runtime.step.kernels import decompositions, symbolic_kernels
 from bkfx._runtime.step.program import Program, StepOptions
+from bkfx._torch import FakeTensorMode, enable_python_dispatcher, min_cut_rematerialization_partition, pytree
 
 
 def build(dp_model, compiled, args, kwargs, batched, options: StepOptions) -> Program:
