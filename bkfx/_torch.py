@@ -159,6 +159,16 @@ def grad_scaler_unscaled(scaler, optimizer) -> bool:
     return scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED
 
 
+# -- collectives: one reduce-scatter of a flat buffer (FSDP2's clipped sums to their shards) ---------
+def reduce_scatter_sum(output: torch.Tensor, flat: torch.Tensor, group=None) -> None:
+    """`output` = this rank's chunk of the sum of every rank's `flat`. torch 2.13 names it
+    `reduce_scatter_single` and deprecates `reduce_scatter_tensor`, the only name 2.11 has."""
+    import torch.distributed as dist
+
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(output, flat, op=dist.ReduceOp.SUM, group=group)
+
+
 # -- FSDP2: its forward hooks off while torch.export traces the unsharded model ---------------------
 @contextlib.contextmanager
 def fsdp_forward_hooks_quiet(modules):

@@ -81,3 +81,9 @@ def test_every_entry_the_door_opens_on_use_resolves_on_this_torch():
     assert hasattr(FSDPModule, "_get_fsdp_state") and hasattr(TrainingState, "PRE_BACKWARD")
     with door.top_level_dispatch():
         assert torch.is_grad_enabled()
+
+
+def test_the_reduce_scatter_the_door_picks_exists_here():
+    import torch.distributed as dist
+
+    assert callable(getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)

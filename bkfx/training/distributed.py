@@ -38,7 +38,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from bkfx._torch import fsdp_forward_hooks_quiet
+from bkfx._torch import fsdp_forward_hooks_quiet, reduce_scatter_sum
 from bkfx.errors import BkfxError
 
 __all__ = ["ALLREDUCE_BUCKET", "all_reduce_sum_", "reduce_scatter_sum_", "FSDPShards", "fsdp_modules",
@@ -67,8 +67,9 @@ def reduce_scatter_sum_(pairs: list[tuple[torch.Tensor, torch.Tensor]], group) -
     """`shard ← (Σ_ranks full)[this rank's rows]` for each `(full, shard)`: `full` is a whole
     tensor, sharded along dim 0 the way DTensor's `Shard(0)` (FSDP2's layout) is: rank r holds
     rows `[r c, (r+1) c)` of it, `c = ceil(rows / W)` (a shard may be short or empty). Buckets as
-    `all_reduce_sum_`; each is one `reduce_scatter_single` of a `[W, Σ c_k n_k]` buffer whose row
-    r holds rank r's rows of every tensor (zero-padded to c_k rows of n_k entries)."""
+    `all_reduce_sum_`; each is one reduce-scatter (`bkfx._torch.reduce_scatter_sum`) of a
+    `[W, Σ c_k n_k]` buffer whose row r holds rank r's rows of every tensor (zero-padded to c_k rows
+    of n_k entries)."""
     world = dist.get_world_size(group)
 
     def chunk(full):  # (rows per rank, entries per row)
@@ -86,7 +87,7 @@ def reduce_scatter_sum_(pairs: list[tuple[torch.Tensor, torch.Tensor]], group) -
                 flat[r, offset:offset + part.numel()].copy_(part)
             offset += size
         out = flat.new_empty(sum(sizes))
-        dist.reduce_scatter_single(out, flat.view(-1), op=dist.ReduceOp.SUM, group=group)
+        reduce_scatter_sum(out, flat.view(-1), group)
         offset = 0
         for (full, shard), size in zip(bucket, sizes):
             shard.view(-1).copy_(out[offset:offset + shard.numel()])
