@@ -17,6 +17,7 @@ import transformers
 import bkfx
 from bkfx.errors import BkfxError
 from bkfx.integrations.transformers import DPTrainer, PrivacyArguments, PrivacyCallback, per_sample_loss
+from bkfx.training.adaptive import combined_noise_multiplier
 
 transformers.logging.set_verbosity_error()
 
@@ -90,12 +91,13 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
 
-def by_hand(model, task, dataset, steps, *, noise_multiplier, max_grad_norm, seed, batch_size, physical):
+def by_hand(model, task, dataset, steps, *, noise_multiplier, max_grad_norm, seed, batch_size, physical,
+            on_step=None, **private):
     """The same training with bkfx's own pieces: make_private (Poisson loader, compiled model, DPOptimizer)
     and a plain loop; returns the parameters after each step."""
     dp_model, optimizer, loader, _ = bkfx.make_private(
         model, sgd(model), dataset, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        batch_size=batch_size, loss_reduction="sum", seed=seed, max_physical_batch_size=physical,
+        batch_size=batch_size, loss_reduction="sum", seed=seed, max_physical_batch_size=physical, **private,
     )
     options = {"use_cache": False} if task == "lm" else {}  # HF's cache is not a tensor output
     after = []
@@ -109,6 +111,8 @@ def by_hand(model, task, dataset, steps, *, noise_multiplier, max_grad_norm, see
             optimizer.zero_grad()
             if stepped:
                 after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+                if on_step is not None:
+                    on_step(optimizer)
             if len(after) == steps:
                 break
     return after
@@ -152,6 +156,40 @@ def test_each_step_equals_bkfx_and_dp_optimizer_by_hand(name, tmp_path):
     assert (report.steps, report.noise_multiplier, report.sample_rate) == (steps, sigma, 8 / N)
     assert report.epsilon_rdp == eps[-1] and report.epsilon_pld == bkfx.epsilon(sigma, 8 / N, steps, 1e-5, "pld")
     assert report.epsilon_pld < report.epsilon_rdp
+
+
+def test_adaptive_clipping_from_the_command_line_steps_as_make_private_does(tmp_path):
+    """`--adaptive_clipping '{...}'` through HfArgumentParser: each step's parameters and threshold R
+    equal make_private's with the same AdaptiveClipping (the noised count, then R's update), R moves
+    from its start, and the accountant charges the pair's combined noise multiplier."""
+    model, dataset = gpt2_lm(), Synthetic(N, "lm", seed=1)
+    reference_model = copy.deepcopy(model)
+    parser = transformers.HfArgumentParser(PrivacyArguments)
+    (privacy_args,) = parser.parse_args_into_dataclasses(args=[
+        "--target_delta", "1e-5", "--noise_multiplier", "2.0", "--per_sample_max_grad_norm", "0.3",
+        "--max_physical_batch_size", "3", "--dp_seed", "11",
+        "--adaptive_clipping", '{"count_noise_multiplier": 4.0, "target_unclipped_quantile": 0.7, "learning_rate": 0.5}'])
+    steps = 3
+    snapshots, thresholds = Snapshots(model), []
+
+    class Thresholds(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            thresholds.append(trainer.dp_optimizer.max_grad_norm)
+
+    trainer = DPTrainer(model=model, args=training_args(tmp_path, max_steps=steps), train_dataset=dataset,
+                        optimizers=(sgd(model), None), callbacks=[snapshots, Thresholds()], privacy_args=privacy_args)
+    trainer.train()
+    expected_thresholds = []
+    expected = by_hand(reference_model, "lm", dataset, steps, noise_multiplier=2.0, max_grad_norm=0.3, seed=11,
+                       batch_size=8, physical=3, adaptive_clipping=privacy_args.adaptive_clipping,
+                       on_step=lambda optimizer: expected_thresholds.append(optimizer.max_grad_norm))
+    assert len(snapshots.after_step) == steps == trainer.dp_optimizer.steps
+    for got, want in zip(snapshots.after_step, expected):
+        for n in want:
+            assert torch.equal(got[n], want[n]), n
+    assert thresholds == expected_thresholds and len(set(thresholds + [0.3])) == steps + 1, thresholds  # R moves
+    z = combined_noise_multiplier(2.0, 4.0)  # the clipped sum's and the count's noise as one mechanism
+    assert [(r.noise_multiplier, r.count) for r in trainer.accountant.history] == [(z, steps)] and z < 2.0
 
 
 @pytest.mark.slow
