@@ -92,6 +92,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     try:
         result = {}
         _data_parallel(rank, world, result)
+        _adaptive(rank, world, result)
         _fully_sharded(rank, world, result)
         _fully_sharded_compiled(rank, world, result)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -138,6 +139,31 @@ def _data_parallel(rank: int, world: int, result: dict) -> None:
         torch.optim.SGD(scaled.parameters(), lr=1.0), noise_multiplier=0.0, expected_batch_size=2, model=scaled).step)
     # a DistributedDataParallel model is refused
     result["ddp_error"] = _refused(lambda: bkfx.compile(nn.parallel.DistributedDataParallel(nn.Linear(2, 2).double())))
+
+
+ADAPTIVE = dict(count_noise_multiplier=0.0, target_unclipped_quantile=0.3, learning_rate=0.5)  # σ = σ_b = 0
+
+
+def _adaptive_steps(parts_of_step):
+    """Adaptive clipping with σ = σ_b = 0: two steps, each over its own (x, y) parts; R and the
+    parameters after each. In one process the parts are the whole batches; on a rank, its share."""
+    dp_model = bkfx.compile(_model(), max_grad_norm=0.4, loss_reduction="sum")
+    optimizer = _sgd(dp_model, adaptive_clipping=bkfx.AdaptiveClipping(**ADAPTIVE))
+    thresholds, params = [], []
+    for x, y in parts_of_step:
+        F.cross_entropy(dp_model(x), y, reduction="sum").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        thresholds.append(dp_model.max_grad_norm)
+        params.append([p.detach().clone() for p in dp_model.parameters()])
+    return thresholds, params
+
+
+def _adaptive(rank: int, world: int, result: dict) -> None:
+    """The unclipped count is all-reduced with the sums: R after each step is the union batch's."""
+    x, y = _data().tensors
+    steps = [range(0, 12), range(12, 24)]
+    result["adaptive"] = _adaptive_steps([(x[list(s)[rank::world]], y[list(s)[rank::world]]) for s in steps])
 
 
 def _fully_shard(model, mesh):
@@ -337,6 +363,17 @@ def test_process_group_false_and_ddp_refusal(ranks):
         assert r["ddp_error"] is not None and "DistributedDataParallel" in r["ddp_error"]
         assert "ddp.module" in r["ddp_error"]
         assert r["scaler_error"] is not None and "GradScaler with data-parallel" in r["scaler_error"]
+
+
+def test_adaptive_clipping_counts_over_the_ranks_as_one_process_on_the_union_batch(ranks):
+    x, y = _data().tensors
+    thresholds, params = _adaptive_steps([(x[:12], y[:12]), (x[12:], y[12:])])
+    assert len(set(thresholds + [0.4])) == 3  # R moved at each step
+    for r in ranks:
+        got_thresholds, got_params = r["adaptive"]
+        assert got_thresholds == pytest.approx(thresholds, rel=1e-12, abs=0)  # a rank's own count would differ
+        for got, want in zip(got_params[-1], params[-1]):
+            assert (got - want).abs().max() <= 1e-10
 
 
 def test_fully_sharded_equals_one_process_on_the_union_batch(ranks):
