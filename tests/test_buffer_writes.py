@@ -139,7 +139,8 @@ def _loop_clipped_mean(model, state, x, y, max_grad_norm):
     return expected
 
 
-def test_spectral_norm_in_training_updates_its_vectors_once_a_step_and_matches_the_reference():
+@pytest.mark.parametrize("backend", [None, pytest.param("aot_eager", marks=pytest.mark.compiled)])
+def test_spectral_norm_in_training_updates_its_vectors_once_a_step_and_matches_the_reference(backend):
     """Spectral norm's power iteration writes u and v from the weight alone, under no_grad: allowed.
     The probe runs from the buffers the capture saw (so the iteration reads as no mixing) and
     leaves them so; the weight's chain to its site takes the region's outputs as constants, so
@@ -148,6 +149,7 @@ def test_spectral_norm_in_training_updates_its_vectors_once_a_step_and_matches_t
     model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 3)).to(f64)
     plain = copy.deepcopy(model)
     dp = bkfx.compile(model, max_grad_norm=0.5)
+    dp.compile(backend=backend)  # None: the eager BK step; aot_eager: the compiled step traces the same graph
     g = torch.Generator().manual_seed(1)
     for step in range(3):
         x, y = torch.randn(6, 4, generator=g, dtype=f64), torch.randint(0, 3, (6,), generator=g)
@@ -160,6 +162,7 @@ def test_spectral_norm_in_training_updates_its_vectors_once_a_step_and_matches_t
             torch.testing.assert_close(b, dict(plain.named_buffers())[n], rtol=1e-12, atol=1e-14)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-13)
+        assert (dp._last_program is not None) == (backend is not None)
 
 
 class DetachedPath(nn.Module):
