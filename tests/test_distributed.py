@@ -162,8 +162,8 @@ def _adaptive_steps(parts_of_step):
 def _adaptive(rank: int, world: int, result: dict) -> None:
     """The unclipped count is all-reduced with the sums: R after each step is the union batch's."""
     x, y = _data().tensors
-    steps = [range(0, 12), range(12, 24)]
-    result["adaptive"] = _adaptive_steps([(x[list(s)[rank::world]], y[list(s)[rank::world]]) for s in steps])
+    shares = [list(step)[rank::world] for step in (range(0, 12), range(12, 24))]
+    result["adaptive"] = _adaptive_steps([(x[share], y[share]) for share in shares])
 
 
 def _fully_shard(model, mesh):

@@ -94,6 +94,14 @@ def reference_sum(model, dp, batches):
     return total
 
 
+def assert_one_sgd_step(model, reference, expected):
+    """`model`'s parameters are `reference`'s after one SGD step (no momentum, σ = 0) on the clipped
+    sums `expected`, divided by the expected batch size 4."""
+    before = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n].detach() - LR * expected[n] / 4, rtol=1e-10, atol=1e-12)
+
+
 # -- refused -------------------------------------------------------------------------------
 
 
@@ -207,10 +215,8 @@ def test_an_empty_first_batch_steps_as_an_explicit_empty_step_then_the_next_capt
         assert opt.steps == 1 and history(opt) == [(SIGMA, 0.25, 1)]
         opt.zero_grad()
         after_empty = {n: p.detach().clone() for n, p in model.named_parameters()}
-        reference = copy.deepcopy(model)
+        expected = reference_sum(copy.deepcopy(model), dp, [(x, y)])
         F.cross_entropy(dp(x), y).backward()
-        expected, _ = clipped_sum_reference(per_sample_gradients(reference, F.cross_entropy, (x,), y),
-                                            max_grad_norm=R, loss_reduction="sum")  # .grad holds Σ_i C_i G_i
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12)
         runs[how] = after_empty
@@ -243,9 +249,7 @@ def test_accumulation_over_three_backward_calls_is_the_reference():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12)
     opt.step()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), dict(reference.named_parameters())[n].detach() - LR * expected[n] / 4,
-                                   rtol=1e-10, atol=1e-12)
+    assert_one_sgd_step(model, reference, expected)
 
 
 def test_physical_batches_accumulate_and_step_once_per_logical_batch():
@@ -259,9 +263,7 @@ def test_physical_batches_accumulate_and_step_once_per_logical_batch():
         opt.step()
         opt.zero_grad()
     assert opt.steps == 1 and history(opt) == [(0.0, 0.25, 1)]
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), dict(reference.named_parameters())[n].detach() - LR * expected[n] / 4,
-                                   rtol=1e-10, atol=1e-12)
+    assert_one_sgd_step(model, reference, expected)
 
 
 def test_zero_grad_keeping_tensors_then_backward_is_accepted():
@@ -275,9 +277,7 @@ def test_zero_grad_keeping_tensors_then_backward_is_accepted():
     F.cross_entropy(dp(x), y).backward()
     expected = reference_sum(reference, dp, [(x, y)])
     opt.step()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), dict(reference.named_parameters())[n].detach() - LR * expected[n] / 4,
-                                   rtol=1e-10, atol=1e-12)
+    assert_one_sgd_step(model, reference, expected)
 
 
 def _compiled_run(compile_step):
@@ -293,9 +293,7 @@ def _compiled_run(compile_step):
     F.cross_entropy(run(x[4:]), y[4:]).backward()  # a second call accumulates
     opt.step()
     opt.zero_grad()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), dict(reference.named_parameters())[n].detach() - LR * expected[n] / 4,
-                                   rtol=1e-10, atol=1e-12)
+    assert_one_sgd_step(model, reference, expected)
     F.cross_entropy(run(x[:4]), y[:4]).backward()
     F.cross_entropy(model(x[:4]), y[:4]).backward()
     refused(model, opt, "modified in place")
@@ -330,9 +328,7 @@ def test_grad_scaler_unscale_keeps_the_receipts():
     scaler.update()
     opt.zero_grad()
     assert opt.steps == 1
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), dict(reference.named_parameters())[n].detach() - LR * expected[n] / 4,
-                                   rtol=1e-10, atol=1e-12)
+    assert_one_sgd_step(model, reference, expected)
     scaler.scale(F.cross_entropy(dp(x), y)).backward()
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     before = snapshot(model, opt)
